@@ -1,0 +1,210 @@
+"""RolloutActor: one inference engine, plus rewards and group advantages next to it.
+
+Verbs (all called by the driver):
+- `generate(groups, step)`: sample `samples_per_prompt` responses for each prompt, score them,
+  compute GRPO advantages per group, and put Arrow record batches of whole groups into the
+  object store. Returns references and small counts only.
+- `evaluate(prompts)`: greedy answers to held-out prompts; returns counts.
+- weight updates (`init_weights_update_group`, `check_weights_update`,
+  `update_weights_from_distributed`, `weight_checksums`), delegated to the engine.
+
+Concurrency: the driver never calls `generate` and `update_weights_from_distributed` on one
+actor at the same time (a Ray actor runs one method at a time anyway), so an engine never
+samples from half-loaded weights.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from actors.device import actor_device
+from config.schema import SluiceConfig
+from data.prompts import PromptRecord, encode_prompt
+from data.schema import RolloutBatchRef, build_rollout_batch
+from inference import create_engine
+from inference.engine import Completion, SamplingParams
+from models.loading import load_tokenizer
+from rl.grpo import group_advantages
+from rl.rewards import compute_reward, load_reward_fn
+from weights.manifest import Bucket
+from weights.process_group import GroupInfo
+from weights.sync import SyncStats
+
+
+@dataclass
+class RolloutStats:
+    """Counts of one engine's share of a step; the driver sums them over engines."""
+
+    samples: int = 0
+    reward_sum: float = 0.0
+    correct: int = 0
+    response_tokens: int = 0
+    prompt_tokens: int = 0
+    truncated: int = 0
+    generate_seconds: float = 0.0
+    weight_versions: set[int] = field(default_factory=set)
+
+
+@dataclass
+class RolloutResult:
+    batches: list[RolloutBatchRef]
+    stats: RolloutStats
+
+
+@dataclass
+class EvalResult:
+    prompts: int
+    correct: int
+    reward_sum: float
+    examples: list[tuple[str, str, str]]
+    """A few (prompt, response, label) triples, for the log."""
+
+
+CORRECT_REWARD = 1.0
+"""A sample counts as correct (accuracy) when its reward reaches this value."""
+
+
+class RolloutActor:
+    def __init__(self, config: SluiceConfig, engine_index: int):
+        self.config = config
+        self.engine_index = engine_index
+        torch.manual_seed(config.seed + 1000 + engine_index)  # distinct samples per engine
+        self.device = actor_device()
+        self.tokenizer = load_tokenizer(config.model)
+        self.engine = create_engine(config, self.device)
+        self.reward_path = config.rollout.reward
+        self.reward_fn = load_reward_fn(self.reward_path)
+
+    def generate(self, groups: list[PromptRecord], group_id_start: int) -> RolloutResult:
+        r = self.config.rollout
+        params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        prompt_ids = [
+            encode_prompt(self.tokenizer, g.text, self.config.data.apply_chat_template)
+            for g in groups
+        ]
+        repeated = [ids for ids in prompt_ids for _ in range(r.samples_per_prompt)]
+        start = time.perf_counter()
+        completions = self.engine.generate(repeated, params)
+        stats = RolloutStats(generate_seconds=time.perf_counter() - start)
+        rewards = self._rewards(groups, completions, r.samples_per_prompt)
+        advantages = (
+            group_advantages(
+                torch.tensor(rewards).view(len(groups), r.samples_per_prompt),
+                self.config.algorithm.normalize_advantage_std,
+            )
+            .view(-1)
+            .tolist()
+        )
+        batches = []
+        per_batch = r.groups_per_batch
+        for first in range(0, len(groups), per_batch):
+            rows = range(
+                first * r.samples_per_prompt,
+                min(first + per_batch, len(groups)) * r.samples_per_prompt,
+            )
+            batches.append(
+                self._put_batch(
+                    rows, repeated, completions, rewards, advantages, group_id_start, stats
+                )
+            )
+        return RolloutResult(batches, stats)
+
+    def _rewards(
+        self, groups: list[PromptRecord], completions: list[Completion], n: int
+    ) -> list[float]:
+        rewards = []
+        for i, completion in enumerate(completions):
+            record = groups[i // n]
+            response = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            rewards.append(
+                compute_reward(
+                    self.reward_fn, self.reward_path, record.text, response, record.label
+                )
+            )
+        return rewards
+
+    def _put_batch(
+        self, rows, prompts, completions, rewards, advantages, group_id_start, stats
+    ) -> RolloutBatchRef:
+        n = self.config.rollout.samples_per_prompt
+        version = self.engine.weight_version
+        columns = {
+            "prompt_ids": [prompts[i] for i in rows],
+            "response_ids": [completions[i].token_ids for i in rows],
+            "rollout_log_probs": [completions[i].log_probs for i in rows],
+            "loss_mask": [[1] * len(completions[i].token_ids) for i in rows],
+            "reward": [rewards[i] for i in rows],
+            "advantage": [advantages[i] for i in rows],
+            "group_id": [group_id_start + i // n for i in rows],
+            "sample_index": [i % n for i in rows],
+            "weight_version": [version] * len(rows),
+            "finish_reason": [completions[i].finish_reason for i in rows],
+        }
+        prompt_tokens = sum(len(prompts[i]) for i in rows)
+        response_tokens = sum(len(completions[i].token_ids) for i in rows)
+        stats.samples += len(rows)
+        stats.reward_sum += sum(rewards[i] for i in rows)
+        stats.correct += sum(rewards[i] >= CORRECT_REWARD for i in rows)
+        stats.prompt_tokens += prompt_tokens
+        stats.response_tokens += response_tokens
+        stats.truncated += sum(completions[i].finish_reason == "length" for i in rows)
+        stats.weight_versions.add(version)
+        return RolloutBatchRef(
+            ref=ray.put(build_rollout_batch(columns)),
+            num_samples=len(rows),
+            num_tokens=prompt_tokens + response_tokens,
+            num_loss_tokens=response_tokens,
+        )
+
+    def evaluate(self, prompts: list[PromptRecord]) -> EvalResult:
+        params = SamplingParams(self.config.rollout.max_new_tokens, greedy=True)
+        ids = [
+            encode_prompt(self.tokenizer, p.text, self.config.data.apply_chat_template)
+            for p in prompts
+        ]
+        completions = self.engine.generate(ids, params)
+        responses = [
+            self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions
+        ]
+        rewards = [
+            compute_reward(self.reward_fn, self.reward_path, p.text, resp, p.label)
+            for p, resp in zip(prompts, responses, strict=True)
+        ]
+        return EvalResult(
+            prompts=len(prompts),
+            correct=int(np.sum(np.array(rewards) >= CORRECT_REWARD)),
+            reward_sum=float(sum(rewards)),
+            examples=[
+                (p.text, r, p.label) for p, r in zip(prompts[:3], responses[:3], strict=False)
+            ],
+        )
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    # Weight updates (SGLang's verbs), delegated to the engine.
+
+    def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        self.engine.init_weights_update_group(info, rank_offset)
+
+    def check_weights_update(self, plan: list[Bucket]) -> None:
+        self.engine.check_weights_update(plan)
+
+    def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
+        return self.engine.update_weights_from_distributed(plan, version)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def weight_checksums(self) -> dict[str, str]:
+        return self.engine.weight_checksums()
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of every engine weight (tests compare them with the trainer's)."""
+        return {n: p.detach().cpu().clone() for n, p in self.engine.model.named_parameters()}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,80 @@
+"""TrainActor: one training rank, its torch.distributed membership and its backend.
+
+Set-up order (the driver's `TrainGroup` runs it):
+1. rank 0's `pick_master()` picks its node IP and a free port (through Ray, never by hand);
+2. every rank's `init_process_group(address, port)` is called concurrently (each blocks until
+   the whole world has joined), then builds its training backend.
+Rank 0 owns full weights: it alone joins the weight-broadcast group with the engines.
+"""
+
+import ray
+import torch
+import torch.distributed as dist
+
+from actors.device import actor_device
+from config.schema import SluiceConfig
+from data.schema import RolloutBatchRef
+from training import create_backend
+from training.backend import TrainStats
+from weights.checksum import tensor_checksums
+from weights.manifest import Bucket, manifest_of, plan_buckets
+from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
+from weights.sync import SyncStats, WeightSender
+
+
+class TrainActor:
+    def __init__(self, config: SluiceConfig, rank: int, world_size: int):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.device = actor_device()
+        self.backend = None
+        self.sender: WeightSender | None = None
+
+    def pick_master(self) -> tuple[str, int]:
+        return pick_master_address_and_port()
+
+    def init_process_group(self, address: str, port: int) -> None:
+        torch.manual_seed(self.config.seed)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{address}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.backend = create_backend(self.config, self.device)
+
+    def train(self, batches: list[RolloutBatchRef], normalizer: float) -> TrainStats:
+        """One optimizer step on this rank's share; rows are read zero-copy from the store."""
+        return self.backend.train(ray.get([b.ref for b in batches]), normalizer)
+
+    def compute_log_probs(self, batches: list[RolloutBatchRef]) -> list[torch.Tensor]:
+        return self.backend.compute_log_probs(ray.get([b.ref for b in batches]))
+
+    # Weight export (rank 0).
+
+    def weight_plan(self, bucket_bytes: int) -> list[Bucket]:
+        return plan_buckets(manifest_of(self.backend.named_weights()), bucket_bytes)
+
+    def init_weights_update_group(self, info: GroupInfo) -> None:
+        self.sender = WeightSender(init_weights_update_group(info, rank=0))
+
+    def broadcast_weights(self, plan: list[Bucket], version: int) -> SyncStats:
+        return self.sender.send(plan, self.backend.named_weights(), version)
+
+    def weight_checksums(self) -> dict[str, str]:
+        return tensor_checksums(self.backend.named_weights())
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of every weight (tests compare them with the engines')."""
+        return {n: t.cpu().clone() for n, t in self.backend.named_weights()}
+
+    def save_hf(self, path: str) -> None:
+        self.backend.save_hf(path)
+
+    def shutdown(self) -> None:
+        if self.sender is not None:
+            self.sender.group.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

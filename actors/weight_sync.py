@@ -1,0 +1,85 @@
+"""`WeightSync.sync(version)`: the trainer's new weights into every engine, checked.
+
+What waits for what:
+1. `setup()` (once): the trainer leader picks the group's address and port; the leader and every
+   engine join the broadcast group concurrently (each blocks until all have joined).
+2. `sync(version)`: the leader plans the buckets; every engine checks the plan against its own
+   weights and the driver waits for all checks, so a name, dtype or shape mismatch fails here
+   with the engine still on its old weights. Then the leader's broadcast and every engine's
+   receive run concurrently; the driver waits for all of them and checks that every engine
+   reports `version`. With `verify`, checksums of both sides are compared afterwards.
+The driver never calls `sync` while engines generate (the loop is synchronous).
+"""
+
+from dataclasses import dataclass
+
+import ray
+
+from actors.groups import RolloutGroup, TrainGroup
+from config.schema import WeightSyncConfig
+from weights.checksum import compare_checksums
+from weights.errors import WeightSyncError
+from weights.process_group import GroupInfo
+
+
+@dataclass
+class SyncReport:
+    version: int
+    nbytes: int
+    seconds: float
+    buckets: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class WeightSync:
+    def __init__(
+        self, config: WeightSyncConfig, trainers: TrainGroup, engines: RolloutGroup, use_gpus: bool
+    ):
+        self.config = config
+        self.backend = (
+            config.backend if config.backend != "auto" else ("nccl" if use_gpus else "gloo")
+        )
+        self.leader = trainers.leader
+        self.engines = engines.actors
+        self.plan = None
+
+    def setup(self) -> None:
+        address, port = ray.get(self.leader.pick_master.remote())
+        info = GroupInfo(
+            master_address=address,
+            master_port=port,
+            world_size=1 + len(self.engines),
+            backend=self.backend,
+        )
+        joins = [self.leader.init_weights_update_group.remote(info)]
+        joins += [
+            e.init_weights_update_group.remote(info, 1 + i) for i, e in enumerate(self.engines)
+        ]
+        ray.get(joins)
+        self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
+
+    def sync(self, version: int) -> SyncReport:
+        ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])
+        sent = self.leader.broadcast_weights.remote(self.plan, version)
+        received = [
+            e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
+        ]
+        stats = ray.get(sent)
+        ray.get(received)
+        versions = ray.get([e.weight_version.remote() for e in self.engines])
+        if any(v != version for v in versions):
+            raise WeightSyncError(
+                f"engines report weight versions {versions} after syncing {version}"
+            )
+        if self.config.verify:
+            self.verify()
+        return SyncReport(version, stats.nbytes, stats.seconds, stats.buckets)
+
+    def verify(self) -> None:
+        """Compare bit-exact checksums of the trainer's and every engine's weights."""
+        expected = ray.get(self.leader.weight_checksums.remote())
+        for i, sums in enumerate(ray.get([e.weight_checksums.remote() for e in self.engines])):
+            compare_checksums(expected, sums, where=f"engine {i}")

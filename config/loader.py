@@ -1,0 +1,187 @@
+"""Recipe files and overrides -> a validated `SluiceConfig`.
+
+A recipe is a YAML file whose nesting mirrors the dataclasses. Overrides are dotted paths
+(`train.lr=1e-4`, or `--train.lr 1e-4` on the command line). Unknown keys are errors that
+name the nearest valid key: a mistyped knob must never be silently ignored.
+"""
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config.errors import UserError
+from config.schema import SluiceConfig
+
+
+def load_config(
+    recipe: str | Path | None = None, overrides: dict[str, str] | None = None
+) -> SluiceConfig:
+    """Build the root config from a recipe file (None = all defaults) and dotted overrides."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        values = read_recipe(recipe)
+    config = from_dict(SluiceConfig, values, where=str(recipe) if recipe else "defaults")
+    for dotted, raw in (overrides or {}).items():
+        set_dotted(config, dotted, raw)
+    return config.validate()
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; pass --config with a file from recipes/")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"recipe {path} is not valid YAML: {error}".replace("\n", " ")) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from nested `values`, converting and checking every key."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(unknown_key_message(f"{prefix}{key}", where))
+        hint = field_types(cls)[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = coerce(value, hint, f"{prefix}{key}", where)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def set_dotted(config: SluiceConfig, dotted: str, raw: Any, where: str = "command line") -> None:
+    """Set `section.field` on `config` from a string (or already-typed) value."""
+    target: Any = config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(target) or part not in field_types(type(target)):
+            raise UserError(unknown_key_message(dotted, where))
+        if i == len(parts) - 1:
+            hint = field_types(type(target))[part]
+            if dataclasses.is_dataclass(hint):
+                raise UserError(f"{where}: {dotted} is a section; set one of its fields instead")
+            if isinstance(raw, str):
+                raw = yaml.safe_load(raw) if raw != "" else raw
+            setattr(target, part, coerce(raw, hint, dotted, where))
+        else:
+            target = getattr(target, part)
+
+
+def all_keys(cls: type = SluiceConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. `train.parallel.tensor`."""
+    keys = []
+    for name, hint in field_types(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def nearest_keys(dotted: str) -> list[str]:
+    """Valid keys closest to a mistyped one (a bare field name finds its section)."""
+    nearest = difflib.get_close_matches(dotted, all_keys(), n=3, cutoff=0.5)
+    if not nearest:
+        leaf = dotted.rsplit(".", 1)[-1]
+        nearest = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf]
+    return nearest
+
+
+def unknown_key_message(dotted: str, where: str, flag_prefix: str = "") -> str:
+    nearest = [flag_prefix + k for k in nearest_keys(dotted)]
+    hint = f"; did you mean {' or '.join(nearest)}?" if nearest else ""
+    return (
+        f"{where}: unknown config key '{flag_prefix}{dotted}'{hint} "
+        f"(driver.py --help lists every key)"
+    )
+
+
+def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `hint`, converting ints to floats where meant."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key, where)
+    if origin is typing.Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise UserError(f"{where}: {key}={value!r} is not one of {choices}")
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise UserError(
+        f"{where}: {key}={value!r} should be {getattr(hint, '__name__', hint)}, "
+        f"not {type(value).__name__}"
+    )
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls`."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_keys(cls: type = SluiceConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, docstring) for every settable key, in declaration order."""
+    rows = []
+    defaults = cls()
+    for name, hint in field_types(cls).items():
+        if dataclasses.is_dataclass(hint):
+            rows += describe_keys(hint, f"{prefix}{name}.")
+        else:
+            rows.append((f"{prefix}{name}", getattr(defaults, name), field_docs(cls).get(name, "")))
+    return rows

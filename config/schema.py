@@ -1,0 +1,315 @@
+"""Typed configuration: one dataclass per component, composed into `SluiceConfig`.
+
+Every field carries a docstring (the string literal under it); `config.docs` reads them for
+`driver.py --help`. Validation happens once, in `SluiceConfig.validate()`, before any actor
+starts; each check names the field and the fix.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from config.errors import UserError
+
+BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
+BUILTIN_TASK = "builtin:digits"
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: where its Hugging Face checkpoint is and how it is held in memory."""
+
+    hf_checkpoint: str = BUILTIN_MODEL
+    """A Hugging Face model directory, or `builtin:tiny-qwen3-moe` (built in code, random init)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype in trainers and engines (fp32 on CPU; bf16 on GPUs)."""
+
+
+@dataclass
+class DataConfig:
+    """Prompts for training and evaluation."""
+
+    prompt_data: str = BUILTIN_TASK
+    """Training prompts: a .jsonl or .parquet file, or `builtin:digits` (the synthetic task)."""
+
+    eval_data: str | None = None
+    """Held-out prompts (same format); None takes them from the built-in task's held-out split."""
+
+    input_key: str = "prompt"
+    """Column or JSON key holding the prompt text."""
+
+    label_key: str = "label"
+    """Column or JSON key holding the reference answer handed to the reward function."""
+
+    apply_chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template when it has one."""
+
+    num_eval_prompts: int = 64
+    """How many held-out prompts each evaluation decodes greedily (0 = all)."""
+
+    shuffle: bool = True
+    """Shuffle training prompts each epoch (seeded by `seed`)."""
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout engines and sampling."""
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompt groups generated per step."""
+        return self.batch_size // self.samples_per_prompt
+
+    engine: str = "transformers"
+    """Inference engine type (registry name): `transformers` (in-process, CPU or GPU)."""
+
+    num_engines: int = 1
+    """How many RolloutActors (engines) generate in parallel."""
+
+    gpus_per_engine: int = 1
+    """GPUs one engine spans (`rollout_num_gpus_per_engine`); ignored on a cluster with no GPU."""
+
+    batch_size: int = 256
+    """Samples generated per RL step; a multiple of samples_per_prompt (whole prompt groups)."""
+
+    samples_per_prompt: int = 8
+    """Samples per prompt (the GRPO group size)."""
+
+    max_new_tokens: int = 4
+    """Longest response, in tokens."""
+
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken of the same tempered distribution."""
+
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+
+    batching: Literal["static", "continuous"] = "static"
+    """`continuous` uses transformers' generate_batch (paged, continuous batching); `static`
+    uses generate on padded batches."""
+
+    max_batch_size: int = 256
+    """Sequences one static generate call decodes together."""
+
+    reward: str = "tasks.digits:reward"
+    """Reward function as `module:function`; see README "Reward functions" for its signature."""
+
+    groups_per_batch: int = 4
+    """Prompt groups per Arrow record batch put into the object store (the unit the driver
+    balances across trainers)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the training ranks are split; the product of the sizes must divide the world."""
+
+    tensor: int = 1
+    """Tensor-parallel size; a TP group never crosses a node."""
+
+    pipeline: int = 1
+    """Pipeline-parallel size."""
+
+    context: int = 1
+    """Context-parallel size."""
+
+    expert: int = 1
+    """Expert-parallel size."""
+
+
+@dataclass
+class TrainConfig:
+    """Training actors, backend and optimizer."""
+
+    backend: str = "torch"
+    """Training backend type (registry name): `torch` (DDP over a transformers model)."""
+
+    num_workers: int = 1
+    """Training ranks (one actor and one GPU each on a GPU cluster)."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout of the training ranks."""
+
+    lr: float = 1e-3
+    """Adam learning rate."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.99
+    """Adam beta2."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+    max_tokens_per_micro_batch: int = 8192
+    """Token budget of one forward/backward (padded tokens count); bounds activation memory."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL objective (GRPO family)."""
+
+    normalize_advantage_std: bool = True
+    """Divide group-centred rewards by the group's std (GRPO); False gives Dr.GRPO."""
+
+    clip_low: float = 0.2
+    """Lower clip of the importance ratio: ratio >= 1 - clip_low."""
+
+    clip_high: float = 0.28
+    """Upper clip of the importance ratio: ratio <= 1 + clip_high."""
+
+    kl_coef: float = 0.0
+    """Weight of the KL loss to the frozen reference model (0 = no reference model)."""
+
+    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    """KL estimator: k1 (log-ratio), k2 (squared), k3 / low_var_kl (clamped k3)."""
+
+    old_log_probs: Literal["rollout", "recompute"] = "rollout"
+    """Denominator of the importance ratio: the engine's log-probs (`rollout`, corrects for any
+    trainer/engine mismatch) or the trainer's own before the update (`recompute`; with one
+    optimizer step per rollout batch the ratio is then exactly 1 and only the mismatch is
+    reported)."""
+
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """`token_mean`: every response token of the step weighs the same (across all ranks);
+    `sequence_mean`: each sample's tokens are averaged first."""
+
+
+@dataclass
+class WeightSyncConfig:
+    """How new weights travel from the trainer to the engines after every step."""
+
+    bucket_size_mb: int = 64
+    """Bytes per broadcast bucket (MiB); bounds the staging memory on both sides."""
+
+    verify: bool = False
+    """After each sync, compare per-tensor checksums on trainer and engines (slower)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend of the broadcast group: auto = NCCL on GPUs, gloo on CPU."""
+
+
+@dataclass
+class PlacementConfig:
+    """How actors are packed onto the cluster."""
+
+    colocate: bool = False
+    """Trainers and engines share the same GPUs (True) or take disjoint GPUs (False)."""
+
+    cpus_per_bundle: float = 1.0
+    """CPUs reserved with each GPU bundle (or each actor on a cluster with no GPU)."""
+
+    use_gpus: Literal["auto", "yes", "no"] = "auto"
+    """Place on GPUs: auto = when the cluster has any."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where results and metrics go."""
+
+    output_dir: str = "outputs/tiny"
+    """Run directory: metrics.jsonl, TensorBoard events, final model, summary.json."""
+
+    eval_every: int = 10
+    """Evaluate every N steps (0 = only before the first and after the last step)."""
+
+    progress_bar: bool = True
+    """Show a progress bar on the driver's terminal."""
+
+    save_final_model: bool = True
+    """Write the trained policy as a Hugging Face directory at the end."""
+
+
+@dataclass
+class SluiceConfig:
+    """The root config: one run."""
+
+    num_steps: int = 40
+    """RL steps (rollout, train, weight sync) to run."""
+
+    seed: int = 1234
+    """Seed for model init, data order and sampling."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "SluiceConfig":
+        """Check cross-field rules once, before anything starts. Returns self."""
+        _positive(self, "num_steps")
+        r, t, a = self.rollout, self.train, self.algorithm
+        for name in (
+            "num_engines",
+            "gpus_per_engine",
+            "batch_size",
+            "samples_per_prompt",
+            "max_new_tokens",
+            "max_batch_size",
+            "groups_per_batch",
+        ):
+            _positive(r, name, "rollout.")
+        for name in ("num_workers", "max_tokens_per_micro_batch"):
+            _positive(t, name, "train.")
+        for name in ("tensor", "pipeline", "context", "expert"):
+            _positive(t.parallel, name, "train.parallel.")
+        if r.temperature <= 0:
+            raise UserError(
+                "rollout.temperature must be > 0 for sampling (greedy decoding is used for "
+                "evaluation only)"
+            )
+        if not 0 < r.top_p <= 1:
+            raise UserError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+        if r.samples_per_prompt < 2:
+            raise UserError(
+                "rollout.samples_per_prompt must be >= 2: GRPO normalizes rewards within a "
+                "group of samples of one prompt"
+            )
+        if r.batch_size % r.samples_per_prompt:
+            raise UserError(
+                f"rollout.batch_size={r.batch_size} is not divisible by "
+                f"rollout.samples_per_prompt={r.samples_per_prompt}: a step generates whole "
+                f"prompt groups; use a multiple such as "
+                f"{max(1, r.batch_size // r.samples_per_prompt) * r.samples_per_prompt}"
+            )
+        p = t.parallel
+        model_parallel = p.tensor * p.pipeline * p.context
+        if t.num_workers % model_parallel:
+            raise UserError(
+                f"train.num_workers={t.num_workers} is not divisible by tensor x pipeline x "
+                f"context = {p.tensor} x {p.pipeline} x {p.context}; change one of them"
+            )
+        data_parallel = t.num_workers // model_parallel
+        if r.prompts_per_step < max(data_parallel, r.num_engines):
+            raise UserError(
+                f"rollout.batch_size={r.batch_size} gives {r.prompts_per_step} prompt groups, "
+                f"fewer than the {data_parallel} data-parallel training ranks or the "
+                f"{r.num_engines} engines; raise it"
+            )
+        if a.clip_low < 0 or a.clip_high < 0 or a.clip_low >= 1:
+            raise UserError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
+        if a.kl_coef < 0:
+            raise UserError("algorithm.kl_coef must be >= 0")
+        if self.weight_sync.bucket_size_mb <= 0:
+            raise UserError("weight_sync.bucket_size_mb must be > 0")
+        if self.placement.cpus_per_bundle <= 0:
+            raise UserError("placement.cpus_per_bundle must be > 0")
+        if self.logging.eval_every < 0:
+            raise UserError("logging.eval_every must be >= 0")
+        return self
+
+
+def _positive(section: object, name: str, prefix: str = "") -> None:
+    value = getattr(section, name)
+    if value < 1:
+        raise UserError(f"{prefix}{name}={value} must be >= 1")

@@ -1,0 +1,1 @@
+"""User data: prompt files, their encoding and the order they are served in."""

@@ -1,0 +1,64 @@
+"""The inference-engine interface a RolloutActor drives, and the registry of engine types.
+
+The weight-update verbs mirror SGLang's HTTP endpoints (`/init_weights_update_group`,
+`/update_weights_from_distributed`, ...) so that the SGLang engine and the in-process
+transformers engine are interchangeable behind one RolloutActor.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from weights.manifest import Bucket
+from weights.process_group import GroupInfo
+from weights.sync import SyncStats
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    """Argmax decoding (evaluation); temperature, top_p and top_k are then unused."""
+
+
+@dataclass
+class Completion:
+    """One sampled response."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    """Log-prob of each sampled token under the tempered, untruncated distribution (what the
+    trainer recomputes), so the importance ratio is 1 when both sides hold the same weights."""
+    finish_reason: str
+    """`stop` (ended on EOS, which is included in token_ids) or `length`."""
+
+
+class InferenceEngine(ABC):
+    """One engine: generates, and takes new weights from the trainer."""
+
+    weight_version: int = 0
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Sample one completion per prompt (callers repeat a prompt for a group)."""
+
+    @abstractmethod
+    def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        """Join the trainer's broadcast group; blocks until every member joined."""
+
+    @abstractmethod
+    def check_weights_update(self, plan: list[Bucket]) -> None:
+        """Raise before any data flows if the names, dtypes or shapes do not match ours."""
+
+    @abstractmethod
+    def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
+        """Receive the buckets the trainer broadcasts, load them, adopt `version`."""
+
+    @abstractmethod
+    def weight_checksums(self) -> dict[str, str]:
+        """Bit-exact checksum per weight, for verify mode."""
+
+    def shutdown(self) -> None:  # noqa: B027 (optional hook: engines with nothing to free)
+        """Release processes and memory."""

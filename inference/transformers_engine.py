@@ -1,0 +1,143 @@
+"""The in-process transformers engine: the stand-in for SGLang on CPUs and small GPUs.
+
+Static batching pads prompts on the left and calls `generate` (exact log-probs, any sampling
+setting). Continuous batching calls `generate_batch` (paged attention, no padding), whose
+log-probs are taken after its logits processors, so it is only offered where those leave the
+distribution untouched (top_p = 1, top_k = 0); config validation refuses the rest.
+"""
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
+
+from inference.engine import Completion, InferenceEngine, SamplingParams
+from weights.checksum import tensor_checksums
+from weights.manifest import Bucket, check_manifest, manifest_of, plan_specs
+from weights.process_group import GroupInfo, init_weights_update_group
+from weights.sync import SyncStats, WeightReceiver
+
+
+class TransformersEngine(InferenceEngine):
+    """Generates with a transformers causal LM held in this process."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        eos_token_id: int,
+        pad_token_id: int,
+        batching: str = "static",
+        max_batch_size: int = 256,
+    ):
+        self.model = model.eval()
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.batching = batching
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+        self._receiver: WeightReceiver | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if self.batching == "continuous" and not params.greedy:
+            return self._generate_continuous(prompts, params)
+        completions = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            completions += self._generate_static(
+                prompts[start : start + self.max_batch_size], params
+            )
+        return completions
+
+    def _generate_static(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> list[Completion]:
+        input_ids, attention_mask = self._left_pad(prompts)
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self._generation_config(params),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        responses = output.sequences[:, input_ids.shape[1] :]
+        temperature = 1.0 if params.greedy else params.temperature
+        # Raw logits (before any processor), tempered: the distribution the trainer scores.
+        logits = torch.stack(output.logits, dim=1).float() / temperature
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1))
+        return [
+            self._completion(row.tolist(), lp.squeeze(-1).tolist())
+            for row, lp in zip(responses, log_probs, strict=True)
+        ]
+
+    def _generate_continuous(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> list[Completion]:
+        outputs = self.model.generate_batch(
+            inputs=prompts,
+            generation_config=self._generation_config(params),
+            continuous_batching_config=ContinuousBatchingConfig(return_logprobs=True),
+            progress_bar=False,
+        )
+        # generate_batch keys results by request id "req_<index>", in submission order.
+        ordered = sorted(outputs.values(), key=lambda o: int(o.request_id.rsplit("_", 1)[-1]))
+        return [self._completion(list(o.generated_tokens), list(o.logprobs)) for o in ordered]
+
+    def _completion(self, tokens: list[int], log_probs: list[float]) -> Completion:
+        """Cut after the first EOS (kept: the model must learn to emit it)."""
+        if self.eos_token_id in tokens:
+            end = tokens.index(self.eos_token_id) + 1
+            return Completion(tokens[:end], log_probs[:end], "stop")
+        return Completion(tokens, log_probs, "length")
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        sampling = (
+            {}
+            if params.greedy
+            else {
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k or None,
+            }
+        )
+        return GenerationConfig(
+            do_sample=not params.greedy,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            **sampling,
+        )
+
+    # Weight updates: the same verbs as SGLang's endpoints.
+
+    def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        group = init_weights_update_group(info, rank_offset)
+        self._receiver = WeightReceiver(group, dict(self.model.named_parameters()))
+
+    def check_weights_update(self, plan: list[Bucket]) -> None:
+        check_manifest(manifest_of(self.model.named_parameters()), plan_specs(plan))
+
+    def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
+        if self._receiver is None:
+            raise RuntimeError("update_weights_from_distributed before init_weights_update_group")
+        stats = self._receiver.receive(plan, version)
+        self.weight_version = version
+        return stats
+
+    def weight_checksums(self) -> dict[str, str]:
+        return tensor_checksums(self.model.named_parameters())
+
+    def shutdown(self) -> None:
+        if self._receiver is not None:
+            self._receiver.group.close()
+            self._receiver = None

@@ -1,0 +1,55 @@
+"""The built-in tiny policy: a Qwen3-MoE built in code with its own word-level tokenizer.
+
+Nothing is downloaded. Every process that asks for the built-in model builds it from the same
+seed, so trainers and engines start from identical weights without sharing a file system.
+"""
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
+WORDS = [str(d) for d in range(10)] + ["="]
+VOCAB = [PAD, EOS, BOS, *WORDS]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the digits, `=` and three special tokens.
+
+    It has no chat template: prompts of the built-in task are plain text.
+    """
+    vocab = {token: index for index, token in enumerate(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=PAD
+    )
+
+
+def tiny_config(vocab_size: int = len(VOCAB)) -> Qwen3MoeConfig:
+    """A real Qwen3-MoE architecture (GQA, qk-norm, routed experts), scaled down to ~150k params."""
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=VOCAB.index(PAD),
+        eos_token_id=VOCAB.index(EOS),
+        bos_token_id=VOCAB.index(BOS),
+    )
+
+
+def build_tiny_model(seed: int, dtype: torch.dtype = torch.float32) -> Qwen3MoeForCausalLM:
+    """Random-init tiny Qwen3-MoE; the same seed gives bit-identical weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(tiny_config())
+    return model.to(dtype)

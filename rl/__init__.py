@@ -1,0 +1,1 @@
+"""The RL math (pure tensor functions) and reward functions."""

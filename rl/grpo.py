@@ -1,0 +1,267 @@
+"""GRPO-family RL math as pure tensor functions.
+
+No distributed state and no config objects: every function takes tensors and plain numbers,
+so the CPU backend, the Megatron backend and the tests share one implementation. Parallelism
+lives in the training backend; the one number it must supply from outside a micro-batch is the
+`normalizer` of `aggregate` (see there).
+
+Shapes: B sequences, T token positions, V vocabulary. Per-token tensors are [B, T], aligned
+with a `loss_mask` [B, T] that is 1 on response tokens that count in the loss and 0 elsewhere
+(prompt, padding).
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLKind = Literal["k1", "k2", "k3", "low_var_kl"]
+AggregationMode = Literal["token_mean", "sequence_mean"]
+
+_MAX_LOG_RATIO = 20.0
+"""Log-ratios are clamped to +-20 before `exp` where a ratio could overflow: e^20 ~ 5e8 is far
+outside any clip range, and an inf ratio turns masked-out gradients into NaN (0 * inf)."""
+
+
+def group_advantages(rewards: Tensor, normalize_std: bool, eps: float = 1e-6) -> Tensor:
+    """Advantages of the samples of prompt groups: rewards [num_groups, group_size] -> same.
+
+    GRPO: (r - mean) / (std + eps). Dr.GRPO (`normalize_std=False`): r - mean, which drops the
+    division that over-weights groups whose rewards barely differ (too easy or too hard).
+
+    `std` is the biased (population, divide by n) std of the group: we standardize the group we
+    sampled, we do not estimate an unseen population's spread. It gives every group unit RMS
+    advantage whatever the group size; the unbiased std (torch's default, used by TRL and verl)
+    shrinks advantages by sqrt((n - 1) / n), i.e. 0.71 for n = 2 and 0.94 for n = 8.
+    A group whose rewards are all equal gets zero advantages: it carries no learning signal.
+    Computed in float64 (rewards are few) so equal rewards centre to exactly zero; returns float32.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [num_groups, group_size], got {tuple(rewards.shape)}")
+    rewards = rewards.double()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if normalize_std:
+        centred = centred / (rewards.std(dim=1, keepdim=True, correction=0) + eps)
+    return centred.float()
+
+
+def log_probs_from_logits(
+    logits: Tensor, targets: Tensor, temperature: float, *, chunk_elements: int = 1 << 25
+) -> Tensor:
+    """Log-probability of each target token under softmax(logits / temperature): [B, T].
+
+    Computed as gathered logit - logsumexp, in float32 (float64 if the logits are), on chunks
+    of at most `chunk_elements` logits at a time. Only the logits (any dtype, any strides: a
+    `logits[:, :-1]` view is fine) are kept for backward, which recomputes the softmax chunk by
+    chunk; so neither pass holds a float32 copy of the full [B, T, V] tensor (for bf16 logits of
+    a 150k vocabulary that copy would be twice the logits). `targets` [B, T] must be valid ids
+    everywhere; put any id (e.g. the pad id) at positions the loss mask drops.
+    The sampler must use the same temperature, or the ratio to rollout log-probs is meaningless.
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = max(1, chunk_elements // logits.shape[-1])
+    return _TokenLogProb.apply(logits, targets.long(), float(temperature), rows)
+
+
+def _pieces(logits: Tensor, rows: int):
+    """Row blocks of at most `rows` positions of logits [B, T, V], each with its slice of the
+    flattened [B * T] positions. Views only: a contiguous tensor is cut as one [B * T, V]
+    matrix (few, large pieces); one that is not (`logits[:, :-1]`) sequence by sequence."""
+    length, vocab = logits.shape[1:]
+    try:
+        blocks = [(logits.view(-1, vocab), 0)]
+    except RuntimeError:
+        blocks = [(logits[b], b * length) for b in range(logits.shape[0])]
+    for block, offset in blocks:
+        for start in range(0, block.shape[0], rows):
+            stop = min(start + rows, block.shape[0])
+            yield block[start:stop], slice(offset + start, offset + stop)
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """Chunked log_softmax + gather whose backward recomputes the softmax from the logits."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, rows: int) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        flat_targets = targets.reshape(-1, 1)
+        out = torch.empty(flat_targets.shape[0], dtype=dtype, device=logits.device)
+        lse = torch.empty_like(out)
+        for piece, s in _pieces(logits, rows):
+            x = piece.to(dtype) / temperature
+            lse[s] = torch.logsumexp(x, dim=-1)
+            out[s] = x.gather(-1, flat_targets[s]).squeeze(-1) - lse[s]
+        ctx.save_for_backward(logits, flat_targets, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        return out.view(targets.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        # d out / d x_j = (onehot(target)_j - softmax(x / T)_j) / T
+        logits, flat_targets, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        flat_grad, flat_grad_out = grad.view(-1, logits.shape[-1]), grad_out.reshape(-1, 1)
+        for piece, s in _pieces(logits, ctx.rows):
+            x = piece.to(lse.dtype) / ctx.temperature
+            g = torch.exp(x - lse[s, None]).neg_()
+            g.scatter_add_(-1, flat_targets[s], torch.ones_like(g[:, :1]))
+            flat_grad[s] = g.mul_(flat_grad_out[s] / ctx.temperature)
+        return grad, None, None, None
+
+
+@dataclass(frozen=True)
+class PolicyLossStats:
+    """Per-token diagnostics of `policy_loss`, detached; aggregate them under the loss mask
+    (e.g. `aggregate(stats.clipped.float(), mask, "token_mean")` is the clip fraction)."""
+
+    ratio: Tensor
+    """Importance ratio pi / pi_old [B, T]."""
+
+    clipped_low: Tensor
+    """bool [B, T]: advantage < 0 and ratio < 1 - clip_low, so the token has no gradient."""
+
+    clipped_high: Tensor
+    """bool [B, T]: advantage > 0 and ratio > 1 + clip_high, so the token has no gradient."""
+
+    @property
+    def clipped(self) -> Tensor:
+        """bool [B, T]: tokens whose clipped branch is active (either side)."""
+        return self.clipped_low | self.clipped_high
+
+
+def policy_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[Tensor, PolicyLossStats]:
+    """PPO clipped surrogate with asymmetric clip (DAPO's clip-higher): per-token loss [B, T].
+
+    loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), ratio =
+    exp(log_probs - old_log_probs). Minimizing it raises the probability of tokens with A > 0
+    until the ratio passes 1 + clip_high, and lowers those with A < 0 until it falls below
+    1 - clip_low; past those bounds the token has exactly zero gradient. On the other side of
+    each bound (A > 0 and ratio small, A < 0 and ratio large) the unclipped term is the minimum
+    and keeps its gradient, as in PPO. `advantages` is [B, T] or broadcastable ([B, 1]).
+    The log-ratio is clamped to +-20 before exp, so a token whose ratio passes e^20 (~5e8, a
+    broken sample, not a policy update) gives a finite loss and no gradient instead of NaN.
+    The loss is not masked; pass it to `aggregate` with the loss mask.
+    """
+    log_ratio = (log_probs - old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.to(ratio.dtype).expand_as(ratio)
+    with torch.no_grad():
+        clipped_low = (advantages < 0) & (ratio < 1 - clip_low)
+        clipped_high = (advantages > 0) & (ratio > 1 + clip_high)
+        bound = ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.where(clipped_low | clipped_high, -bound * advantages, -ratio * advantages)
+    return loss, PolicyLossStats(ratio.detach(), clipped_low, clipped_high)
+
+
+def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: [B, T].
+
+    With d = log pi(x) - log pi_ref(x) (Schulman, "Approximating KL Divergence", 2020):
+      k1 = d                                  unbiased, high variance, can be negative
+      k2 = d^2 / 2                            biased, low variance, >= 0
+      k3 = exp(-d) - 1 + d                    unbiased, low variance, >= 0 (since e^y >= 1 + y)
+      low_var_kl = clamp(k3, -10, 10)         k3 with d clamped to +-20 first, so exp stays
+                                              finite; bounds the gradient from outlier tokens
+    Each is zero where the two log-probs are equal.
+    """
+    d = log_probs - ref_log_probs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d.square()
+    if kind == "k3":
+        return torch.exp(-d) - 1 + d
+    if kind == "low_var_kl":
+        d = d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return (torch.exp(-d) - 1 + d).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL kind {kind!r}; use one of k1, k2, k3, low_var_kl")
+
+
+def normalizer_count(loss_mask: Tensor, mode: AggregationMode) -> int:
+    """This micro-batch's share of `aggregate`'s normalizer: its loss tokens (`token_mean`) or
+    its sequences with at least one loss token (`sequence_mean`). Sum it over the step's
+    micro-batches and all-reduce it over data-parallel ranks to get the global normalizer."""
+    if mode == "token_mean":
+        return int(loss_mask.sum().item())
+    if mode == "sequence_mean":
+        return int((loss_mask.sum(dim=-1) > 0).sum().item())
+    raise ValueError(f"unknown aggregation mode {mode!r}; use token_mean or sequence_mean")
+
+
+def aggregate(
+    per_token: Tensor,
+    loss_mask: Tensor,
+    mode: AggregationMode,
+    normalizer: float | None = None,
+) -> Tensor:
+    """Reduce a per-token quantity [B, T] under the loss mask to a scalar: a SUM over this
+    micro-batch divided by a normalizer that may cover more than this micro-batch.
+
+    token_mean:    sum(x * mask) / normalizer; normalizer = loss tokens.
+    sequence_mean: sum over sequences of (their masked token mean) / normalizer;
+                   normalizer = sequences with at least one loss token.
+
+    Data parallelism: pass the GLOBAL normalizer of the whole optimizer step, the sum of
+    `normalizer_count` over every micro-batch on every rank. Then the per-micro-batch results,
+    summed over micro-batches and ranks, equal the mean over the whole step exactly, however
+    the tokens were split: gradients must be accumulated and all-reduced as a SUM (a DDP that
+    averages over W ranks needs the loss multiplied by W). `normalizer=None` uses this
+    micro-batch's own count: a plain local mean, for metrics and single-batch use.
+    An empty mask gives 0.
+    """
+    mask = loss_mask.to(per_token.dtype)
+    if mode == "token_mean":
+        total = (per_token * mask).sum()
+    elif mode == "sequence_mean":
+        tokens = mask.sum(dim=-1)
+        total = ((per_token * mask).sum(dim=-1) / tokens.clamp(min=1)).sum()
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}; use token_mean or sequence_mean")
+    if normalizer is None:
+        return total / max(normalizer_count(loss_mask, mode), 1)
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    return total / normalizer
+
+
+def log_prob_mismatch(
+    train_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor
+) -> dict[str, Tensor]:
+    """How far the trainer's log-probs of the sampled tokens are from the engine's: float32
+    scalars over the masked tokens, reported every step (a jump means the weights did not
+    arrive, or the two sides compute the model differently).
+
+    logprob_abs_diff_mean, logprob_abs_diff_max: |train - rollout|.
+    importance_ratio_mean: mean of exp(train - rollout); 1 when the two agree.
+    kl_k3: k3 estimate of KL(pi_rollout || pi_train) (the tokens were sampled by the engine).
+    num_tokens: masked tokens, to weight these means when reducing over micro-batches.
+    No sync with the device (no boolean indexing); all zeros for an empty mask.
+    """
+    with torch.no_grad():
+        mask = loss_mask.bool()
+        count = mask.sum().float()
+        diff = torch.where(mask, train_log_probs.float() - rollout_log_probs.float(), 0.0)
+        ratio = torch.where(mask, diff.exp(), 0.0)
+        k3 = diff.exp() - 1 - diff  # kl_penalty(rollout, train, "k3"); 0 where masked out
+        denominator = count.clamp(min=1)
+        return {
+            "logprob_abs_diff_mean": diff.abs().sum() / denominator,
+            "logprob_abs_diff_max": diff.abs().max(),
+            "importance_ratio_mean": ratio.sum() / denominator,
+            "kl_k3": k3.sum() / denominator,
+            "num_tokens": count,
+        }

@@ -1,0 +1,39 @@
+"""Per-step metrics: one JSONL line and TensorBoard scalars per step, written by the driver only."""
+
+import json
+import math
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class MetricsWriter:
+    """Appends `{"step": n, ...}` to `metrics.jsonl` and mirrors every number to TensorBoard."""
+
+    def __init__(self, output_dir: Path):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (output_dir / "metrics.jsonl").open("a")
+        self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tensorboard.close()
+
+
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """The one line per step that the job log shows."""
+    return (
+        f"step {step}/{total} reward {metrics['rollout/reward_mean']:.3f} "
+        f"acc {metrics['rollout/accuracy']:.3f} loss {metrics['train/loss']:+.4f} "
+        f"|dlogp| {metrics['mismatch/logprob_abs_diff_mean']:.2e} "
+        f"time rollout {metrics['time/rollout']:.2f}s train {metrics['time/train']:.2f}s "
+        f"sync {metrics['time/sync']:.2f}s"
+    )

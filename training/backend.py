@@ -1,0 +1,82 @@
+"""The training-backend interface a TrainActor drives, and its per-step statistics."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import pyarrow as pa
+import torch
+
+
+@dataclass
+class TrainStats:
+    """One rank's contribution to a step's training metrics.
+
+    Loss terms are already divided by the step's GLOBAL normalizer, so summing them over ranks
+    gives the step's loss; `*_sum` fields are token sums (divide by the summed `tokens`).
+    `reduce` combines the ranks once, in the driver.
+    """
+
+    loss: float = 0.0
+    policy_loss: float = 0.0
+    kl_loss: float = 0.0
+    tokens: float = 0.0
+    samples: int = 0
+    micro_batches: int = 0
+    clipped_sum: float = 0.0
+    logprob_abs_diff_sum: float = 0.0
+    logprob_abs_diff_max: float = 0.0
+    importance_ratio_sum: float = 0.0
+    rollout_kl_sum: float = 0.0
+    grad_norm: float = 0.0
+    compute_seconds: float = 0.0
+
+    @staticmethod
+    def reduce(per_rank: list["TrainStats"]) -> dict[str, float]:
+        total = TrainStats()
+        for stats in per_rank:
+            for f in fields(TrainStats):
+                value = getattr(stats, f.name)
+                if f.name in ("logprob_abs_diff_max", "grad_norm", "compute_seconds"):
+                    setattr(total, f.name, max(getattr(total, f.name), value))
+                else:
+                    setattr(total, f.name, getattr(total, f.name) + value)
+        tokens = max(total.tokens, 1.0)
+        return {
+            "train/loss": total.loss,
+            "train/policy_loss": total.policy_loss,
+            "train/kl_loss": total.kl_loss,
+            "train/clip_fraction": total.clipped_sum / tokens,
+            "train/grad_norm": total.grad_norm,
+            "train/tokens": total.tokens,
+            "train/samples": total.samples,
+            "train/compute_seconds": total.compute_seconds,
+            "mismatch/logprob_abs_diff_mean": total.logprob_abs_diff_sum / tokens,
+            "mismatch/logprob_abs_diff_max": total.logprob_abs_diff_max,
+            "mismatch/importance_ratio_mean": total.importance_ratio_sum / tokens,
+            "mismatch/kl_k3": total.rollout_kl_sum / tokens,
+        }
+
+
+class TrainingBackend(ABC):
+    """Owns the model and optimizer of one training rank.
+
+    The process group is already initialised when a backend is built (the TrainActor does it).
+    """
+
+    @abstractmethod
+    def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
+        """The current policy's log-prob of every response token, one tensor per row."""
+
+    @abstractmethod
+    def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
+        """One optimizer step on this rank's share; `normalizer` is the step's global count of
+        loss tokens (or sequences), the same on every rank."""
+
+    @abstractmethod
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full weights under the engines' (Hugging Face) names, in a fixed order."""
+
+    @abstractmethod
+    def save_hf(self, path: str) -> None:
+        """Write the policy as a Hugging Face model directory (rank 0)."""

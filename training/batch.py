@@ -1,0 +1,130 @@
+"""Rollout record batches -> padded micro-batches of tensors, within a token budget.
+
+Sequences are prompt + response, right-padded. Position t of the per-token tensors scores
+token t + 1 (the model's next-token prediction), so the response token j of a sample with a
+P-token prompt sits at position P - 1 + j.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from data.schema import check_schema, ragged
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    """[B, T] prompt + response token ids, right-padded with 0."""
+    attention_mask: torch.Tensor
+    """[B, T] 1 on real tokens."""
+    targets: torch.Tensor
+    """[B, T-1] next token at each position (input_ids shifted left)."""
+    loss_mask: torch.Tensor
+    """[B, T-1] 1 where the target is a response token that counts in the loss."""
+    rollout_log_probs: torch.Tensor
+    """[B, T-1] the engine's log-prob of each target (0 off the mask)."""
+    advantages: torch.Tensor
+    """[B, 1] one advantage per sample, broadcast over its tokens."""
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+@dataclass
+class Rows:
+    """The rows of a trainer's share, as views of the Arrow buffers."""
+
+    prompts: list[np.ndarray]
+    responses: list[np.ndarray]
+    rollout_log_probs: list[np.ndarray]
+    loss_masks: list[np.ndarray]
+    advantages: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def length(self, i: int) -> int:
+        return len(self.prompts[i]) + len(self.responses[i])
+
+
+def rows_of(batches: list[pa.RecordBatch]) -> Rows:
+    """Views of every row; nothing is copied until a micro-batch is padded."""
+    rows = Rows([], [], [], [], np.zeros(0, dtype=np.float32))
+    advantages = []
+    for batch in batches:
+        check_schema(batch)
+        columns = [
+            ragged(batch, name)
+            for name in ("prompt_ids", "response_ids", "rollout_log_probs", "loss_mask")
+        ]
+        for i in range(batch.num_rows):
+            rows.prompts.append(columns[0].row(i))
+            rows.responses.append(columns[1].row(i))
+            rows.rollout_log_probs.append(columns[2].row(i))
+            rows.loss_masks.append(columns[3].row(i))
+        advantages.append(batch.column("advantage").to_numpy(zero_copy_only=False))
+    if advantages:
+        rows.advantages = np.concatenate(advantages)
+    return rows
+
+
+def split_by_token_budget(rows: Rows, max_tokens: int) -> list[list[int]]:
+    """Row indices per micro-batch: consecutive rows while rows x longest row <= max_tokens.
+
+    A single row longer than the budget still gets its own micro-batch (it cannot be split).
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in range(len(rows)):
+        longest_with = max(longest, rows.length(i))
+        if current and longest_with * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, longest_with = [], rows.length(i)
+        current.append(i)
+        longest = longest_with
+    if current:
+        groups.append(current)
+    return groups
+
+
+def pad_micro_batch(rows: Rows, indices: list[int]) -> MicroBatch:
+    width = max(rows.length(i) for i in indices)
+    size = len(indices)
+    input_ids = torch.zeros(size, width, dtype=torch.long)
+    attention_mask = torch.zeros(size, width, dtype=torch.long)
+    loss_mask = torch.zeros(size, width - 1, dtype=torch.float32)
+    rollout_log_probs = torch.zeros(size, width - 1, dtype=torch.float32)
+    for b, i in enumerate(indices):
+        prompt, response = rows.prompts[i], rows.responses[i]
+        p, r = len(prompt), len(response)
+        input_ids[b, :p] = torch.from_numpy(prompt.astype(np.int64))
+        input_ids[b, p : p + r] = torch.from_numpy(response.astype(np.int64))
+        attention_mask[b, : p + r] = 1
+        loss_mask[b, p - 1 : p - 1 + r] = torch.from_numpy(rows.loss_masks[i].astype(np.float32))
+        rollout_log_probs[b, p - 1 : p - 1 + r] = torch.from_numpy(
+            rows.rollout_log_probs[i].astype(np.float32)
+        )
+    advantages = torch.from_numpy(rows.advantages[indices].astype(np.float32)).unsqueeze(1)
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        targets=input_ids[:, 1:].clone(),
+        loss_mask=loss_mask,
+        rollout_log_probs=rollout_log_probs,
+        advantages=advantages,
+    )
+
+
+def response_log_probs(
+    per_token: torch.Tensor, rows: Rows, indices: list[int]
+) -> list[torch.Tensor]:
+    """Cut a [B, T-1] per-token tensor back into each row's response tokens."""
+    out = []
+    for b, i in enumerate(indices):
+        p, r = len(rows.prompts[i]), len(rows.responses[i])
+        out.append(per_token[b, p - 1 : p - 1 + r])
+    return out

@@ -1,0 +1,140 @@
+"""Plain PyTorch training backend: DDP over a transformers causal LM.
+
+Every rank holds the full model, so rank 0 can export weights without a gather. Gradients of a
+rank's micro-batches accumulate locally (`no_sync`) and are all-reduced once, on the last
+backward; ranks may have different numbers of micro-batches (token-balanced shares), and a rank
+with no rows still runs one zero-loss backward so the all-reduce always has every rank.
+"""
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from config.schema import SluiceConfig
+from models.loading import load_model, load_tokenizer
+from rl.grpo import aggregate, kl_penalty, log_prob_mismatch, log_probs_from_logits, policy_loss
+from training.backend import TrainingBackend, TrainStats
+from training.batch import (
+    MicroBatch,
+    pad_micro_batch,
+    response_log_probs,
+    rows_of,
+    split_by_token_budget,
+)
+
+
+class TorchBackend(TrainingBackend):
+    def __init__(self, config: SluiceConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.model = load_model(config.model, config.seed, device).train()
+        self.module = self.model
+        if self.world_size > 1:
+            self.module = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        t = config.train
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay,
+        )
+        self.reference = None
+        if config.algorithm.kl_coef > 0:
+            self.reference = load_model(config.model, config.seed, device).requires_grad_(False)
+
+    def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        return log_probs_from_logits(logits[:, :-1], mb.targets, self.config.rollout.temperature)
+
+    @torch.no_grad()
+    def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
+        rows = rows_of(batches)
+        out: list[torch.Tensor] = []
+        for indices in split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch):
+            mb = pad_micro_batch(rows, indices).to(self.device)
+            out += [
+                lp.cpu()
+                for lp in response_log_probs(self._token_log_probs(self.model, mb), rows, indices)
+            ]
+        return out
+
+    def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
+        start = time.perf_counter()
+        rows = rows_of(batches)
+        plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
+        stats = TrainStats(samples=len(rows), micro_batches=len(plan))
+        self.optimizer.zero_grad(set_to_none=True)
+        if not plan:
+            self._empty_backward()
+        for k, indices in enumerate(plan):
+            last = k == len(plan) - 1
+            sync = (
+                contextlib.nullcontext()
+                if last or self.module is self.model
+                else self.module.no_sync()
+            )
+            with sync:
+                self._micro_step(pad_micro_batch(rows, indices).to(self.device), normalizer, stats)
+        stats.grad_norm = self._clip_and_step()
+        stats.compute_seconds = time.perf_counter() - start
+        return stats
+
+    def _micro_step(self, mb: MicroBatch, normalizer: float, stats: TrainStats) -> None:
+        a = self.config.algorithm
+        mode = a.loss_aggregation
+        log_probs = self._token_log_probs(self.module, mb)
+        old = mb.rollout_log_probs if a.old_log_probs == "rollout" else log_probs.detach()
+        per_token, loss_stats = policy_loss(log_probs, old, mb.advantages, a.clip_low, a.clip_high)
+        pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
+        loss = pg_loss
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_log_probs = self._token_log_probs(self.reference, mb)
+            kl = aggregate(
+                kl_penalty(log_probs, ref_log_probs, a.kl_type), mb.loss_mask, mode, normalizer
+            )
+            loss = loss + a.kl_coef * kl
+            stats.kl_loss += kl.item()
+        # DDP averages gradients over ranks; the normalizer is already global, so undo the mean.
+        (loss * self.world_size).backward()
+        stats.loss += loss.item()
+        stats.policy_loss += pg_loss.item()
+        mismatch = log_prob_mismatch(log_probs, mb.rollout_log_probs, mb.loss_mask)
+        tokens = mismatch["num_tokens"].item()
+        stats.tokens += tokens
+        stats.clipped_sum += (loss_stats.clipped & mb.loss_mask.bool()).sum().item()
+        stats.logprob_abs_diff_sum += mismatch["logprob_abs_diff_mean"].item() * tokens
+        stats.logprob_abs_diff_max = max(
+            stats.logprob_abs_diff_max, mismatch["logprob_abs_diff_max"].item()
+        )
+        stats.importance_ratio_sum += mismatch["importance_ratio_mean"].item() * tokens
+        stats.rollout_kl_sum += mismatch["kl_k3"].item() * tokens
+
+    def _empty_backward(self) -> None:
+        """Join the gradient all-reduce with zero gradients when this rank got no rows."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        (self.module(input_ids=ids).logits.sum() * 0.0).backward()
+
+    def _clip_and_step(self) -> float:
+        clip = self.config.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        return norm.item()
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
+    def save_hf(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        load_tokenizer(self.config.model).save_pretrained(path)

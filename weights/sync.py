@@ -1,0 +1,233 @@
+"""Both sides of one weight transfer over a `BroadcastGroup`: the trainer sends, engines receive.
+
+Concurrency rule (what waits for what), for the driver:
+1. Plan once: the trainer computes `plan_buckets(manifest_of(...), bucket_bytes)`; the driver
+   sends the plan to every engine, which calls `WeightReceiver.check(plan)`. The driver waits
+   for all checks: a mismatch raises there, before any transfer starts.
+2. Transfer: the driver starts `WeightSender.send(plan, tensors, version)` on the trainer and
+   `WeightReceiver.receive(plan, version)` on every engine *concurrently* (each blocks inside
+   collectives until all members of the group are in), then waits for all of them.
+3. Every member walks the same bucket sequence. It begins with a handshake (one small
+   all-reduce): each member reports whether it accepts the plan and a fingerprint of the plan
+   and version; if any member rejects, or the fingerprints differ, every member raises before
+   a byte of weights moves, so a missed step 1 gives errors, not a hang, and no model changes.
+4. After the handshake, one broadcast per bucket from rank 0, in plan order. A member that
+   fails mid-transfer (e.g. the sender's tensors do not match its own plan) leaves the others
+   waiting in a broadcast until the group's timeout, which then raises there; an engine whose
+   transfer failed holds a mix of old and new weights and must not serve until a sync succeeds.
+The engine must not generate while it receives (SGLang: `/pause_generation` first).
+"""
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from weights.errors import WeightSyncError
+from weights.manifest import Bucket, TensorSpec, check_manifest, plan_fingerprint, plan_specs
+from weights.process_group import BroadcastGroup
+
+SENDER_RANK = 0
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """What one member did in one transfer."""
+
+    version: int
+    """Weight version transferred (on a receiver: the version now loaded)."""
+
+    nbytes: int
+    """Bytes of weights broadcast."""
+
+    seconds: float
+    """Wall time from the handshake to the last byte in place."""
+
+    buckets: int
+    """Broadcasts made (one per bucket)."""
+
+    @property
+    def gb_per_s(self) -> float:
+        """Throughput in GB/s (10^9 bytes)."""
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+class WeightSender:
+    """The trainer's side (rank 0 of the group)."""
+
+    def __init__(self, group: BroadcastGroup):
+        if group.rank != SENDER_RANK:
+            raise WeightSyncError(f"the sender must be rank 0, not {group.rank}")
+        self.group = group
+
+    def send(
+        self,
+        plan: Sequence[Bucket],
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+    ) -> SyncStats:
+        """Broadcast `named_tensors` (in plan order, e.g. a lazy gather) bucket by bucket.
+
+        Each bucket is packed into one reusable byte buffer (the only extra memory held), then
+        broadcast; a bucket of one contiguous tensor already on the group's device is sent in
+        place. Returns when every bucket has left (NCCL: when the GPU is done).
+        """
+        start = time.perf_counter()
+        _handshake(self.group, plan, version, None)
+        tensors = iter(named_tensors)
+        staging = _Staging(self.group.device)
+        for bucket in plan:
+            packed = _pack(bucket, _take(tensors, bucket), staging, self.group.device)
+            if packed.numel():
+                self.group.broadcast(packed)
+        if next(tensors, None) is not None:
+            raise WeightSyncError("the sender was given more tensors than its plan holds")
+        return _finish(self.group, plan, version, start)
+
+
+class WeightReceiver:
+    """An engine worker's side: writes incoming weights into its model's tensors in place."""
+
+    def __init__(self, group: BroadcastGroup, destinations: Mapping[str, torch.Tensor]):
+        """`destinations`: tensors to overwrite, by name: `dict(model.named_parameters())`."""
+        if group.rank == SENDER_RANK:
+            raise WeightSyncError("rank 0 is the sender; a receiver needs rank_offset >= 1")
+        self.group = group
+        self.destinations = destinations
+        self.version: int | None = None
+        """The weight version loaded by the last successful `receive` (None before one)."""
+
+    def check(self, plan: Sequence[Bucket]) -> None:
+        """Raise `WeightSyncError` unless the plan carries exactly this model's tensors."""
+        check_manifest(_specs_of(self.destinations), plan_specs(plan))
+
+    def receive(self, plan: Sequence[Bucket], version: int) -> SyncStats:
+        """Receive every bucket of `plan` and copy it into the destinations; record `version`.
+
+        Checks the manifest first: on a mismatch it raises (after telling the group, so that no
+        member waits for data) and leaves the model untouched.
+        """
+        start = time.perf_counter()
+        try:
+            self.check(plan)
+            problem = None
+        except WeightSyncError as e:
+            problem = e
+        _handshake(self.group, plan, version, problem)
+        staging = _Staging(self.group.device)
+        for bucket in plan:
+            self._receive_bucket(bucket, staging)
+        stats = _finish(self.group, plan, version, start)
+        self.version = version
+        return stats
+
+    def _receive_bucket(self, bucket: Bucket, staging: "_Staging") -> None:
+        if bucket.nbytes == 0:
+            return
+        if len(bucket.specs) == 1:
+            dest = self.destinations[bucket.specs[0].name].data
+            if _sendable_in_place(dest, self.group.device):
+                self.group.broadcast(_bytes_of(dest), src=SENDER_RANK)
+                return
+        buffer = staging.take(bucket.nbytes)
+        self.group.broadcast(buffer, src=SENDER_RANK)
+        with torch.no_grad():
+            for spec, begin, end in bucket.slices():
+                _unpack_into(self.destinations[spec.name].data, buffer[begin:end])
+
+
+class _Staging:
+    """One byte buffer reused by every bucket of a transfer, grown when a bucket needs more."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._buffer = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(0, dtype=torch.uint8, device=self._device)  # free first
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        return self._buffer[:nbytes]
+
+
+def _handshake(
+    group: BroadcastGroup, plan: Sequence[Bucket], version: int, problem: WeightSyncError | None
+) -> None:
+    """All members meet in one all-reduce of (rejected?, plan fingerprint) rows; see rule 3."""
+    table = torch.zeros(group.world_size, 2, dtype=torch.int64, device=group.device)
+    table[group.rank, 0] = int(problem is not None)
+    table[group.rank, 1] = plan_fingerprint(plan, version)
+    group.all_reduce_sum(table)
+    rejected, fingerprints = (col.tolist() for col in table.cpu().unbind(1))
+    if problem is not None:
+        raise problem
+    where = f"weight sync to version {version} in {group.info.describe()}"
+    if any(rejected):
+        bad = [rank for rank, flag in enumerate(rejected) if flag]
+        raise WeightSyncError(f"{where}: rank(s) {bad} rejected the manifest; nothing was sent")
+    differing = [rank for rank, fp in enumerate(fingerprints) if fp != fingerprints[SENDER_RANK]]
+    if differing:
+        raise WeightSyncError(
+            f"{where}: rank(s) {differing} hold a different plan or version than the sender; "
+            f"hand every member the sender's plan and version; nothing was sent"
+        )
+
+
+def _take(tensors: Iterator[tuple[str, torch.Tensor]], bucket: Bucket) -> list[torch.Tensor]:
+    """The next tensors of the sender's stream, checked against the bucket's specs."""
+    out = []
+    for spec in bucket.specs:
+        item = next(tensors, None)
+        if item is None:
+            raise WeightSyncError(f"the sender's tensors ran out before {spec.name!r} of its plan")
+        got = TensorSpec.of(*item)
+        if got != spec:
+            raise WeightSyncError(
+                f"the sender's tensor {got.name!r} {got.describe()} is not the plan's "
+                f"{spec.name!r} {spec.describe()}: plan from the tensors you send, in order"
+            )
+        out.append(item[1])
+    return out
+
+
+def _pack(
+    bucket: Bucket, tensors: list[torch.Tensor], staging: _Staging, device: torch.device
+) -> torch.Tensor:
+    """The bucket's bytes: the lone tensor itself when it can go in place, else a packed copy."""
+    if len(tensors) == 1 and _sendable_in_place(tensors[0], device):
+        return _bytes_of(tensors[0].detach())
+    buffer = staging.take(bucket.nbytes)
+    for (_, begin, end), tensor in zip(bucket.slices(), tensors, strict=True):
+        buffer[begin:end].copy_(_bytes_of(tensor.detach()))
+    return buffer
+
+
+def _unpack_into(dest: torch.Tensor, data: torch.Tensor) -> None:
+    """Copy raw bytes into `dest` (any device; a non-contiguous one through a temporary)."""
+    if dest.is_contiguous():
+        _bytes_of(dest).copy_(data)
+        return
+    tmp = torch.empty(dest.shape, dtype=dest.dtype, device=data.device)
+    _bytes_of(tmp).copy_(data)
+    dest.copy_(tmp)
+
+
+def _sendable_in_place(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.is_contiguous() and tensor.device == device
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a tensor's data (a copy only if it is not contiguous)."""
+    return tensor.contiguous().view(-1).view(torch.uint8)
+
+
+def _specs_of(destinations: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec.of(name, tensor) for name, tensor in destinations.items()]
+
+
+def _finish(group: BroadcastGroup, plan: Sequence[Bucket], version: int, start: float) -> SyncStats:
+    if group.device.type == "cuda":
+        torch.cuda.synchronize(group.device)
+    seconds = time.perf_counter() - start
+    return SyncStats(version, sum(b.nbytes for b in plan), seconds, len(plan))
