@@ -230,7 +230,7 @@ class LoggingConfig:
 class SluiceConfig:
     """The root config: one run."""
 
-    num_steps: int = 40
+    num_steps: int = 80
     """RL steps (rollout, train, weight sync) to run."""
 
     seed: int = 1234

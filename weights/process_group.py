@@ -63,7 +63,11 @@ class GroupInfo:
 
 
 def resolve_backend(setting: Literal["auto", "nccl", "gloo"]) -> Backend:
-    """`weight_sync.backend` -> the backend to use: auto = NCCL when this process has a GPU."""
+    """`weight_sync.backend` -> the backend to use: auto = NCCL when this process has a GPU.
+
+    Call it in the trainer process (rank 0), which knows whether it holds a GPU; the driver may
+    have none. The result goes to the engines in `GroupInfo.backend`.
+    """
     has_cuda = torch.cuda.is_available()
     if setting == "auto":
         return "nccl" if has_cuda else "gloo"
