@@ -44,13 +44,13 @@ from config.loader import describe_keys, load_config, to_dict, unknown_key_messa
 from data.balance import balance_by_tokens
 from data.prompts import PromptStream
 from data.sources import load_train_and_eval
-from inference import check_engine_type
+from inference import check_engine_config
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.groups import create_placement
 from placement.planner import ClusterShape, plan_layout
 from rl.rewards import load_reward_fn
 from tracking.metrics import MetricsWriter, step_line
-from training import check_backend_type
+from training import check_backend_config
 from training.backend import TrainStats
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny.yaml"
@@ -61,8 +61,8 @@ class Driver:
 
     def __init__(self, config: SluiceConfig, ray_address: str | None = None):
         self.config = config.validate()
-        check_backend_type(config.train.backend)
-        check_engine_type(config.rollout.engine)
+        check_backend_config(config)
+        check_engine_config(config)
         load_reward_fn(config.rollout.reward)  # a bad path fails here, before any actor starts
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
@@ -228,6 +228,8 @@ def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
 
 def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
     """Print the resolved config and where every actor would go; starts nothing."""
+    check_backend_config(config)
+    check_engine_config(config)
     print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip(), end="\n\n")
     if cluster_spec:
         cluster = parse_cluster_spec(cluster_spec)

@@ -26,13 +26,26 @@ def _transformers_engine(config: SluiceConfig, device: torch.device) -> Inferenc
 ENGINES = {"transformers": _transformers_engine}
 
 
-def check_engine_type(name: str) -> None:
-    if name not in ENGINES:
+def check_engine_config(config: SluiceConfig) -> None:
+    """Refuse settings the chosen engine cannot honour, rather than ignore them."""
+    r = config.rollout
+    if r.engine not in ENGINES:
         raise UserError(
-            f"rollout.engine={name!r} is not a known engine; use one of {sorted(ENGINES)}"
+            f"rollout.engine={r.engine!r} is not a known engine; use one of {sorted(ENGINES)}"
         )
+    if r.engine == "transformers":
+        if r.gpus_per_engine != 1:
+            raise UserError(
+                f"rollout.gpus_per_engine={r.gpus_per_engine}: the transformers engine runs on "
+                f"one GPU; set it to 1 (or raise rollout.num_engines)"
+            )
+        if r.batching == "continuous" and (r.top_p < 1 or r.top_k > 0):
+            raise UserError(
+                "rollout.batching=continuous reports log-probs after top-p/top-k truncation, "
+                "which the trainer cannot reproduce; use rollout.batching=static with top_p/top_k"
+            )
 
 
 def create_engine(config: SluiceConfig, device: torch.device) -> InferenceEngine:
-    check_engine_type(config.rollout.engine)
+    check_engine_config(config)
     return ENGINES[config.rollout.engine](config, device)

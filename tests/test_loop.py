@@ -64,7 +64,11 @@ def test_trainer_log_probs_of_engine_samples(driver):
     results = driver.engines.generate(driver.prompts.next_groups(4))
     refs = [b for r in results for b in r.batches]
     trainer = ray.get(driver.trainers.leader.compute_log_probs.remote(refs))
-    rows = [row for b in ray.get([r.ref for r in refs]) for row in b.column("rollout_log_probs").to_pylist()]
+    rows = [
+        row
+        for b in ray.get([r.ref for r in refs])
+        for row in b.column("rollout_log_probs").to_pylist()
+    ]
     assert len(trainer) == len(rows) == 4 * driver.config.rollout.samples_per_prompt
     diffs = torch.cat([(t - torch.tensor(r)).abs() for t, r in zip(trainer, rows, strict=True)])
     assert diffs.mean().item() < 1e-5
@@ -123,7 +127,14 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "run"
     subprocess.run(
-        [sys.executable, "driver.py", "--logging.output_dir", str(out), "--logging.progress_bar", "false"],
+        [
+            sys.executable,
+            "driver.py",
+            "--logging.output_dir",
+            str(out),
+            "--logging.progress_bar",
+            "false",
+        ],
         cwd=REPO,
         env=env,
         check=True,
@@ -136,8 +147,16 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "train/loss" in m]
     assert len(steps) == summary["steps"]
-    for key in ("rollout/reward_mean", "time/rollout", "time/train", "time/sync", "train/grad_norm",
-                "mismatch/logprob_abs_diff_mean", "perf/tokens_per_s", "rollout/response_length_mean"):
+    for key in (
+        "rollout/reward_mean",
+        "time/rollout",
+        "time/train",
+        "time/sync",
+        "train/grad_norm",
+        "mismatch/logprob_abs_diff_mean",
+        "perf/tokens_per_s",
+        "rollout/response_length_mean",
+    ):
         assert key in steps[-1], key
     assert (out / "final_model" / "config.json").is_file()
     assert any((out / "tensorboard").iterdir())
