@@ -98,6 +98,8 @@ class PutTiming:
     """np.copy of every buffer (fresh destination)."""
     copy_prealloc_s: float
     """np.copyto into destinations allocated and touched before the clock."""
+    sum_s: float
+    """The consumer's touch (sum of response_ids), on the producer's private memory."""
     nbytes: int
 
 
@@ -127,9 +129,12 @@ class Producer:
         for dst, src in zip(self.targets, self.buffers, strict=True):
             np.copyto(dst, src)
         prealloc_s = time.perf_counter() - start
+        start = time.perf_counter()
+        response_token_sum(self.batch)
+        sum_s = time.perf_counter() - start
         nbytes = sum(c.nbytes for c in copies)
         del copies
-        return [ref], PutTiming(put_s, copy_s, prealloc_s, nbytes)
+        return [ref], PutTiming(put_s, copy_s, prealloc_s, sum_s, nbytes)
 
 
 @dataclass(frozen=True)
@@ -182,12 +187,14 @@ def report(rounds: list[tuple[PutTiming, GetTiming]], nbytes: int) -> None:
     prealloc = med(p.copy_prealloc_s for p, _ in rounds)
     get = med(g.get_s for _, g in rounds)
     touch = med(g.touch_s for _, g in rounds)
+    local_sum = med(p.sum_s for p, _ in rounds)
     rows = [
         ("memcpy (np.copy, fresh memory)", copy),
         ("memcpy (np.copyto, preallocated)", prealloc),
         ("ray.put (producer actor)", put),
         ("ray.get (consumer actor)", get),
         ("touch: sum response_ids after get", touch),
+        ("same sum on private memory", local_sum),
         ("ray.get + touch", get + touch),
     ]
     print(f"{'what':36} {'ms':>9} {'GB/s':>8}")

@@ -82,6 +82,7 @@ class Member:
             self.model = transformers.AutoModelForCausalLM.from_config(config)
         self.model.to(getattr(torch, dtype))
         self.device = device
+        self._flat: torch.Tensor | None = None  # the raw broadcast's buffer, reused
 
     def open_group(self, world_size: int, backend: str) -> GroupInfo:
         address, port = pick_master_address_and_port()
@@ -104,8 +105,10 @@ class Member:
         return Timing(stats.seconds, stats.nbytes)
 
     def raw(self, nbytes: int) -> Timing:
-        """One broadcast of `nbytes` as a single flat tensor (allocated before the clock)."""
-        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.group.device)
+        """One broadcast of `nbytes` as a single flat tensor, allocated and touched once."""
+        if self._flat is None or self._flat.numel() != nbytes:
+            self._flat = torch.zeros(nbytes, dtype=torch.uint8, device=self.group.device)
+        flat = self._flat
         self._line_up()
         start = time.perf_counter()
         self.group.broadcast(flat)
