@@ -244,7 +244,9 @@ def test_pad_micro_batch_aligns_response_tokens():
 
 
 def test_pad_micro_batch_of_a_subset_in_another_order():
-    rows = rows_of([build_rollout_batch(columns_of([ROW_A])), build_rollout_batch(columns_of([ROW_B, ROW_C]))])
+    rows = rows_of(
+        [build_rollout_batch(columns_of([ROW_A])), build_rollout_batch(columns_of([ROW_B, ROW_C]))]
+    )
     assert len(rows) == 3
     mb = pad_micro_batch(rows, [2, 0])
     assert mb.input_ids.tolist() == [[4, 4, 1, 0, 0], [5, 6, 7, 8, 9]]

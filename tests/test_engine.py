@@ -19,7 +19,9 @@ def make_engine(tokenizer, batching: str) -> TransformersEngine:
     )
 
 
-def reference_log_probs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
+def reference_log_probs(
+    model, prompt: list[int], response: list[int], temperature: float
+) -> torch.Tensor:
     """Full-sequence forward (no KV cache, no padding): what a trainer computes."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]

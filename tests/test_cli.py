@@ -1,0 +1,343 @@
+"""The command line as a user meets it: every kind of bad input ends with one `error:` line on
+stderr, exit code 2 and no traceback; `--dry-run` and `--help` work without starting Ray.
+
+How the cases run. `driver.py` imports torch, transformers and Ray before it parses a single
+argument (about 17 s of CPU), so a fresh `python driver.py` per case would cost minutes on a
+2-core machine. The cases that stop before Ray therefore run in one helper interpreter that
+pays for those imports once and then forks a child per case: the child runs `driver.py` as
+`__main__` with its own argv, stdout, stderr and exit status, as `python driver.py ...` does
+once its imports are done. Set SLUICE_TEST_CLI_FRESH=1 to run each of them as its own
+`python driver.py ...` instead. The non-number reward case always runs fresh: it starts a
+local Ray cluster whose workers must import the user's reward module from PYTHONPATH.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import load_config
+from config.loader import describe_keys, to_dict
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny.yaml"
+FRESH = os.environ.get("SLUICE_TEST_CLI_FRESH") == "1"
+
+# Keeps a run small in case a case that should fail at validation went on to train.
+SMALL = [
+    "--num_steps",
+    "1",
+    "--rollout.batch_size",
+    "16",
+    "--rollout.samples_per_prompt",
+    "8",
+    "--train.num_workers",
+    "1",
+    "--rollout.num_engines",
+    "1",
+    "--data.num_eval_prompts",
+    "8",
+    "--logging.progress_bar",
+    "false",
+]
+
+# Runs in the helper interpreter: argv[1] = JSON list of argv lists, argv[2] = results file.
+FORK_RUNNER = r"""
+import json, os, runpy, signal, sys, tempfile, time, traceback
+
+import driver  # the expensive imports, once; every child below inherits them
+
+def run_child(argv):
+    os.setsid()
+    sys.argv = ["driver.py", *argv]
+    code = 1
+    try:
+        runpy.run_path("driver.py", run_name="__main__")
+        code = 0
+    except SystemExit as exit:  # what the interpreter does with sys.exit(x)
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+def run_case(argv, timeout):
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            run_child(argv)
+        deadline = time.monotonic() + timeout
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.killpg(pid, signal.SIGKILL)
+                waited = os.waitpid(pid, 0)
+                break
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        return {
+            "returncode": os.waitstatus_to_exitcode(waited[1]),
+            "stdout": out.read().decode(errors="replace"),
+            "stderr": err.read().decode(errors="replace"),
+        }
+
+cases = json.loads(open(sys.argv[1]).read())
+results = [run_case(argv, timeout=120) for argv in cases]
+open(sys.argv[2], "w").write(json.dumps(results))
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def error_line(self) -> str:
+        """The single line on stderr; fails the test on anything else."""
+        assert "Traceback" not in self.stderr, self.stderr
+        lines = self.stderr.splitlines()
+        assert len(lines) == 1, f"stderr is not one line:\n{self.stderr}"
+        assert lines[0].startswith("error: "), lines[0]
+        return lines[0]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never a real cluster
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    return env | extra
+
+
+def run_fresh(argv: list[str], env: dict[str, str], timeout: float) -> Result:
+    done = subprocess.run(
+        [sys.executable, "driver.py", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def run_forked(cases: list[list[str]], env: dict[str, str], work: Path) -> list[Result]:
+    (work / "cases.json").write_text(json.dumps(cases))
+    subprocess.run(
+        [sys.executable, "-c", FORK_RUNNER, str(work / "cases.json"), str(work / "results.json")],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=600,
+    )
+    return [Result(**r) for r in json.loads((work / "results.json").read_text())]
+
+
+# --- the cases that stop before Ray: all run once, in one batch -----------------------------
+
+
+def write_inputs(data: Path) -> dict[str, list[str]]:
+    """Bad (and good) inputs on disk; returns each case's command line."""
+    (data / "a_directory").mkdir()
+    (data / "prompts.csv").write_text("prompt,label\n1 2 3 4 =,1\n")
+    (data / "empty.jsonl").write_text("")
+    rows = ['{"prompt": "1 2 3 4 =", "label": "1"}', "", '{"prompt": "5 6 7 8 =", "label": "5"}']
+    (data / "rows.jsonl").write_text("\n".join([*rows, '{"question": "9 9 9 9 ="}']) + "\n")
+    (data / "typo.yaml").write_text("num_steps: 1\ntrain:\n  lrr: 0.1\n")
+    small = [*SMALL, "--logging.output_dir", str(data / "out")]
+    return {
+        "missing_file": [*small, "--data.prompt_data", str(data / "missing.jsonl")],
+        # Tests run as root, which reads any file whatever its mode, so "unreadable" is a
+        # directory and a file of a format we cannot read rather than a chmod 000 file.
+        "directory": [*small, "--data.prompt_data", str(data / "a_directory")],
+        "unsupported_extension": [*small, "--data.prompt_data", str(data / "prompts.csv")],
+        "row_without_input_key": [*small, "--data.prompt_data", str(data / "rows.jsonl")],
+        "empty_data": [*small, "--data.prompt_data", str(data / "empty.jsonl")],
+        "unknown_flag": [*small, "--train.lrr", "1"],
+        "unknown_recipe_key": ["--config", str(data / "typo.yaml"), *small],
+        "reward_does_not_import": [*small, "--rollout.reward", "nosuchmodule:fn"],
+        "batch_not_divisible": [*small, "--rollout.batch_size", "250"],
+        "flag_without_value": [*small, "--num_steps"],
+        "abbreviated_flag": ["--dry-run", "--num_step", "5"],
+        "dry_run": ["--dry-run"],
+        "dry_run_3x8": [
+            "--dry-run",
+            "--cluster",
+            "3x8",
+            "--train.num_workers",
+            "16",
+            "--train.parallel.tensor",
+            "4",
+            "--rollout.num_engines",
+            "1",
+            "--rollout.gpus_per_engine",
+            "8",
+        ],
+        "help": ["--help"],
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def quick(data) -> dict[str, Result]:
+    """name -> Result of every case that must finish without starting Ray."""
+    cases = write_inputs(data)
+    ray_tmp = data / "ray_tmp"
+    env = cli_env(RAY_TMPDIR=str(ray_tmp))  # a started Ray would leave its session here
+    if FRESH:
+        results = [run_fresh(argv, env, timeout=300) for argv in cases.values()]
+    else:
+        results = run_forked(list(cases.values()), env, data)
+    assert not ray_tmp.exists() or not any(ray_tmp.iterdir()), "a quick case started Ray"
+    return dict(zip(cases, results, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing_file", ["missing.jsonl does not exist", "data.prompt_data"]),
+        ("directory", ["a_directory is not a file"]),
+        ("unsupported_extension", ["prompts.csv has unsupported extension '.csv'", ".jsonl"]),
+        ("row_without_input_key", ["rows.jsonl:4: no key 'prompt'", "data.input_key"]),
+        ("empty_data", ["empty.jsonl holds no prompts"]),
+        ("unknown_flag", ["unknown config key '--train.lrr'", "did you mean --train.lr"]),
+        ("unknown_recipe_key", ["typo.yaml: unknown config key 'train.lrr'", "mean train.lr"]),
+        ("reward_does_not_import", ["nosuchmodule:fn", "cannot import module 'nosuchmodule'"]),
+        (
+            "batch_not_divisible",
+            ["rollout.batch_size=250 is not divisible by rollout.samples_per_prompt=8", "248"],
+        ),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_code_2(quick, case, expected):
+    result = quick[case]
+    line = result.error_line()
+    for text in expected:
+        assert text in line
+    assert result.returncode == 2
+    assert result.stdout == ""
+
+
+def test_errors_name_the_full_path_of_the_file(quick, data):
+    assert str(data / "rows.jsonl") + ":4" in quick["row_without_input_key"].error_line()
+    assert str(data / "typo.yaml") in quick["unknown_recipe_key"].error_line()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: argparse reports its own errors (here a flag without a value) as the "
+    "whole usage text (one line per config key) plus `driver.py: error: ...`. Fix: in "
+    "build_parser, subclass ArgumentParser with error(self, message) raising "
+    "UserError(message), so main() prints one `error:` line and returns 2",
+)
+def test_a_flag_without_a_value_is_one_error_line(quick):
+    result = quick["flag_without_value"]
+    assert result.returncode == 2
+    assert "--num_steps" in result.error_line()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: argparse's allow_abbrev takes `--num_step 5` as --num_steps (and "
+    "`--train.weight 0.1` as --train.weight_decay): a mistyped key is silently taken for "
+    "another. Fix: argparse.ArgumentParser(..., allow_abbrev=False) in build_parser; the "
+    "unknown-key path then answers 'did you mean --num_steps?'",
+)
+def test_an_abbreviated_key_is_rejected(quick):
+    result = quick["abbreviated_flag"]
+    assert result.returncode == 2
+    assert "did you mean --num_steps" in result.error_line()
+
+
+def test_dry_run_prints_the_resolved_config_and_the_plan(quick):
+    result = quick["dry_run"]
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    config_text, _, plan = result.stdout.partition("\n\nplacement: ")
+    assert yaml.safe_load(config_text) == to_dict(load_config(TINY))
+    assert " node(s), " in plan.splitlines()[0]
+    assert "train 0 " in plan and "engine 0 " in plan
+
+
+def actor_rows(plan: str) -> list[tuple[str, int, int]]:
+    """(actor, node, gpu) for each row of the placement table."""
+    rows = []
+    for line in plan.splitlines():
+        if line.startswith(("train ", "engine ")):
+            parts = line.split()
+            rows.append((f"{parts[0]} {parts[1]}", int(parts[2]), int(parts[-1])))
+    return rows
+
+
+def test_dry_run_on_a_hypothetical_three_node_cluster(quick):
+    result = quick["dry_run_3x8"]
+    assert result.returncode == 0, result.stderr
+    assert "placement: 24 GPUs on 3 node(s), disaggregated" in result.stdout
+    rows = actor_rows(result.stdout)
+    trainers = [(node, gpu) for actor, node, gpu in rows if actor.startswith("train")]
+    engine = [(node, gpu) for actor, node, gpu in rows if actor.startswith("engine")]
+    assert trainers == [(r // 8, r % 8) for r in range(16)]  # ranks fill nodes 0 and 1
+    assert engine == [(2, gpu) for gpu in range(8)]  # the 8-GPU engine takes node 2
+    assert len(set(trainers + engine)) == 24
+
+
+def test_help_lists_every_config_key_with_its_doc_and_default(quick):
+    result = quick["help"]
+    assert result.returncode == 0, result.stderr
+    compact = "".join(result.stdout.split())  # argparse re-wraps the help text
+    for key, default, doc in describe_keys():
+        assert f"--{key} VALUE" in result.stdout, key
+        assert "".join(f"{doc} [{default}]".split()) in compact, key
+    assert "--dry-run" in result.stdout and "--cluster" in result.stdout
+
+
+# --- a reward that returns a non-number: only found once the engines score samples ----------
+
+
+@pytest.fixture(scope="module")
+def bad_reward(tmp_path_factory) -> Result:
+    """One real run (Ray, a trainer, an engine) whose reward function returns 'yes'."""
+    tmp = tmp_path_factory.mktemp("reward")
+    (tmp / "bad_reward.py").write_text("def reward(prompt, response, label):\n    return 'yes'\n")
+    argv = [*SMALL, "--rollout.reward", "bad_reward:reward", "--logging.output_dir", str(tmp / "o")]
+    # On PYTHONPATH so that the Ray workers, not only the driver, import the module.
+    return run_fresh(argv, cli_env(PYTHONPATH=str(tmp)), timeout=600)
+
+
+def test_a_reward_that_returns_a_non_number_stops_the_run(bad_reward):
+    assert bad_reward.returncode == 2, bad_reward.stderr
+    assert "Traceback" not in bad_reward.stderr
+    errors = [line for line in bad_reward.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, bad_reward.stderr
+    assert "reward function bad_reward:reward returned str 'yes'" in errors[0]
+    assert "float, int or bool" in errors[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: once Ray is up, stderr also carries Ray's own start-up WARNING "
+    "(token authentication) and the rollout actor's transformers deprecation warning "
+    "(generate() given generation_config plus output_logits/return_dict_in_generate), "
+    "streamed by log_to_driver. Fix: connect_ray passes logging_level='ERROR' (or sets "
+    "RAY_AUTH_MODE explicitly for the local cluster it starts), and TransformersEngine puts "
+    "output_logits/return_dict_in_generate into its GenerationConfig",
+)
+def test_a_reward_that_returns_a_non_number_is_the_only_line_on_stderr(bad_reward):
+    assert "bad_reward:reward" in bad_reward.error_line()
