@@ -1,4 +1,4 @@
-"""The PyTorch backend: data-parallel steps equal one big step; KL to the reference; empty shares."""
+"""PyTorch backend: a data-parallel step equals one big step; KL to the reference; empty shares."""
 
 import dataclasses
 import socket
