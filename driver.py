@@ -72,9 +72,7 @@ class Driver:
         self.placement = create_placement(self.layout)
         self.engines = RolloutGroup(config, self.placement)
         self.trainers = TrainGroup(config, self.placement)
-        self.weights = WeightSync(
-            config.weight_sync, self.trainers, self.engines, self.layout.use_gpus
-        )
+        self.weights = WeightSync(config.weight_sync, self.trainers, self.engines, self.layout)
         self.weights.setup()
         self.weights.sync(version=0)  # engines start from exactly the trainer's weights
         self.version = 0

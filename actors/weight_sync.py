@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import ray
 
 from actors.groups import RolloutGroup, TrainGroup
+from config.errors import UserError
 from config.schema import WeightSyncConfig
+from placement.planner import Layout
 from weights.checksum import compare_checksums
 from weights.errors import WeightSyncError
 from weights.process_group import GroupInfo
@@ -36,12 +38,10 @@ class SyncReport:
 
 class WeightSync:
     def __init__(
-        self, config: WeightSyncConfig, trainers: TrainGroup, engines: RolloutGroup, use_gpus: bool
+        self, config: WeightSyncConfig, trainers: TrainGroup, engines: RolloutGroup, layout: Layout
     ):
         self.config = config
-        self.backend = (
-            config.backend if config.backend != "auto" else ("nccl" if use_gpus else "gloo")
-        )
+        self.backend = transport_backend(config, layout.use_gpus, layout.colocate)
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
@@ -83,3 +83,20 @@ class WeightSync:
         expected = ray.get(self.leader.weight_checksums.remote())
         for i, sums in enumerate(ray.get([e.weight_checksums.remote() for e in self.engines])):
             compare_checksums(expected, sums, where=f"engine {i}")
+
+
+def transport_backend(config: WeightSyncConfig, use_gpus: bool, colocate: bool) -> str:
+    """`weight_sync.backend` resolved for this layout.
+
+    NCCL cannot put two ranks of one communicator on the same GPU, which is exactly what a
+    colocated trainer and engine are; they use gloo (through host memory) until the CUDA-IPC
+    transport for colocated engines lands.
+    """
+    if config.backend == "auto":
+        return "nccl" if use_gpus and not colocate else "gloo"
+    if config.backend == "nccl" and (colocate or not use_gpus):
+        raise UserError(
+            "weight_sync.backend=nccl needs trainers and engines on distinct GPUs "
+            "(placement.colocate=false on a GPU cluster); use auto or gloo"
+        )
+    return config.backend
