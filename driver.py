@@ -41,10 +41,12 @@ from actors.runtime import connect_ray
 from actors.weight_sync import WeightSync
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
+from config.schema import BUILTIN_MODEL
 from data.balance import balance_by_tokens
 from data.prompts import PromptStream
 from data.sources import load_train_and_eval
 from inference import check_engine_config
+from models.loading import check_checkpoint_dir
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.groups import create_placement
 from placement.planner import ClusterShape, plan_layout
@@ -63,7 +65,10 @@ class Driver:
         self.config = config.validate()
         check_backend_config(config)
         check_engine_config(config)
-        load_reward_fn(config.rollout.reward)  # a bad path fails here, before any actor starts
+        # Inputs that actors would otherwise trip over fail here, before any actor starts.
+        load_reward_fn(config.rollout.reward)
+        if config.model.hf_checkpoint != BUILTIN_MODEL:
+            check_checkpoint_dir(config.model.hf_checkpoint)
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
@@ -189,6 +194,7 @@ def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
         "rollout/tokens": response_tokens + sum(r.stats.prompt_tokens for r in results),
         "rollout/generate_seconds": max(r.stats.generate_seconds for r in results),
         "rollout/tokens_per_s": response_tokens / seconds if seconds > 0 else 0.0,
+        "rollout/weight_version": min(v for r in results for v in r.stats.weight_versions),
     }
 
 
