@@ -22,7 +22,7 @@ def connect_ray(address: str | None = None) -> None:
     runtime_env = None
     if not _inside_ray_job():
         runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath_with_repo()}}
-    ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+    ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR", log_to_driver=True)
 
 
 def _inside_ray_job() -> bool:

@@ -162,7 +162,9 @@ class Consumer:
         return GetTiming(get_s, touch_s, total, zero_copy)
 
 
-def run_rounds(producer, consumer, repeats: int, expected: int) -> list[tuple[PutTiming, GetTiming]]:
+def run_rounds(
+    producer, consumer, repeats: int, expected: int
+) -> list[tuple[PutTiming, GetTiming]]:
     """One warm-up round, then `repeats` timed ones; each round puts a fresh object."""
     rounds = []
     for i in range(repeats + 1):

@@ -13,12 +13,13 @@ Medians (and means) over the measured steps are printed, absolute and as a share
 
     uv run python -m bench.bench_step_overhead
     uv run python -m bench.bench_step_overhead --steps 20 --warmup 2 --set rollout.num_engines=1
+    uv run python -m bench.bench_step_overhead --from-metrics outputs/tiny/metrics.jsonl
 """
 
 import argparse
+import json
 import os
 import statistics
-import sys
 import tempfile
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv as is
@@ -46,7 +47,9 @@ exactly, so the three `of which` lines add up to the overhead."""
 def overhead(metrics: dict[str, float]) -> float:
     """Step wall time not spent in generation or training compute."""
     return (
-        metrics["time/step"] - metrics["rollout/generate_seconds"] - metrics["train/compute_seconds"]
+        metrics["time/step"]
+        - metrics["rollout/generate_seconds"]
+        - metrics["train/compute_seconds"]
     )
 
 
@@ -62,7 +65,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def measure(recipe: str, overrides: dict[str, str], warmup: int, steps: int) -> list[dict]:
-    """Run warm-up + measured steps on a fresh Driver; return the measured steps' metrics."""
+    """Run warm-up + measured steps on a fresh Driver, print the report, return the metrics.
+
+    The report is printed before the driver closes, so a hang in teardown cannot swallow it.
+    """
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as out:
         settings = {
             "logging.progress_bar": "false",
@@ -70,10 +76,34 @@ def measure(recipe: str, overrides: dict[str, str], warmup: int, steps: int) -> 
             "num_steps": str(warmup + steps),
             **overrides,
         }
-        with Driver(load_config(recipe, settings)) as driver:
+        driver = Driver(load_config(recipe, settings))
+        try:
             for _ in range(warmup):
                 driver.step()
-            return [driver.step() for _ in range(steps)]
+            metrics = [driver.step() for _ in range(steps)]
+            describe_run(recipe, overrides, warmup, steps)
+            report(metrics)
+            return metrics
+        finally:
+            driver.close()
+
+
+def read_metrics(path: str, warmup: int) -> list[dict]:
+    """The step rows of a run's metrics.jsonl (evaluation rows skipped), after `warmup`."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in rows if "time/step" in r]
+    return steps[warmup:]
+
+
+def describe_run(recipe: str, overrides: dict[str, str], warmup: int, steps: int) -> None:
+    where = "; ".join(f"{k}={v}" for k, v in overrides.items()) or "no overrides"
+    resources = ray.cluster_resources()
+    print(
+        f"step overhead: {recipe} ({where}), {steps} steps after {warmup} warm-up; "
+        f"cluster CPU {resources.get('CPU', 0):g} GPU {resources.get('GPU', 0):g}",
+        flush=True,
+    )
 
 
 def report(metrics: list[dict]) -> None:
@@ -106,18 +136,19 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="config override, e.g. train.num_workers=1 (repeatable)",
     )
-    args = parser.parse_args()
-    overrides = parse_overrides(args.set)
-    metrics = measure(args.config, overrides, args.warmup, args.steps)
-    where = "; ".join(f"{k}={v}" for k, v in overrides.items()) or "no overrides"
-    resources = ray.cluster_resources()
-    print(
-        f"step overhead: {args.config} ({where}), {args.steps} steps after {args.warmup} "
-        f"warm-up; cluster CPU {resources.get('CPU', 0):g} GPU {resources.get('GPU', 0):g}"
+    parser.add_argument(
+        "--from-metrics",
+        metavar="JSONL",
+        help="report on a finished run's metrics.jsonl instead of running (skips --warmup)",
     )
-    report(metrics)
+    args = parser.parse_args()
+    if args.from_metrics:
+        metrics = read_metrics(args.from_metrics, args.warmup)
+        print(f"step overhead: {args.from_metrics}, {len(metrics)} steps after {args.warmup}")
+        report(metrics)
+        return
+    measure(args.config, parse_overrides(args.set), args.warmup, args.steps)
     ray.shutdown()
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from weights.sync import WeightReceiver, WeightSender
 
 
 def model_config(name: str) -> transformers.PretrainedConfig:
-    """`tiny`: the test model (Qwen3-MoE, 0.13M params); `100m`: a Qwen3 dense of ~100M."""
+    """`tiny`: the test model (Qwen3-MoE, 0.13M params); `100m`, `1b`: Qwen3 dense models."""
     if name == "tiny":
         return transformers.Qwen3MoeConfig(
             vocab_size=64,
@@ -58,7 +58,18 @@ def model_config(name: str) -> transformers.PretrainedConfig:
             head_dim=64,
             tie_word_embeddings=False,
         )
-    raise ValueError(f"unknown model {name!r}; choose tiny or 100m")
+    if name == "1b":
+        return transformers.Qwen3Config(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown model {name!r}; choose tiny, 100m or 1b")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; pass --config with a file from recipes/")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"recipe {path} cannot be read as UTF-8 text: {error}") from None
     except yaml.YAMLError as error:
         raise UserError(f"recipe {path} is not valid YAML: {error}".replace("\n", " ")) from None
     if values is None:
@@ -83,11 +85,30 @@ def set_dotted(config: SluiceConfig, dotted: str, raw: Any, where: str = "comman
             hint = field_types(type(target))[part]
             if dataclasses.is_dataclass(hint):
                 raise UserError(f"{where}: {dotted} is a section; set one of its fields instead")
-            if isinstance(raw, str):
-                raw = yaml.safe_load(raw) if raw != "" else raw
-            setattr(target, part, coerce(raw, hint, dotted, where))
+            setattr(target, part, coerce(parse_override(raw, hint), hint, dotted, where))
         else:
             target = getattr(target, part)
+
+
+def parse_override(raw: Any, hint: Any) -> Any:
+    """A command-line string as the field's type: text fields keep it verbatim (so `100` or
+    `yes` stay text), other fields read it as YAML (`3`, `1e-4`, `true`); `null` is None."""
+    if not isinstance(raw, str):
+        return raw
+    if raw in ("null", "None") and type(None) in typing.get_args(hint):
+        return None
+    if _is_text(hint):
+        return raw
+    return yaml.safe_load(raw) if raw != "" else raw
+
+
+def _is_text(hint: Any) -> bool:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return all(isinstance(a, str) for a in args)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return len(args) == 1 and _is_text(args[0])
+    return hint is str
 
 
 def all_keys(cls: type = SluiceConfig, prefix: str = "") -> list[str]:
@@ -102,8 +123,13 @@ def all_keys(cls: type = SluiceConfig, prefix: str = "") -> list[str]:
 
 
 def nearest_keys(dotted: str) -> list[str]:
-    """Valid keys closest to a mistyped one (a bare field name finds its section)."""
-    nearest = difflib.get_close_matches(dotted, all_keys(), n=3, cutoff=0.5)
+    """Valid keys closest to a mistyped one (a bare field name finds its section; a mistyped
+    section name finds sections)."""
+    keys = all_keys()
+    candidates = keys
+    if "." not in dotted:
+        candidates = sorted({k.rsplit(".", 1)[0] for k in keys})  # sections and top-level keys
+    nearest = difflib.get_close_matches(dotted, candidates, n=3, cutoff=0.5)
     if not nearest:
         leaf = dotted.rsplit(".", 1)[-1]
         nearest = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf]
@@ -129,6 +155,8 @@ def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return coerce(value, inner[0], key, where)
     if origin is typing.Literal:
+        if isinstance(value, bool) and {"yes", "no"} <= set(args):
+            value = "yes" if value else "no"  # YAML 1.1 reads an unquoted yes/no as a bool
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise UserError(f"{where}: {key}={value!r} is not one of {choices}")

@@ -5,7 +5,8 @@ Every field carries a docstring (the string literal under it); `config.docs` rea
 starts; each check names the field and the fix.
 """
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal
 
 from config.errors import UserError
@@ -237,17 +238,33 @@ class SluiceConfig:
     """Seed for model init, data order and sampling."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation prompts."""
+
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engines, sampling and rewards."""
+
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Training ranks, backend and optimizer."""
+
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The RL objective."""
+
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Trainer -> engine weight transfer."""
+
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Packing actors onto the cluster."""
+
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Outputs and evaluation cadence."""
 
     def validate(self) -> "SluiceConfig":
         """Check cross-field rules once, before anything starts. Returns self."""
         _positive(self, "num_steps")
+        _check_floats_finite(self)
         r, t, a = self.rollout, self.train, self.algorithm
         for name in (
             "num_engines",
@@ -263,6 +280,8 @@ class SluiceConfig:
             _positive(t, name, "train.")
         for name in ("tensor", "pipeline", "context", "expert"):
             _positive(t.parallel, name, "train.parallel.")
+        if t.lr <= 0:
+            raise UserError(f"train.lr={t.lr} must be > 0")
         if r.temperature <= 0:
             raise UserError(
                 "rollout.temperature must be > 0 for sampling (greedy decoding is used for "
@@ -307,6 +326,16 @@ class SluiceConfig:
         if self.logging.eval_every < 0:
             raise UserError("logging.eval_every must be >= 0")
         return self
+
+
+def _check_floats_finite(section: object, prefix: str = "") -> None:
+    """NaN passes every `<` check, so look for it (and infinity) explicitly."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            _check_floats_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{f.name}={value} must be a finite number")
 
 
 def _positive(section: object, name: str, prefix: str = "") -> None:

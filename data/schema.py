@@ -92,11 +92,15 @@ class RaggedColumn:
 
 
 def ragged(batch: pa.RecordBatch, name: str) -> RaggedColumn:
-    """Zero-copy numpy views of a list column (no per-row Python objects are made)."""
+    """Zero-copy numpy views of a list column (no per-row Python objects are made).
+
+    `values` is the column's whole child array and `offsets` index into it, which stays right
+    for a sliced batch (whose offsets do not start at 0).
+    """
     column = batch.column(name)
     values = column.values.to_numpy(zero_copy_only=True)
     offsets = column.offsets.to_numpy(zero_copy_only=True)
-    return RaggedColumn(values=values, offsets=offsets - offsets[0])
+    return RaggedColumn(values=values, offsets=offsets)
 
 
 def scalar(batch: pa.RecordBatch, name: str) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """Rollout engines behind one interface (`inference.engine.InferenceEngine`), picked by name."""
 
-import torch
+from typing import TYPE_CHECKING
 
 from config.errors import UserError
 from config.schema import SluiceConfig
-from inference.engine import InferenceEngine
+
+if TYPE_CHECKING:  # torch and transformers load only when an engine is built
+    import torch
+
+    from inference.engine import InferenceEngine
 
 
-def _transformers_engine(config: SluiceConfig, device: torch.device) -> InferenceEngine:
+def _transformers_engine(config: SluiceConfig, device: "torch.device") -> "InferenceEngine":
     from inference.transformers_engine import TransformersEngine
     from models.loading import load_model, load_tokenizer
 
@@ -46,6 +50,6 @@ def check_engine_config(config: SluiceConfig) -> None:
             )
 
 
-def create_engine(config: SluiceConfig, device: torch.device) -> InferenceEngine:
+def create_engine(config: SluiceConfig, device: "torch.device") -> "InferenceEngine":
     check_engine_config(config)
     return ENGINES[config.rollout.engine](config, device)

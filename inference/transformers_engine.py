@@ -57,9 +57,7 @@ class TransformersEngine(InferenceEngine):
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            generation_config=self._generation_config(params),
-            output_logits=True,
-            return_dict_in_generate=True,
+            generation_config=self._generation_config(params, output_logits=True),
         )
         responses = output.sequences[:, input_ids.shape[1] :]
         temperature = 1.0 if params.greedy else params.temperature
@@ -100,7 +98,9 @@ class TransformersEngine(InferenceEngine):
             attention_mask[i, width - len(prompt) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
-    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+    def _generation_config(
+        self, params: SamplingParams, output_logits: bool = False
+    ) -> GenerationConfig:
         sampling = (
             {}
             if params.greedy
@@ -115,6 +115,8 @@ class TransformersEngine(InferenceEngine):
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            output_logits=output_logits,
+            return_dict_in_generate=output_logits,
             **sampling,
         )
 

@@ -153,13 +153,6 @@ def test_ragged_views_share_memory_with_the_arrow_buffers():
         assert column.lengths().tolist() == [len(v) for v in batch.column(name).to_pylist()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: data.schema.ragged takes ListArray.values, which ignores a sliced "
-    "batch's offset, but rebases the offsets to 0, so rows of batch.slice(1) come from the "
-    "wrong place. Fix: keep the absolute offsets (drop `- offsets[0]`), or take "
-    "column.flatten() instead of column.values. Latent today: rollout actors never slice.",
-)
 def test_ragged_reads_the_rows_of_a_sliced_batch():
     sliced = build_rollout_batch(columns_of([ROW_A, ROW_B, ROW_C])).slice(1, 2)
     column = ragged(sliced, "prompt_ids")

@@ -91,13 +91,6 @@ def test_recipe_file_errors_name_the_file(tmp_path):
     assert "train must be a mapping" in config_error(write_recipe(tmp_path, "train: 3\n", "s.yaml"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="product bug: config.loader.read_recipe calls path.read_text() outside its try, so a "
-    "recipe that is not UTF-8 (or unreadable: PermissionError) escapes as a traceback. Fix: "
-    "wrap the read in `except (OSError, UnicodeDecodeError)` and raise UserError naming the file",
-)
 def test_a_recipe_that_is_not_utf8_is_a_user_error(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("# réglages\nnum_steps: 3\n".encode("latin-1"))
@@ -201,35 +194,16 @@ def test_a_section_cannot_be_set_as_a_value():
     assert "train.parallel is a section" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: config.loader.set_dotted YAML-parses every string override, so a str "
-    "field given `100` or `yes` (--logging.output_dir 100, --data.input_key yes) is rejected "
-    "as int/bool. Fix: when the field's type is str (or str | None), take the raw string as "
-    "is (mapping only 'null' to None for str | None)",
-)
 @pytest.mark.parametrize(("key", "raw"), [("logging.output_dir", "100"), ("data.input_key", "yes")])
 def test_a_string_field_takes_any_text(key, raw):
     assert get_dotted(load_config(None, {key: raw}), key) == raw
 
 
-USE_GPUS_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="product bug: placement.use_gpus documents the choices auto/yes/no, but YAML reads "
-    "yes/no as booleans, so `--placement.use_gpus no` and `use_gpus: no` in a recipe are "
-    "rejected ('placement.use_gpus=False is not one of ...'). Fix: in config.loader.coerce map "
-    "a bool to 'yes'/'no' for a Literal with those choices (or rename the choices, e.g. "
-    "auto/gpu/cpu; with the str-field fix above the command line works but recipes still not)",
-)
-
-
-@USE_GPUS_XFAIL
 @pytest.mark.parametrize("choice", ["yes", "no"])
 def test_use_gpus_yes_and_no_from_the_command_line(choice):
     assert load_config(None, {"placement.use_gpus": choice}).placement.use_gpus == choice
 
 
-@USE_GPUS_XFAIL
 def test_use_gpus_no_in_a_recipe(tmp_path):
     recipe = write_recipe(tmp_path, "placement:\n  use_gpus: no\n")
     assert load_config(recipe).placement.use_gpus == "no"
@@ -314,12 +288,6 @@ def test_out_of_range_values_name_the_field(key, raw, expected):
     assert expected in config_error(None, {key: raw})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: SluiceConfig.validate() silently accepts train.lr <= 0 and "
-    "non-finite floats (NaN passes `temperature <= 0`). Fix: in validate(), require "
-    "math.isfinite() for every float field and train.lr > 0",
-)
 @pytest.mark.parametrize(
     ("key", "raw"), [("train.lr", "-1"), ("train.lr", "nan"), ("rollout.temperature", "nan")]
 )
@@ -354,24 +322,7 @@ def test_every_key_has_a_docstring_and_its_default():
         assert "\n" not in doc  # folded to one line for --help
 
 
-@pytest.mark.parametrize(
-    "cls",
-    [
-        pytest.param(
-            cls,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="style rule: SluiceConfig's section fields (model, data, rollout, "
-                "train, algorithm, weight_sync, placement, logging) have no docstring under "
-                "them, unlike train.parallel. Fix: add one line under each in config/schema.py",
-            )
-            if cls is SluiceConfig
-            else (),
-        )
-        for cls in config_classes()
-    ],
-    ids=lambda cls: cls.__name__,
-)
+@pytest.mark.parametrize("cls", config_classes(), ids=lambda cls: cls.__name__)
 def test_every_field_of_every_config_class_is_documented(cls):
     undocumented = [f.name for f in dataclasses.fields(cls) if not field_docs(cls).get(f.name)]
     assert undocumented == []

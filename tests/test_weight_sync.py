@@ -28,8 +28,11 @@ BUCKET_BYTES = 64 * 1024
 
 TIMEOUT_S = 20.0
 
-WORKER_PYTHONPATH = os.pathsep.join(str(p) for p in (TESTS, TESTS.parent))
-"""Workers import this module (the actors' classes) and the repository's packages."""
+WORKER_PYTHONPATH = os.pathsep.join(
+    [str(TESTS), str(TESTS.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+"""Workers import this module (the actors' classes), the repository's packages, and whatever
+the driver's PYTHONPATH holds (on the GPU machine: Ray itself)."""
 
 
 def tiny_model(seed: int) -> transformers.PreTrainedModel:

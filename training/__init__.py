@@ -1,13 +1,17 @@
 """Training backends behind one interface (`training.backend.TrainingBackend`), picked by name."""
 
-import torch
+from typing import TYPE_CHECKING
 
 from config.errors import UserError
 from config.schema import SluiceConfig
-from training.backend import TrainingBackend
+
+if TYPE_CHECKING:  # torch loads only when a backend is built
+    import torch
+
+    from training.backend import TrainingBackend
 
 
-def _torch_backend(config: SluiceConfig, device: torch.device) -> TrainingBackend:
+def _torch_backend(config: SluiceConfig, device: "torch.device") -> "TrainingBackend":
     from training.torch_backend import TorchBackend
 
     return TorchBackend(config, device)
@@ -40,6 +44,6 @@ def check_backend_config(config: SluiceConfig) -> None:
             )
 
 
-def create_backend(config: SluiceConfig, device: torch.device) -> TrainingBackend:
+def create_backend(config: SluiceConfig, device: "torch.device") -> "TrainingBackend":
     check_backend_config(config)
     return BACKENDS[config.train.backend](config, device)

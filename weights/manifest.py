@@ -13,6 +13,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from math import prod
 
 import torch
@@ -78,6 +79,11 @@ class Bucket:
         """Shapes, as SGLang's `UpdateWeightsFromDistributedReqInput.shapes`."""
         return [list(s.shape) for s in self.specs]
 
+    @property
+    def sizes(self) -> list[int]:
+        """Bytes of each tensor, in order."""
+        return [s.nbytes for s in self.specs]
+
     def slices(self) -> list[tuple[TensorSpec, int, int]]:
         """Each spec with the byte range `[start, end)` it occupies in the buffer."""
         out, start = [], 0
@@ -92,6 +98,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@cache  # called per tensor per sync: keep it a dict lookup
 def torch_dtype(name: str) -> torch.dtype:
     """`bfloat16` (or `torch.bfloat16`) -> `torch.bfloat16`; raises on an unknown name."""
     dtype = getattr(torch, name.removeprefix("torch."), None)

@@ -77,10 +77,11 @@ class WeightSender:
         _handshake(self.group, plan, version, None)
         tensors = iter(named_tensors)
         staging = _Staging(self.group.device)
-        for bucket in plan:
-            packed = _pack(bucket, _take(tensors, bucket), staging, self.group.device)
-            if packed.numel():
-                self.group.broadcast(packed)
+        with torch.no_grad():
+            for bucket in plan:
+                packed = _pack(bucket, _take(tensors, bucket), staging, self.group.device)
+                if packed.numel():
+                    self.group.broadcast(packed)
         if next(tensors, None) is not None:
             raise WeightSyncError("the sender was given more tensors than its plan holds")
         return _finish(self.group, plan, version, start)
@@ -106,7 +107,8 @@ class WeightReceiver:
         """Receive every bucket of `plan` and copy it into the destinations; record `version`.
 
         Checks the manifest first: on a mismatch it raises (after telling the group, so that no
-        member waits for data) and leaves the model untouched.
+        member waits for data) and leaves the model untouched. A bucket of one tensor is
+        received straight into it when it is contiguous and on the group's device.
         """
         start = time.perf_counter()
         try:
@@ -116,8 +118,9 @@ class WeightReceiver:
             problem = e
         _handshake(self.group, plan, version, problem)
         staging = _Staging(self.group.device)
-        for bucket in plan:
-            self._receive_bucket(bucket, staging)
+        with torch.no_grad():
+            for bucket in plan:
+                self._receive_bucket(bucket, staging)
         stats = _finish(self.group, plan, version, start)
         self.version = version
         return stats
@@ -125,16 +128,13 @@ class WeightReceiver:
     def _receive_bucket(self, bucket: Bucket, staging: "_Staging") -> None:
         if bucket.nbytes == 0:
             return
-        if len(bucket.specs) == 1:
-            dest = self.destinations[bucket.specs[0].name].data
-            if _sendable_in_place(dest, self.group.device):
-                self.group.broadcast(_bytes_of(dest), src=SENDER_RANK)
-                return
+        dests = [self.destinations[spec.name].data for spec in bucket.specs]
+        if len(dests) == 1 and _sendable_in_place(dests[0], self.group.device):
+            self.group.broadcast(_bytes_of(dests[0]), src=SENDER_RANK)
+            return
         buffer = staging.take(bucket.nbytes)
         self.group.broadcast(buffer, src=SENDER_RANK)
-        with torch.no_grad():
-            for spec, begin, end in bucket.slices():
-                _unpack_into(self.destinations[spec.name].data, buffer[begin:end])
+        _unpack(buffer.split(bucket.sizes), dests)
 
 
 class _Staging:
@@ -155,9 +155,10 @@ def _handshake(
     group: BroadcastGroup, plan: Sequence[Bucket], version: int, problem: WeightSyncError | None
 ) -> None:
     """All members meet in one all-reduce of (rejected?, plan fingerprint) rows; see rule 3."""
-    table = torch.zeros(group.world_size, 2, dtype=torch.int64, device=group.device)
+    table = torch.zeros(group.world_size, 2, dtype=torch.int64)
     table[group.rank, 0] = int(problem is not None)
     table[group.rank, 1] = plan_fingerprint(plan, version)
+    table = table.to(group.device)
     group.all_reduce_sum(table)
     rejected, fingerprints = (col.tolist() for col in table.cpu().unbind(1))
     if problem is not None:
@@ -181,13 +182,13 @@ def _take(tensors: Iterator[tuple[str, torch.Tensor]], bucket: Bucket) -> list[t
         item = next(tensors, None)
         if item is None:
             raise WeightSyncError(f"the sender's tensors ran out before {spec.name!r} of its plan")
-        got = TensorSpec.of(*item)
-        if got != spec:
+        name, tensor = item
+        if name != spec.name or tensor.dtype != spec.torch_dtype or tensor.shape != spec.shape:
             raise WeightSyncError(
-                f"the sender's tensor {got.name!r} {got.describe()} is not the plan's "
-                f"{spec.name!r} {spec.describe()}: plan from the tensors you send, in order"
+                f"the sender's tensor {name!r} {TensorSpec.of(name, tensor).describe()} is not "
+                f"the plan's {spec.name!r} {spec.describe()}: plan from the tensors you send"
             )
-        out.append(item[1])
+        out.append(tensor)
     return out
 
 
@@ -196,21 +197,31 @@ def _pack(
 ) -> torch.Tensor:
     """The bucket's bytes: the lone tensor itself when it can go in place, else a packed copy."""
     if len(tensors) == 1 and _sendable_in_place(tensors[0], device):
-        return _bytes_of(tensors[0].detach())
+        return _bytes_of(tensors[0])
     buffer = staging.take(bucket.nbytes)
-    for (_, begin, end), tensor in zip(bucket.slices(), tensors, strict=True):
-        buffer[begin:end].copy_(_bytes_of(tensor.detach()))
+    parts = [_bytes_of(t) if t.device == device else _bytes_of(t).to(device) for t in tensors]
+    torch.cat(parts, out=buffer)  # one call for the bucket, not one copy per tensor
     return buffer
 
 
-def _unpack_into(dest: torch.Tensor, data: torch.Tensor) -> None:
-    """Copy raw bytes into `dest` (any device; a non-contiguous one through a temporary)."""
-    if dest.is_contiguous():
-        _bytes_of(dest).copy_(data)
-        return
-    tmp = torch.empty(dest.shape, dtype=dest.dtype, device=data.device)
-    _bytes_of(tmp).copy_(data)
-    dest.copy_(tmp)
+def _unpack(pieces: Sequence[torch.Tensor], dests: list[torch.Tensor]) -> None:
+    """Copy each byte piece into its destination tensor (any device, any layout)."""
+    flat = [i for i, dest in enumerate(dests) if dest.is_contiguous()]
+    _copy_all([_bytes_of(dests[i]) for i in flat], [pieces[i] for i in flat])
+    for i in sorted(set(range(len(dests))) - set(flat)):  # rare: through a temporary
+        tmp = torch.empty(dests[i].shape, dtype=dests[i].dtype, device=pieces[i].device)
+        _bytes_of(tmp).copy_(pieces[i])
+        dests[i].copy_(tmp)
+
+
+def _copy_all(dests: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """`dest.copy_(source)` for every pair.
+
+    The one private torch name of the weight path: `torch._foreach_copy_` does all the copies
+    in one fused launch on a GPU, where a `copy_` per tensor costs a kernel launch each (a
+    Qwen3-30B-A3B checkpoint has about 19k tensors). It means exactly the loop it replaces.
+    """
+    torch._foreach_copy_(dests, sources)
 
 
 def _sendable_in_place(tensor: torch.Tensor, device: torch.device) -> bool:
@@ -219,7 +230,7 @@ def _sendable_in_place(tensor: torch.Tensor, device: torch.device) -> bool:
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a tensor's data (a copy only if it is not contiguous)."""
-    return tensor.contiguous().view(-1).view(torch.uint8)
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _specs_of(destinations: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
