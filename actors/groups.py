@@ -52,9 +52,6 @@ class TrainGroup:
     def save_hf(self, path: str) -> None:
         ray.get(self.leader.save_hf.remote(path))
 
-    def shutdown(self) -> None:
-        ray.get([a.shutdown.remote() for a in self.actors])
-
 
 class RolloutGroup:
     """One RolloutActor per engine; prompt groups are split evenly across engines."""
@@ -85,9 +82,6 @@ class RolloutGroup:
 
     def weight_versions(self) -> list[int]:
         return ray.get([a.weight_version.remote() for a in self.actors])
-
-    def shutdown(self) -> None:
-        ray.get([a.shutdown.remote() for a in self.actors])
 
 
 def split_evenly[T](items: list[T], parts: int) -> list[list[T]]:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import ray
 from tqdm import tqdm
 
 from actors.groups import RolloutGroup, TrainGroup
@@ -32,6 +33,9 @@ from rl.rewards import load_reward_fn
 from tracking.metrics import MetricsWriter, step_line
 from training import check_backend_config
 from training.backend import TrainStats
+
+
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 class Driver:
@@ -147,10 +151,19 @@ class Driver:
         return summary
 
     def close(self) -> None:
+        """Stop every actor, then release the placement groups.
+
+        All shutdowns start together: closing one side of an NCCL weight group waits for the
+        other side, so shutting the engines down before asking the trainers would hang.
+        """
         self.metrics.close()
-        self.engines.shutdown()
-        self.trainers.shutdown()
-        self.placement.remove()
+        actors = self.engines.actors + self.trainers.actors
+        try:
+            ray.get([a.shutdown.remote() for a in actors], timeout=SHUTDOWN_TIMEOUT_S)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            self.placement.remove()
 
     def __enter__(self) -> "Driver":
         return self

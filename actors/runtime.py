@@ -22,7 +22,13 @@ def connect_ray(address: str | None = None) -> None:
     runtime_env = None
     if not _inside_ray_job():
         runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath_with_repo()}}
-    ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR", log_to_driver=True)
+    # "local" starts a fresh cluster rather than joining whichever one this machine runs.
+    ray.init(
+        address=address or "local",
+        runtime_env=runtime_env,
+        logging_level="ERROR",
+        log_to_driver=True,
+    )
 
 
 def _inside_ray_job() -> bool:

@@ -179,7 +179,7 @@ def test_out_of_band_pickle_round_trip_is_zero_copy():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    ray.init(num_cpus=4)
+    ray.init(address="local", num_cpus=4)
     config = load_config(
         REPO / "recipes" / "tiny.yaml",
         {

@@ -348,7 +348,9 @@ def local_ray():
     """One node with 8 fake GPUs and 4 logical CPUs (bundles take 0.1 CPU each)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _no_uv_runtime_env(monkeypatch)
-        ray.init(num_gpus=8, num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_gpus=8, num_cpus=4, include_dashboard=False, log_to_driver=False
+        )
         try:
             yield
         finally:

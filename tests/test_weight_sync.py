@@ -232,26 +232,16 @@ def test_a_peer_that_never_joins_fails_with_the_group_named():
 # ---- real processes -----------------------------------------------------------------------
 
 
-def _no_uv_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under `uv run`, Ray 2.60 makes every worker `uv run` a packaged copy of the project (slow,
-    and the test module is not on its path); workers use this venv's python instead."""
-    import ray._private.ray_constants as ray_constants
-
-    monkeypatch.setattr(ray_constants, "RAY_ENABLE_UV_RUN_RUNTIME_ENV", False)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SimpleNamespace]:
     """A local Ray, one trainer and two engines joined in one gloo weight group."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _no_uv_runtime_env(monkeypatch)
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": WORKER_PYTHONPATH}},
-        )
+    ray.init(
+        address="local",  # never join another local cluster that happens to be running
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": WORKER_PYTHONPATH}},
+    )
     try:
         trainer = Trainer.remote(seed=1)
         engines = [Engine.remote(seed=2 + i) for i in range(2)]
