@@ -34,7 +34,6 @@ from tracking.metrics import MetricsWriter, step_line
 from training import check_backend_config
 from training.backend import TrainStats
 
-
 SHUTDOWN_TIMEOUT_S = 60.0
 
 
