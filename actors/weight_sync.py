@@ -11,8 +11,6 @@ What waits for what:
 The driver never calls `sync` while engines generate (the loop is synchronous).
 """
 
-from dataclasses import dataclass
-
 import ray
 
 from actors.groups import RolloutGroup, TrainGroup
@@ -22,18 +20,7 @@ from placement.planner import Layout
 from weights.checksum import compare_checksums
 from weights.errors import WeightSyncError
 from weights.process_group import GroupInfo
-
-
-@dataclass
-class SyncReport:
-    version: int
-    nbytes: int
-    seconds: float
-    buckets: int
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+from weights.sync import SyncStats
 
 
 class WeightSync:
@@ -61,7 +48,7 @@ class WeightSync:
         ray.get(joins)
         self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
 
-    def sync(self, version: int) -> SyncReport:
+    def sync(self, version: int) -> SyncStats:
         ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])
         sent = self.leader.broadcast_weights.remote(self.plan, version)
         received = [
@@ -76,7 +63,7 @@ class WeightSync:
             )
         if self.config.verify:
             self.verify()
-        return SyncReport(version, stats.nbytes, stats.seconds, stats.buckets)
+        return stats
 
     def verify(self) -> None:
         """Compare bit-exact checksums of the trainer's and every engine's weights."""

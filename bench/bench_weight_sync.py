@@ -21,6 +21,7 @@ import ray
 import torch
 import transformers
 
+from models.tiny import tiny_config
 from weights.checksum import compare_checksums, tensor_checksums
 from weights.manifest import Bucket, manifest_of, plan_buckets
 from weights.process_group import (
@@ -33,20 +34,9 @@ from weights.sync import WeightReceiver, WeightSender
 
 
 def model_config(name: str) -> transformers.PretrainedConfig:
-    """`tiny`: the test model (Qwen3-MoE, 0.13M params); `100m`, `1b`: Qwen3 dense models."""
+    """`tiny`: the built-in model (Qwen3-MoE, 0.15M params); `100m`, `1b`: Qwen3 dense models."""
     if name == "tiny":
-        return transformers.Qwen3MoeConfig(
-            vocab_size=64,
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            num_experts=8,
-            num_experts_per_tok=2,
-        )
+        return tiny_config()
     if name == "100m":
         return transformers.Qwen3Config(
             vocab_size=32000,

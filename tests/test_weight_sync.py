@@ -16,6 +16,7 @@ import ray
 import torch
 import transformers
 
+from models.tiny import build_tiny_model
 from weights.checksum import compare_checksums, tensor_checksums
 from weights.errors import WeightSyncError
 from weights.manifest import Bucket, TensorSpec, check_manifest, manifest_of, plan_buckets
@@ -36,22 +37,8 @@ the driver's PYTHONPATH holds (on the GPU machine: Ray itself)."""
 
 
 def tiny_model(seed: int) -> transformers.PreTrainedModel:
-    """The test model: Qwen3-MoE, hidden 64, 2 layers, 8 experts top-2, random init."""
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed)
-    return transformers.Qwen3MoeForCausalLM(config)
+    """The built-in tiny Qwen3-MoE (hidden 64, 2 layers, 8 experts top-2), random init."""
+    return build_tiny_model(seed)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -295,7 +282,7 @@ def test_wrong_shape_is_rejected_by_the_check(cluster):
     before = ray.get(cluster.engines[0].weights.remote())
     with pytest.raises(WeightSyncError) as err:
         ray.get(cluster.engines[0].check.remote(bad))
-    shapes = "sent float32[8, 32, 64], receiver has float32[8, 64, 32]"
+    shapes = "sent float32[8, 32, 64], receiver has float32[8, 64, 64]"
     assert f"{EXPERTS} ({shapes})" in str(err.value)
     assert_same(ray.get(cluster.engines[0].weights.remote()), before)
 
