@@ -54,11 +54,15 @@ class Driver:
         connect_ray(ray_address)
         self.layout = plan_layout(read_cluster_shape(), config)
         self.placement = create_placement(self.layout)
-        self.engines = RolloutGroup(config, self.placement)
-        self.trainers = TrainGroup(config, self.placement)
-        self.weights = WeightSync(config.weight_sync, self.trainers, self.engines, self.layout)
-        self.weights.setup()
-        self.weights.sync(version=0)  # engines start from exactly the trainer's weights
+        try:
+            self.engines = RolloutGroup(config, self.placement)
+            self.trainers = TrainGroup(config, self.placement)
+            self.weights = WeightSync(config.weight_sync, self.trainers, self.engines, self.layout)
+            self.weights.setup()
+            self.weights.sync(version=0)  # engines start from exactly the trainer's weights
+        except BaseException:
+            self.placement.remove()  # frees the bundles and kills the actors already made
+            raise
         self.version = 0
         self.steps_done = 0
         self.metrics = MetricsWriter(self.output_dir)

@@ -56,11 +56,6 @@ class DataConfig:
 class RolloutConfig:
     """Rollout engines and sampling."""
 
-    @property
-    def prompts_per_step(self) -> int:
-        """Prompt groups generated per step."""
-        return self.batch_size // self.samples_per_prompt
-
     engine: str = "transformers"
     """Inference engine type (registry name): `transformers` (in-process, CPU or GPU)."""
 
@@ -101,6 +96,11 @@ class RolloutConfig:
     groups_per_batch: int = 4
     """Prompt groups per Arrow record batch put into the object store (the unit the driver
     balances across trainers)."""
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompt groups generated per step."""
+        return self.batch_size // self.samples_per_prompt
 
 
 @dataclass
