@@ -40,6 +40,7 @@ class WeightSync:
             master_port=port,
             world_size=1 + len(self.engines),
             backend=self.backend,
+            timeout_s=self.config.timeout_s,
         )
         joins = [self.leader.init_weights_update_group.remote(info)]
         joins += [

@@ -193,7 +193,10 @@ class WeightSyncConfig:
     """After each sync, compare per-tensor checksums on trainer and engines (slower)."""
 
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Collective backend of the broadcast group: auto = NCCL on GPUs, gloo on CPU."""
+    """Collective backend of the broadcast group: auto = NCCL between distinct GPUs, else gloo."""
+
+    timeout_s: float = 300.0
+    """How long joining the group, and each transfer, may wait for a peer before failing."""
 
 
 @dataclass
@@ -321,6 +324,8 @@ class SluiceConfig:
             raise UserError("algorithm.kl_coef must be >= 0")
         if self.weight_sync.bucket_size_mb <= 0:
             raise UserError("weight_sync.bucket_size_mb must be > 0")
+        if self.weight_sync.timeout_s <= 0:
+            raise UserError("weight_sync.timeout_s must be > 0")
         if self.placement.cpus_per_bundle <= 0:
             raise UserError("placement.cpus_per_bundle must be > 0")
         if self.logging.eval_every < 0:

@@ -22,7 +22,6 @@ import ray.util
 import torch
 import torch.distributed as dist
 
-from config.errors import UserError
 from weights.errors import WeightSyncError
 
 DEFAULT_GROUP_NAME = "weight_update_group"
@@ -60,20 +59,6 @@ class GroupInfo:
             f"weight group {self.group_name!r} at {self.master_address}:{self.master_port} "
             f"(world size {self.world_size}, {self.backend})"
         )
-
-
-def resolve_backend(setting: Literal["auto", "nccl", "gloo"]) -> Backend:
-    """`weight_sync.backend` -> the backend to use: auto = NCCL when this process has a GPU.
-
-    Call it in the trainer process (rank 0), which knows whether it holds a GPU; the driver may
-    have none. The result goes to the engines in `GroupInfo.backend`.
-    """
-    has_cuda = torch.cuda.is_available()
-    if setting == "auto":
-        return "nccl" if has_cuda else "gloo"
-    if setting == "nccl" and not has_cuda:
-        raise UserError("weight_sync.backend=nccl needs a CUDA GPU; use auto or gloo")
-    return setting
 
 
 def pick_master_address_and_port() -> tuple[str, int]:
