@@ -16,7 +16,6 @@ samples from half-loaded weights.
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import ray
 import torch
 
@@ -59,8 +58,6 @@ class EvalResult:
     prompts: int
     correct: int
     reward_sum: float
-    examples: list[tuple[str, str, str]]
-    """A few (prompt, response, label) triples, for the log."""
 
 
 CORRECT_REWARD = 1.0
@@ -81,11 +78,7 @@ class RolloutActor:
     def generate(self, groups: list[PromptRecord], group_id_start: int) -> RolloutResult:
         r = self.config.rollout
         params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-        prompt_ids = [
-            encode_prompt(self.tokenizer, g.text, self.config.data.apply_chat_template)
-            for g in groups
-        ]
-        repeated = [ids for ids in prompt_ids for _ in range(r.samples_per_prompt)]
+        repeated = [ids for ids in self._encode(groups) for _ in range(r.samples_per_prompt)]
         start = time.perf_counter()
         completions = self.engine.generate(repeated, params)
         stats = RolloutStats(generate_seconds=time.perf_counter() - start)
@@ -112,12 +105,17 @@ class RolloutActor:
             )
         return RolloutResult(batches, stats)
 
+    def _encode(self, records: list[PromptRecord]) -> list[list[int]]:
+        apply_template = self.config.data.apply_chat_template
+        return [encode_prompt(self.tokenizer, r.text, apply_template) for r in records]
+
     def _rewards(
-        self, groups: list[PromptRecord], completions: list[Completion], n: int
+        self, records: list[PromptRecord], completions: list[Completion], n: int
     ) -> list[float]:
+        """The reward of each completion; completion i answers record i // n."""
         rewards = []
         for i, completion in enumerate(completions):
-            record = groups[i // n]
+            record = records[i // n]
             response = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
             rewards.append(
                 compute_reward(
@@ -161,29 +159,13 @@ class RolloutActor:
 
     def evaluate(self, prompts: list[PromptRecord]) -> EvalResult:
         params = SamplingParams(self.config.rollout.max_new_tokens, greedy=True)
-        ids = [
-            encode_prompt(self.tokenizer, p.text, self.config.data.apply_chat_template)
-            for p in prompts
-        ]
-        completions = self.engine.generate(ids, params)
-        responses = [
-            self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions
-        ]
-        rewards = [
-            compute_reward(self.reward_fn, self.reward_path, p.text, resp, p.label)
-            for p, resp in zip(prompts, responses, strict=True)
-        ]
+        completions = self.engine.generate(self._encode(prompts), params)
+        rewards = self._rewards(prompts, completions, 1)
         return EvalResult(
             prompts=len(prompts),
-            correct=int(np.sum(np.array(rewards) >= CORRECT_REWARD)),
+            correct=sum(reward >= CORRECT_REWARD for reward in rewards),
             reward_sum=float(sum(rewards)),
-            examples=[
-                (p.text, r, p.label) for p, r in zip(prompts[:3], responses[:3], strict=False)
-            ],
         )
-
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
 
     # Weight updates (SGLang's verbs), delegated to the engine.
 
