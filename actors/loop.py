@@ -41,6 +41,7 @@ class Driver:
     """Owns the actor groups of one run and steps them. Build it from a validated config."""
 
     def __init__(self, config: SluiceConfig, ray_address: str | None = None):
+        self.created = time.perf_counter()  # summary.json's wall_seconds counts start-up too
         self.config = config.validate()
         check_backend_config(config)
         check_engine_config(config)
@@ -117,7 +118,6 @@ class Driver:
     def run(self) -> dict:
         """Run the remaining steps with evaluations; save the model; write summary.json."""
         c = self.config
-        start = time.perf_counter()
         first = self.evaluate()
         last = first
         bar = tqdm(
@@ -148,7 +148,7 @@ class Driver:
             "first_eval_accuracy": first["eval/accuracy"] if first else None,
             "last_eval_accuracy": last["eval/accuracy"] if last else None,
             "weight_version": self.version,
-            "wall_seconds": time.perf_counter() - start,
+            "wall_seconds": time.perf_counter() - self.created,
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
