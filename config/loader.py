@@ -132,7 +132,7 @@ def nearest_keys(dotted: str) -> list[str]:
     nearest = difflib.get_close_matches(dotted, candidates, n=3, cutoff=0.5)
     if not nearest:
         leaf = dotted.rsplit(".", 1)[-1]
-        nearest = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf]
+        nearest = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
     return nearest
 
 

@@ -11,7 +11,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedM
 
 from inference.engine import Completion, InferenceEngine, SamplingParams
 from weights.checksum import tensor_checksums
-from weights.manifest import Bucket, check_manifest, manifest_of, plan_specs
+from weights.manifest import Bucket
 from weights.process_group import GroupInfo, init_weights_update_group
 from weights.sync import SyncStats, WeightReceiver
 
@@ -127,14 +127,17 @@ class TransformersEngine(InferenceEngine):
         self._receiver = WeightReceiver(group, dict(self.model.named_parameters()))
 
     def check_weights_update(self, plan: list[Bucket]) -> None:
-        check_manifest(manifest_of(self.model.named_parameters()), plan_specs(plan))
+        self._joined_receiver().check(plan)
 
     def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
-        if self._receiver is None:
-            raise RuntimeError("update_weights_from_distributed before init_weights_update_group")
-        stats = self._receiver.receive(plan, version)
+        stats = self._joined_receiver().receive(plan, version)
         self.weight_version = version
         return stats
+
+    def _joined_receiver(self) -> WeightReceiver:
+        if self._receiver is None:
+            raise RuntimeError("weight update before init_weights_update_group")
+        return self._receiver
 
     def weight_checksums(self) -> dict[str, str]:
         return tensor_checksums(self.model.named_parameters())
