@@ -25,6 +25,7 @@ from data.prompts import PromptRecord, encode_prompt
 from data.schema import RolloutBatchRef, build_rollout_batch
 from inference import create_engine
 from inference.engine import Completion, SamplingParams
+from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_tokenizer
 from rl.grpo import group_advantages
 from rl.rewards import compute_reward, load_reward_fn
@@ -186,7 +187,7 @@ class RolloutActor:
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every engine weight (tests compare them with the trainer's)."""
-        return {n: p.detach().cpu().clone() for n, p in self.engine.model.named_parameters()}
+        return {n: p.detach().cpu().clone() for n, p in checkpoint_tensors(self.engine.model)}
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -10,6 +10,7 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 
 from inference.engine import Completion, InferenceEngine, SamplingParams
+from models.checkpoint_format import checkpoint_tensors
 from weights.checksum import tensor_checksums
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo, init_weights_update_group
@@ -124,7 +125,7 @@ class TransformersEngine(InferenceEngine):
 
     def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
         group = init_weights_update_group(info, rank_offset)
-        self._receiver = WeightReceiver(group, dict(self.model.named_parameters()))
+        self._receiver = WeightReceiver(group, dict(checkpoint_tensors(self.model)))
 
     def check_weights_update(self, plan: list[Bucket]) -> None:
         self._joined_receiver().check(plan)
@@ -140,7 +141,7 @@ class TransformersEngine(InferenceEngine):
         return self._receiver
 
     def weight_checksums(self) -> dict[str, str]:
-        return tensor_checksums(self.model.named_parameters())
+        return tensor_checksums(checkpoint_tensors(self.model))
 
     def shutdown(self) -> None:
         if self._receiver is not None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from config.schema import SluiceConfig
+from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_model, load_tokenizer
 from rl.grpo import aggregate, kl_penalty, log_prob_mismatch, log_probs_from_logits, policy_loss
 from training.backend import TrainingBackend, TrainStats
@@ -132,8 +133,7 @@ class TorchBackend(TrainingBackend):
         return norm.item()
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, param in self.model.named_parameters():
-            yield name, param.detach()
+        yield from checkpoint_tensors(self.model)
 
     def save_hf(self, path: str) -> None:
         self.model.save_pretrained(path)
