@@ -1,0 +1,138 @@
+"""Test-only: let megatron-core 0.19.2 run on a machine with no GPU (gloo, CPU tensors).
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the maths; this
+module replaces exactly those with CPU equivalents so the product's Megatron backend can be
+tested here. Product code never imports it: tests install it in their own processes (pytest,
+torchrun children, Ray workers) through `tests/megatron/site/sitecustomize.py`.
+
+Patch points (see ../shared/device/README.md):
+1. CUDA RNG state and the model-parallel RNG tracker -> the CPU generator;
+2. torch.cuda.Stream / Event / stream() / current_stream / current_device / synchronize;
+3. `Tensor.cuda()` and `device="cuda"` tensors created by the optimizer -> CPU;
+4. `Tensor.type()` checks against `torch.cuda.*Tensor` names;
+5. the hybrid (CPU-offload) optimizer's `param.is_cuda` split;
+6. all-to-all split sizes handed to gloo as tensors -> lists.
+"""
+
+import contextlib
+import functools
+
+import torch
+import torch.distributed as dist
+
+_installed = False
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event or _Event()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Event:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _cpu_device(device):
+    if device is None:
+        return device
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return torch.device("cpu")
+    return device
+
+
+def _patch_factory(name):
+    original = getattr(torch, name)
+
+    @functools.wraps(original)
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        return original(*args, **kwargs)
+
+    setattr(torch, name, factory)
+
+
+def install() -> None:
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    _installed = True
+    cuda = torch.cuda
+    cuda.Stream = _Stream
+    cuda.Event = _Event
+    cuda.current_stream = lambda *a, **k: _Stream()
+    cuda.default_stream = lambda *a, **k: _Stream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.current_device = lambda: "cpu"
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    cuda.manual_seed_all = lambda seed: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.empty_cache = lambda: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    for name in ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like"):
+        _patch_factory(name)
+    _patch_megatron()
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    mrandom._get_cuda_rng_state = lambda *a, clone=False, **k: torch.get_rng_state()
+    torch.cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    original_all_to_all = dist.all_to_all_single
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return original_all_to_all(output, input, output_split_sizes, input_split_sizes, **kw)
+
+    dist.all_to_all_single = all_to_all_single
