@@ -108,16 +108,24 @@ class ParallelConfig:
     """How the training ranks are split; the product of the sizes must divide the world."""
 
     tensor: int = 1
-    """Tensor-parallel size; a TP group never crosses a node."""
+    """Tensor-parallel size (`--tensor-model-parallel-size`); a TP group never crosses a node."""
 
     pipeline: int = 1
-    """Pipeline-parallel size."""
+    """Pipeline-parallel size (`--pipeline-model-parallel-size`)."""
 
     context: int = 1
-    """Context-parallel size."""
+    """Context-parallel size (`--context-parallel-size`)."""
 
     expert: int = 1
-    """Expert-parallel size."""
+    """Expert-parallel size (`--expert-model-parallel-size`): the experts of each MoE layer
+    are split over this many ranks."""
+
+    expert_tensor: int = 1
+    """Tensor-parallel size inside each expert (`--expert-tensor-parallel-size`)."""
+
+    sequence: bool = False
+    """Sequence parallelism (`--sequence-parallel`): norms and dropout work on 1/tensor of the
+    tokens; needs tensor > 1."""
 
 
 @dataclass
@@ -125,7 +133,9 @@ class TrainConfig:
     """Training actors, backend and optimizer."""
 
     backend: str = "torch"
-    """Training backend type (registry name): `torch` (DDP over a transformers model)."""
+    """Training backend type (registry name): `torch` (DDP over a transformers model) or
+    `megatron` (megatron-core: tensor, sequence, pipeline, expert parallelism, distributed
+    optimizer, CPU Adam, torch_dist checkpoints)."""
 
     num_workers: int = 1
     """Training ranks (one actor and one GPU each on a GPU cluster)."""
@@ -149,7 +159,40 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 = off)."""
 
     max_tokens_per_micro_batch: int = 8192
-    """Token budget of one forward/backward (padded tokens count); bounds activation memory."""
+    """Token budget of one forward/backward (padded tokens count); bounds activation memory
+    (`--max-tokens-per-gpu`)."""
+
+    use_distributed_optimizer: bool = True
+    """Megatron: shard optimizer state over data-parallel ranks (`--use-distributed-optimizer`)."""
+
+    optimizer_cpu_offload: bool = False
+    """Megatron: keep optimizer state on the CPU and step there (CPU Adam,
+    `--optimizer-cpu-offload`)."""
+
+    overlap_cpu_optimizer_d2h_h2d: bool = False
+    """Megatron, with CPU Adam: overlap the gradient and parameter copies between GPU and host
+    (`--overlap-cpu-optimizer-d2h-h2d`)."""
+
+    use_precision_aware_optimizer: bool = False
+    """Megatron: let the optimizer hold its fp32 master weights and moments itself
+    (`--use-precision-aware-optimizer`)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming training (Megatron backend: torch_dist checkpoints)."""
+
+    load: str | None = None
+    """Start from this directory (`--load`): a torch_dist checkpoint written by
+    tools/convert_hf_to_torch_dist.py, or a `save` directory of an earlier run, which is resumed
+    (model, optimizer, step, data position and RNG)."""
+
+    save: str | None = None
+    """Write checkpoints under this directory (`--save`); each goes to a new `iter_NNNNNNN`
+    folder and becomes the latest only once complete."""
+
+    save_interval: int = 0
+    """Save every N steps (`--save-interval`; 0 = only at the end when `save` is set)."""
 
 
 @dataclass
@@ -255,6 +298,9 @@ class SluiceConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """The RL objective."""
 
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming training state."""
+
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """Trainer -> engine weight transfer."""
 
@@ -281,7 +327,7 @@ class SluiceConfig:
             _positive(r, name, "rollout.")
         for name in ("num_workers", "max_tokens_per_micro_batch"):
             _positive(t, name, "train.")
-        for name in ("tensor", "pipeline", "context", "expert"):
+        for name in ("tensor", "pipeline", "context", "expert", "expert_tensor"):
             _positive(t.parallel, name, "train.parallel.")
         if t.lr <= 0:
             raise UserError(f"train.lr={t.lr} must be > 0")

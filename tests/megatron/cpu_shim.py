@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths; this
 module replaces exactly those with CPU equivalents so the product's Megatron backend can be
 tested here. Product code never imports it: tests install it in their own processes (pytest,
-torchrun children, Ray workers) through `tests/megatron/site/sitecustomize.py`.
+torchrun children, Ray workers) through `tests/megatron/site/sitecustomize.py`, before
+megatron-core is imported.
 
 Patch points (see ../shared/device/README.md):
 1. CUDA RNG state and the model-parallel RNG tracker -> the CPU generator;
@@ -116,16 +117,30 @@ def install() -> None:
     torch.nn.Module.cuda = lambda self, *a, **k: self
     for name in ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like"):
         _patch_factory(name)
-    _patch_megatron()
+    _patch_rng()
+    _patch_all_to_all()
 
 
-def _patch_megatron() -> None:
-    from megatron.core.tensor_parallel import random as mrandom
+class _AnyIndex:
+    """`torch.cuda.default_generators[i]` for any i: the CPU generator."""
 
-    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
-    mrandom._get_cuda_rng_state = lambda *a, clone=False, **k: torch.get_rng_state()
+    def __getitem__(self, index):
+        return torch.default_generator
+
+    def __len__(self):
+        return 1
+
+
+def _patch_rng() -> None:
+    # megatron-core's RNG tracker saves and restores "the CUDA generator" through these; it
+    # imports `_lazy_call` by name, so this must run before megatron-core is imported.
+    torch.cuda._lazy_call = lambda callback, **kwargs: callback()
+    torch.cuda.default_generators = _AnyIndex()
     torch.cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
 
+
+def _patch_all_to_all() -> None:
+    """gloo's all_to_all_single wants split sizes as lists; megatron-core passes tensors."""
     original_all_to_all = dist.all_to_all_single
 
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
