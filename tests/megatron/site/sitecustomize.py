@@ -10,6 +10,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cpu_shim  # noqa: E402
+import cpu_shim
 
 cpu_shim.install()
