@@ -29,6 +29,13 @@ if not os.environ.get("RAY_ADDRESS"):
 
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
+from config.seed_flags import (
+    add_seed_flags,
+    alias_names,
+    given_aliases,
+    merge_aliases,
+    unaliased_flag_message,
+)
 from placement.cluster import synthetic_cluster
 from placement.planner import ClusterShape, plan_layout
 
@@ -61,18 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     keys = parser.add_argument_group("config keys (override the recipe)")
     for key, default, doc in describe_keys():
         keys.add_argument(f"--{key}", dest=f"set:{key}", metavar="VALUE", help=f"{doc} [{default}]")
+    add_seed_flags(parser)
     return parser
 
 
 def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
-    """Recipe + `--section.key value` overrides -> a validated config (UserError otherwise)."""
+    """Recipe + `--section.key value` overrides (or their slime names, see
+    `config.seed_flags`) -> a validated config (UserError otherwise)."""
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        key = flag.lstrip("-").split("=", 1)[0]
-        raise UserError(unknown_key_message(key, "command line", flag_prefix="--"))
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
+        raise UserError(unknown_flag_message(unknown))
+    keyed = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
+    overrides = merge_aliases(keyed, given_aliases(args))
     return load_config(args.config, overrides), args
+
+
+def unknown_flag_message(unknown: list[str]) -> str:
+    """The first unrecognised flag, with the nearest key or slime name it may have meant."""
+    flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+    key = flag.lstrip("-").split("=", 1)[0]
+    return unaliased_flag_message(flag) or unknown_key_message(
+        key, "command line", flag_prefix="--", also=alias_names()
+    )
 
 
 def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:

@@ -14,6 +14,7 @@ import itertools
 import textwrap
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,28 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def set_dotted(config: SluiceConfig, dotted: str, raw: Any, where: str = "command line") -> None:
     """Set `section.field` on `config` from a string (or already-typed) value."""
-    target: Any = config
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(target) or part not in field_types(type(target)):
+    value = typed_value(dotted, raw, where)
+    *sections, name = dotted.split(".")
+    setattr(functools.reduce(getattr, sections, config), name, value)
+
+
+def typed_value(dotted: str, raw: Any, where: str = "command line") -> Any:
+    """`raw` (a command-line string, or a typed value) read as key `dotted`'s type; lets the
+    command line compare two spellings of one key before anything is set."""
+    hint = key_hint(dotted, where)
+    return coerce(parse_override(raw, hint), hint, dotted, where)
+
+
+def key_hint(dotted: str, where: str = "command line") -> Any:
+    """The annotation of settable key `dotted`; UserError if it is unknown or a section."""
+    hint: Any = SluiceConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint) or part not in field_types(hint):
             raise UserError(unknown_key_message(dotted, where))
-        if i == len(parts) - 1:
-            hint = field_types(type(target))[part]
-            if dataclasses.is_dataclass(hint):
-                raise UserError(f"{where}: {dotted} is a section; set one of its fields instead")
-            setattr(target, part, coerce(parse_override(raw, hint), hint, dotted, where))
-        else:
-            target = getattr(target, part)
+        hint = field_types(hint)[part]
+    if dataclasses.is_dataclass(hint):
+        raise UserError(f"{where}: {dotted} is a section; set one of its fields instead")
+    return hint
 
 
 def parse_override(raw: Any, hint: Any) -> Any:
@@ -122,13 +133,14 @@ def all_keys(cls: type = SluiceConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def nearest_keys(dotted: str) -> list[str]:
+def nearest_keys(dotted: str, also: Iterable[str] = ()) -> list[str]:
     """Valid keys closest to a mistyped one (a bare field name finds its section; a mistyped
-    section name finds sections)."""
+    section name finds sections). `also`: more names to offer, e.g. the command line's aliases."""
     keys = all_keys()
     candidates = keys
     if "." not in dotted:
         candidates = sorted({k.rsplit(".", 1)[0] for k in keys})  # sections and top-level keys
+    candidates = sorted({*candidates, *also})
     nearest = difflib.get_close_matches(dotted, candidates, n=3, cutoff=0.5)
     if not nearest:
         leaf = dotted.rsplit(".", 1)[-1]
@@ -136,8 +148,10 @@ def nearest_keys(dotted: str) -> list[str]:
     return nearest
 
 
-def unknown_key_message(dotted: str, where: str, flag_prefix: str = "") -> str:
-    nearest = [flag_prefix + k for k in nearest_keys(dotted)]
+def unknown_key_message(
+    dotted: str, where: str, flag_prefix: str = "", also: Iterable[str] = ()
+) -> str:
+    nearest = [flag_prefix + k for k in nearest_keys(dotted, also)]
     hint = f"; did you mean {' or '.join(nearest)}?" if nearest else ""
     return (
         f"{where}: unknown config key '{flag_prefix}{dotted}'{hint} "

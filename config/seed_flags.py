@@ -1,0 +1,133 @@
+"""slime's (Megatron-LM's) flag names as aliases of our config keys.
+
+Users arrive with slime launch scripts, whose argument arrays (PERF_ARGS, OPTIMIZER_ARGS, ...)
+spell settings the Megatron way: `--tensor-model-parallel-size 4 --sequence-parallel`. The
+driver accepts those spellings next to our dotted keys, so such an array can be pasted as is.
+
+Rules. A flag given twice: the later one wins, as for dotted keys. A flag and the dotted key it
+aliases, both given with different values: an error naming both, since one of them would
+otherwise be silently ignored. A switch takes no value, or an explicit true/false.
+"""
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from config.errors import UserError
+from config.loader import typed_value
+
+
+@dataclass(frozen=True)
+class SeedFlag:
+    """One slime/Megatron flag: the dotted key it sets, and whether it is a switch."""
+
+    key: str
+    """Our config key, e.g. `train.parallel.tensor`."""
+
+    switch: bool = False
+    """A boolean switch: present = true, no value needed (Megatron's `store_true`)."""
+
+
+SEED_FLAGS: dict[str, SeedFlag] = {
+    "--tensor-model-parallel-size": SeedFlag("train.parallel.tensor"),
+    "--sequence-parallel": SeedFlag("train.parallel.sequence", switch=True),
+    "--pipeline-model-parallel-size": SeedFlag("train.parallel.pipeline"),
+    "--context-parallel-size": SeedFlag("train.parallel.context"),
+    "--expert-model-parallel-size": SeedFlag("train.parallel.expert"),
+    "--expert-tensor-parallel-size": SeedFlag("train.parallel.expert_tensor"),
+    "--max-tokens-per-gpu": SeedFlag("train.max_tokens_per_micro_batch"),
+    "--use-distributed-optimizer": SeedFlag("train.use_distributed_optimizer", switch=True),
+    "--optimizer-cpu-offload": SeedFlag("train.optimizer_cpu_offload", switch=True),
+    "--overlap-cpu-optimizer-d2h-h2d": SeedFlag("train.overlap_cpu_optimizer_d2h_h2d", switch=True),
+    "--use-precision-aware-optimizer": SeedFlag("train.use_precision_aware_optimizer", switch=True),
+    "--lr": SeedFlag("train.lr"),
+    "--adam-beta1": SeedFlag("train.adam_beta1"),
+    "--adam-beta2": SeedFlag("train.adam_beta2"),
+    "--weight-decay": SeedFlag("train.weight_decay"),
+    "--clip-grad": SeedFlag("train.grad_clip"),
+    "--hf-checkpoint": SeedFlag("model.hf_checkpoint"),
+    "--load": SeedFlag("checkpoint.load"),
+    "--save": SeedFlag("checkpoint.save"),
+    "--save-interval": SeedFlag("checkpoint.save_interval"),
+    "--num-rollout": SeedFlag("num_steps"),
+    "--rollout-num-gpus-per-engine": SeedFlag("rollout.gpus_per_engine"),
+    "--n-samples-per-prompt": SeedFlag("rollout.samples_per_prompt"),
+    "--rollout-max-response-len": SeedFlag("rollout.max_new_tokens"),
+    "--rollout-temperature": SeedFlag("rollout.temperature"),
+    # slime's `--seed` needs no entry: our top-level key `seed` is already the flag `--seed`.
+}
+
+# slime flags with a look-alike key of a different meaning: an alias would quietly change the
+# run, so the command line refuses them with the conversion instead.
+NOT_ALIASED: dict[str, str] = {
+    "--rollout-batch-size": "slime's --rollout-batch-size counts prompts per step, ours counts "
+    "samples: pass --rollout.batch_size PROMPTS x rollout.samples_per_prompt instead",
+}
+
+_DEST = "seed:"  # argparse dest prefix of an alias, so its value never mixes with a key's
+_SWITCH_ON = "true"  # what a bare switch means; read by the key's own type like any value
+
+
+def add_seed_flags(parser: argparse.ArgumentParser) -> None:
+    """Register every alias in a help section of its own."""
+    group = parser.add_argument_group(
+        "Megatron / slime flag names",
+        "slime's spellings of the keys above, so its launch scripts' argument arrays can be "
+        "pasted as they are (--seed is the same flag in both). A switch takes no value, or "
+        "true/false. A flag and its key given with different values is an error. Not aliased: "
+        + "; ".join(NOT_ALIASED.values()),
+    )
+    for flag, alias in SEED_FLAGS.items():
+        if alias.switch:
+            group.add_argument(
+                flag,
+                dest=_DEST + flag,
+                nargs="?",
+                const=_SWITCH_ON,
+                metavar="BOOL",
+                help=f"= --{alias.key} true",
+            )
+        else:
+            group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=f"= --{alias.key}")
+
+
+def given_aliases(args: argparse.Namespace) -> dict[str, str]:
+    """{flag: raw value} of the aliases on the command line parsed into `args`."""
+    return {
+        dest.removeprefix(_DEST): raw
+        for dest, raw in vars(args).items()
+        if dest.startswith(_DEST) and raw is not None
+    }
+
+
+def merge_aliases(keyed: dict[str, Any], aliased: dict[str, str]) -> dict[str, Any]:
+    """Dotted overrides plus alias values ({flag: raw}) as one override per key; UserError
+    when an alias and its key disagree."""
+    merged = dict(keyed)
+    for flag, raw in aliased.items():
+        key = SEED_FLAGS[flag].key
+        # Read as the key's type now, so an error names the flag the user typed.
+        value = typed_value(key, raw, where=f"command line {flag}")
+        if key in keyed and typed_value(key, keyed[key]) != value:
+            raise UserError(
+                f"command line: {_spelled(flag, raw)} and --{key} {keyed[key]} both set {key}, "
+                f"to different values; give only one of them"
+            )
+        merged[key] = value
+    return merged
+
+
+def _spelled(flag: str, raw: str) -> str:
+    """How the user wrote an alias: a bare switch shows without its implied value."""
+    return flag if SEED_FLAGS[flag].switch and raw == _SWITCH_ON else f"{flag} {raw}"
+
+
+def unaliased_flag_message(flag: str) -> str | None:
+    """Why a known slime flag has no alias (None for any other flag)."""
+    reason = NOT_ALIASED.get(flag.split("=", 1)[0])
+    return f"command line: {reason}" if reason else None
+
+
+def alias_names() -> list[str]:
+    """Every alias without its dashes, for the nearest-name search of an unknown flag."""
+    return [flag.removeprefix("--") for flag in SEED_FLAGS]
