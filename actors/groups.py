@@ -13,6 +13,7 @@ from data.prompts import PromptRecord
 from data.schema import RolloutBatchRef
 from placement.groups import Placement, Role
 from training.backend import TrainStats
+from weights.manifest import Bucket
 
 # The classes stay plain (importable by name, so Ray pickles them by reference); these are
 # their Ray actor versions.
@@ -21,7 +22,12 @@ RemoteRolloutActor = ray.remote(RolloutActor)
 
 
 class TrainGroup:
-    """One TrainActor per rank, joined in one torch.distributed group."""
+    """One TrainActor per rank, joined in one torch.distributed group.
+
+    Ranks of one model replica (tensor / pipeline / expert peers) train on the same share of
+    rows; there are `data_parallel_size` shares. Weight export and checkpoints are collectives
+    of every rank (`_all`); rank 0 sends or writes, and its answer is returned.
+    """
 
     def __init__(self, config: SluiceConfig, placement: Placement):
         world = config.train.num_workers
@@ -32,25 +38,57 @@ class TrainGroup:
             for rank in range(world)
         ]
         address, port = ray.get(self.actors[0].pick_master.remote())
-        ray.get([a.init_process_group.remote(address, port) for a in self.actors])
+        self.share_of_rank: list[int] = ray.get(
+            [a.init_process_group.remote(address, port) for a in self.actors]
+        )
 
     @property
     def leader(self) -> ray.actor.ActorHandle:
-        """Rank 0: holds full weights and sends them to the engines."""
+        """Rank 0: joins the weight-broadcast group and sends the gathered weights."""
         return self.actors[0]
 
     @property
     def data_parallel_size(self) -> int:
-        return len(self.actors)
+        return max(self.share_of_rank) + 1
 
     def train(self, shares: list[list[RolloutBatchRef]], normalizer: float) -> list[TrainStats]:
-        """One optimizer step on every rank; `shares[r]` are rank r's batch references."""
+        """One optimizer step on every rank; `shares[d]` are data-parallel rank d's batches."""
         return ray.get(
-            [a.train.remote(s, normalizer) for a, s in zip(self.actors, shares, strict=True)]
+            [
+                a.train.remote(shares[d], normalizer)
+                for a, d in zip(self.actors, self.share_of_rank, strict=True)
+            ]
         )
 
+    def broadcast_weights(self, plan: list[Bucket], version: int) -> ray.ObjectRef:
+        """Start the export on every rank; the returned reference resolves to rank 0's stats
+        once every rank is done."""
+        calls = [a.broadcast_weights.remote(plan, version) for a in self.actors]
+        return _first_when_all_done.remote(*calls)
+
+    def weight_checksums(self) -> dict[str, str]:
+        return self._all("weight_checksums")
+
+    def named_weights(self) -> dict:
+        return self._all("named_weights")
+
     def save_hf(self, path: str) -> None:
-        ray.get(self.leader.save_hf.remote(path))
+        self._all("save_hf", path)
+
+    def save_checkpoint(self, directory: str) -> None:
+        self._all("save_checkpoint", directory)
+
+    def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
+        self._all("load_checkpoint", directory, with_optimizer)
+
+    def _all(self, verb: str, *args):
+        return ray.get([getattr(a, verb).remote(*args) for a in self.actors])[0]
+
+
+@ray.remote(num_cpus=0)
+def _first_when_all_done(first, *others):
+    """Resolves when every argument has (Ray resolves them all before calling)."""
+    return first
 
 
 class RolloutGroup:

@@ -4,7 +4,10 @@ Set-up order (the driver's `TrainGroup` runs it):
 1. rank 0's `pick_master()` picks its node IP and a free port (through Ray, never by hand);
 2. every rank's `init_process_group(address, port)` is called concurrently (each blocks until
    the whole world has joined), then builds its training backend.
-Rank 0 owns full weights: it alone joins the weight-broadcast group with the engines.
+Rank 0 alone joins the weight-broadcast group with the engines. Exporting weights is a
+collective of the training world (a sharded backend gathers shards as it goes), so
+`broadcast_weights`, `weight_checksums`, `named_weights`, `save_hf` and the checkpoint verbs
+are called on every rank together; rank 0 does the sending or writing.
 """
 
 import ray
@@ -17,7 +20,7 @@ from data.schema import RolloutBatchRef
 from training import create_backend
 from training.backend import TrainStats
 from weights.checksum import tensor_checksums
-from weights.manifest import Bucket, manifest_of, plan_buckets
+from weights.manifest import Bucket, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
 from weights.sync import SyncStats, WeightSender
 
@@ -34,7 +37,9 @@ class TrainActor:
     def pick_master(self) -> tuple[str, int]:
         return pick_master_address_and_port()
 
-    def init_process_group(self, address: str, port: int) -> None:
+    def init_process_group(self, address: str, port: int) -> int:
+        """Join the training world and build the backend; returns this rank's data-parallel
+        rank (which share of each step's rows it trains on)."""
         torch.manual_seed(self.config.seed)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -44,6 +49,7 @@ class TrainActor:
             world_size=self.world_size,
         )
         self.backend = create_backend(self.config, self.device)
+        return self.backend.data_parallel_rank
 
     def train(self, batches: list[RolloutBatchRef], normalizer: float) -> TrainStats:
         """One optimizer step on this rank's share; rows are read zero-copy from the store."""
@@ -52,16 +58,21 @@ class TrainActor:
     def compute_log_probs(self, batches: list[RolloutBatchRef]) -> list[torch.Tensor]:
         return self.backend.compute_log_probs(ray.get([b.ref for b in batches]))
 
-    # Weight export (rank 0).
+    # Weight export (a collective; rank 0 sends).
 
     def weight_plan(self, bucket_bytes: int) -> list[Bucket]:
-        return plan_buckets(manifest_of(self.backend.named_weights()), bucket_bytes)
+        return plan_buckets(self.backend.weight_specs(), bucket_bytes)
 
     def init_weights_update_group(self, info: GroupInfo) -> None:
         self.sender = WeightSender(init_weights_update_group(info, rank=0))
 
-    def broadcast_weights(self, plan: list[Bucket], version: int) -> SyncStats:
-        return self.sender.send(plan, self.backend.named_weights(), version)
+    def broadcast_weights(self, plan: list[Bucket], version: int) -> SyncStats | None:
+        weights = self.backend.named_weights()
+        if self.sender is None:
+            for _ in weights:  # take part in the gathers
+                pass
+            return None
+        return self.sender.send(plan, weights, version)
 
     def weight_checksums(self) -> dict[str, str]:
         return tensor_checksums(self.backend.named_weights())
@@ -72,6 +83,12 @@ class TrainActor:
 
     def save_hf(self, path: str) -> None:
         self.backend.save_hf(path)
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.backend.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
+        self.backend.load_checkpoint(directory, with_optimizer)
 
     def shutdown(self) -> None:
         if self.sender is not None:

@@ -29,6 +29,7 @@ class WeightSync:
     ):
         self.config = config
         self.backend = transport_backend(config, layout.use_gpus, layout.colocate)
+        self.trainers = trainers
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
@@ -51,7 +52,7 @@ class WeightSync:
 
     def sync(self, version: int) -> SyncStats:
         ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])
-        sent = self.leader.broadcast_weights.remote(self.plan, version)
+        sent = self.trainers.broadcast_weights(self.plan, version)
         received = [
             e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
         ]
@@ -68,7 +69,7 @@ class WeightSync:
 
     def verify(self) -> None:
         """Compare bit-exact checksums of the trainer's and every engine's weights."""
-        expected = ray.get(self.leader.weight_checksums.remote())
+        expected = self.trainers.weight_checksums()
         for i, sums in enumerate(ray.get([e.weight_checksums.remote() for e in self.engines])):
             compare_checksums(expected, sums, where=f"engine {i}")
 

@@ -40,7 +40,7 @@ def engine_weights(driver: Driver) -> list[dict[str, torch.Tensor]]:
 
 
 def trainer_weights(driver: Driver) -> dict[str, torch.Tensor]:
-    return ray.get(driver.trainers.leader.named_weights.remote())
+    return driver.trainers.named_weights()
 
 
 def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -17,7 +17,13 @@ def _torch_backend(config: SluiceConfig, device: "torch.device") -> "TrainingBac
     return TorchBackend(config, device)
 
 
-BACKENDS = {"torch": _torch_backend}
+def _megatron_backend(config: SluiceConfig, device: "torch.device") -> "TrainingBackend":
+    from training.megatron.backend import MegatronBackend
+
+    return MegatronBackend(config, device)
+
+
+BACKENDS = {"torch": _torch_backend, "megatron": _megatron_backend}
 
 
 def check_backend_config(config: SluiceConfig) -> None:
@@ -27,6 +33,11 @@ def check_backend_config(config: SluiceConfig) -> None:
         raise UserError(
             f"train.backend={t.backend!r} is not a known backend; use one of {sorted(BACKENDS)}"
         )
+    if t.backend == "megatron":
+        from training.megatron.model_config import load_hf_config, model_shape
+        from training.megatron.parallel import check_layout
+
+        check_layout(t.parallel, t.num_workers, model_shape(load_hf_config(config.model)))
     if t.backend == "torch":
         p = t.parallel
         sizes = {
@@ -34,13 +45,28 @@ def check_backend_config(config: SluiceConfig) -> None:
             "pipeline": p.pipeline,
             "context": p.context,
             "expert": p.expert,
+            "expert_tensor": p.expert_tensor,
         }
         other = {k: v for k, v in sizes.items() if v != 1}
         if other:
             names = ", ".join(f"train.parallel.{k}={v}" for k, v in other.items())
             raise UserError(
                 f"{names}: the torch backend is data-parallel only (every rank holds the whole "
-                f"model); set them to 1"
+                f"model); set them to 1, or use train.backend=megatron"
+            )
+        megatron_only = {
+            "train.parallel.sequence": p.sequence,
+            "train.optimizer_cpu_offload": t.optimizer_cpu_offload,
+            "train.overlap_cpu_optimizer_d2h_h2d": t.overlap_cpu_optimizer_d2h_h2d,
+            "train.use_precision_aware_optimizer": t.use_precision_aware_optimizer,
+            "checkpoint.load": config.checkpoint.load,
+            "checkpoint.save": config.checkpoint.save,
+        }
+        given = [k for k, v in megatron_only.items() if v]
+        if given:
+            raise UserError(
+                f"{', '.join(given)}: only the megatron backend supports this; "
+                f"set train.backend=megatron or remove it"
             )
 
 

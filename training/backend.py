@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
+
+from weights.manifest import TensorSpec, manifest_of
 
 
 @dataclass
@@ -75,8 +78,28 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights under the engines' (Hugging Face) names, in a fixed order."""
+        """Full weights under the checkpoint's (Hugging Face) names, in `weight_specs` order.
+
+        A collective: every rank iterates it to the end (a sharded backend gathers as it goes);
+        only rank 0 sends what it yields."""
+
+    def weight_specs(self) -> list[TensorSpec]:
+        """Names, dtypes and shapes of `named_weights`, without gathering anything."""
+        return manifest_of(self.named_weights())
 
     @abstractmethod
     def save_hf(self, path: str) -> None:
-        """Write the policy as a Hugging Face model directory (rank 0)."""
+        """Write the policy as a Hugging Face model directory (a collective; rank 0 writes)."""
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Which share of the step's rows this rank trains on (model-parallel peers share)."""
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Write the full training state (a collective)."""
+        raise NotImplementedError(f"{type(self).__name__} has no training checkpoints")
+
+    def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
+        """Restore what `save_checkpoint` wrote (a collective)."""
+        raise NotImplementedError(f"{type(self).__name__} has no training checkpoints")

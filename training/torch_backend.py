@@ -136,5 +136,7 @@ class TorchBackend(TrainingBackend):
         yield from checkpoint_tensors(self.model)
 
     def save_hf(self, path: str) -> None:
+        if self.world_size > 1 and dist.get_rank() != 0:
+            return  # every rank holds the same weights; rank 0 writes
         self.model.save_pretrained(path)
         load_tokenizer(self.config.model).save_pretrained(path)

@@ -119,6 +119,19 @@ def install() -> None:
         _patch_factory(name)
     _patch_rng()
     _patch_all_to_all()
+    _patch_tensor_type()
+
+
+def _patch_tensor_type() -> None:
+    """The optimizers check `param.type()` against `torch.cuda.*Tensor` names."""
+    original = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
 
 
 class _AnyIndex:

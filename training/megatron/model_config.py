@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.errors import UserError
-from config.schema import ParallelConfig
+from config.schema import ModelConfig, ParallelConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -189,3 +189,18 @@ def transformer_config(hf: Any, layout: ParallelConfig, dtype: str) -> Any:
         variable_seq_lengths=True,
         **moe,
     )
+
+
+def load_hf_config(model: ModelConfig) -> Any:
+    """The Hugging Face config of `model.hf_checkpoint` (the built-in tiny one in code)."""
+    from config.schema import BUILTIN_MODEL
+
+    if model.hf_checkpoint == BUILTIN_MODEL:
+        from models.tiny import tiny_config
+
+        return tiny_config()
+    from transformers import AutoConfig
+
+    from models.loading import check_checkpoint_dir
+
+    return AutoConfig.from_pretrained(check_checkpoint_dir(model.hf_checkpoint))

@@ -1,0 +1,338 @@
+"""The megatron-core training backend: TP / SP / PP / EP / ETP, distributed optimizer, CPU Adam.
+
+Every training rank builds its part of a megatron-core GPT model from the Hugging Face config
+(`model_config`), loads its shards of the checkpoint (`hf_weights`), and wraps it in
+megatron-core's DistributedDataParallel and optimizer. A step runs megatron-core's
+forward-backward schedule (which pipelines micro-batches when PP > 1) over micro-batches cut
+by a token budget.
+
+What waits for what within one `train` call:
+- All ranks first agree on the number of micro-batches (an all-reduce MAX): MoE layers
+  exchange tokens between expert-parallel ranks in every forward, so every rank must run the
+  same number of forwards; ranks with fewer rows run zero-loss padding micro-batches.
+- Gradients are reduced over data-parallel ranks once, after the last micro-batch
+  (`finalize_model_grads`), then every rank steps its optimizer shard and the updated
+  parameters are all-gathered.
+
+The loss is the RL loss of `rl.grpo` on log-probs taken straight from the vocab-parallel
+logits (`vocab_parallel_cross_entropy`): no rank ever gathers a full-vocabulary row.
+"""
+
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from config.schema import BUILTIN_MODEL, SluiceConfig
+from models.loading import DTYPES, check_checkpoint_dir, load_tokenizer
+from rl.grpo import aggregate, kl_penalty, log_prob_mismatch, policy_loss
+from training.backend import TrainingBackend, TrainStats
+from training.batch import (
+    MicroBatch,
+    pad_micro_batch,
+    response_log_probs,
+    rows_of,
+    split_by_token_budget,
+)
+from training.megatron.hf_weights import export_hf_weights, hf_weight_specs, load_hf_weights
+from training.megatron.model import build_gpt_model, init_model_parallel
+from training.megatron.model_config import load_hf_config, model_shape
+from training.megatron.parallel import check_layout
+from weights.manifest import TensorSpec
+
+
+class MegatronBackend(TrainingBackend):
+    def __init__(self, config: SluiceConfig, device: torch.device):
+        from megatron.core import parallel_state as ps
+
+        self.config = config
+        self.device = device
+        self.hf_config = load_hf_config(config.model)
+        self.shape = model_shape(self.hf_config)
+        parallel = config.train.parallel
+        check_layout(parallel, dist.get_world_size(), self.shape)
+        init_model_parallel(parallel, config.seed)
+        model = self._build_model_with_hf_weights()
+        self.model = _wrap_ddp(model, config)
+        self.optimizer = _build_optimizer(self.model, config)
+        _connect_schedule(model.config, self.model, self.optimizer)
+        self.reference = None
+        if config.algorithm.kl_coef > 0:
+            self.reference = self._build_model_with_hf_weights().eval().requires_grad_(False)
+        self.data_parallel_size = ps.get_data_parallel_world_size()
+        self._data_parallel_rank = ps.get_data_parallel_rank()
+        # One rank per model replica reports loss statistics, so the driver's sum counts
+        # every sample once (TP ranks compute identical losses; only the last stage has them).
+        self.reports_stats = (
+            ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
+        )
+        self.is_last_stage = ps.is_pipeline_last_stage()
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self._data_parallel_rank
+
+    def _build_model_with_hf_weights(self) -> Any:
+        c = self.config
+        model = build_gpt_model(self.hf_config, c.train.parallel, c.model.dtype, self.device)
+        load_hf_weights(model, _checkpoint_reader(c), self.shape, model.config)
+        return model
+
+    # Training.
+
+    def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
+        start = time.perf_counter()
+        micro_batches, real = self._micro_batches(batches)
+        stats = TrainStats(samples=real.samples if self.reports_stats else 0)
+        stats.micro_batches = real.count
+        reference = None
+        if self.reference is not None:
+            reference = self._forward_only(self.reference, micro_batches)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        scale = len(micro_batches) * self.data_parallel_size
+        loss_fn = partial(self._loss, normalizer=normalizer, scale=scale, stats=stats)
+        self._schedule(self.model, micro_batches, loss_fn, reference, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        stats.grad_norm = float(grad_norm or 0.0)
+        stats.compute_seconds = time.perf_counter() - start
+        return stats
+
+    def _loss(self, mb, reference, logits, *, normalizer, scale, stats):
+        a = self.config.algorithm
+        mode = a.loss_aggregation
+        log_probs = self._token_log_probs(logits, mb)
+        old = mb.rollout_log_probs if a.old_log_probs == "rollout" else log_probs.detach()
+        per_token, loss_stats = policy_loss(log_probs, old, mb.advantages, a.clip_low, a.clip_high)
+        pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
+        loss = pg_loss
+        if reference is not None:
+            kl = aggregate(
+                kl_penalty(log_probs, reference, a.kl_type), mb.loss_mask, mode, normalizer
+            )
+            loss = loss + a.kl_coef * kl
+            if self.reports_stats:
+                stats.kl_loss += kl.item()
+        if self.reports_stats:
+            _record(stats, loss, pg_loss, log_probs, mb, loss_stats)
+        # megatron-core divides by the number of micro-batches and its data-parallel gradient
+        # reduction averages; the normalizer is already the step's global count, so undo both.
+        return loss * scale, {}
+
+    def _token_log_probs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        scaled = logits[:, : mb.targets.shape[1]].float() / self.config.rollout.temperature
+        return -vocab_parallel_cross_entropy(scaled, mb.targets)
+
+    @torch.no_grad()
+    def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
+        """Per-row response log-probs on the last pipeline stage (an empty list elsewhere).
+
+        A collective: every rank of the training world must call it with its share."""
+        rows = rows_of(batches)
+        micro_batches, real = self._micro_batches(batches)
+        per_token = self._forward_only(self.model, micro_batches)
+        if not self.is_last_stage:
+            return []
+        out = []
+        for indices, lp in zip(real.plan, per_token, strict=False):
+            out += [t.cpu() for t in response_log_probs(lp, rows, indices)]
+        return out
+
+    def _forward_only(self, model, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        collected: list[torch.Tensor] = []
+
+        def keep(mb, reference, logits):
+            collected.append(self._token_log_probs(logits, mb).detach())
+            return logits.new_zeros(()), {}
+
+        self._schedule(model, micro_batches, keep, None, forward_only=True)
+        return collected
+
+    def _schedule(self, model, micro_batches, loss_fn, reference, forward_only: bool) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        references = iter(reference) if reference is not None else None
+
+        def forward_step(data_iterator, chunk):
+            mb = next(data_iterator)
+            positions = torch.arange(mb.input_ids.shape[1], device=self.device)
+            logits = chunk(mb.input_ids, positions.expand_as(mb.input_ids), attention_mask=None)
+            ref = next(references) if references is not None else None
+            return logits, partial(loss_fn, mb, ref)
+
+        width = max(mb.input_ids.shape[1] for mb in micro_batches)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=width,
+            micro_batch_size=max(mb.input_ids.shape[0] for mb in micro_batches),
+            forward_only=forward_only,
+        )
+
+    def _micro_batches(self, batches: list[pa.RecordBatch]) -> tuple[list[MicroBatch], "_Plan"]:
+        rows = rows_of(batches)
+        plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
+        count = torch.tensor([len(plan)], dtype=torch.long)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)  # see the module docstring
+        multiple = self.config.train.parallel.tensor if self.config.train.parallel.sequence else 1
+        micro_batches = [_pad_to(pad_micro_batch(rows, i), multiple) for i in plan]
+        micro_batches += [_empty_micro_batch(multiple)] * (int(count.item()) - len(plan))
+        return [mb.to(self.device) for mb in micro_batches], _Plan(plan, len(rows))
+
+    # Weights out.
+
+    def weight_specs(self) -> list[TensorSpec]:
+        return hf_weight_specs(
+            self.shape, self.config.train.parallel.expert, DTYPES[self.config.model.dtype]
+        )
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """A collective: every rank must iterate it to the end (shards are gathered)."""
+        module = self.model.module
+        return export_hf_weights(module, self.shape, module.config)
+
+    def save_hf(self, path: str) -> None:
+        """A collective; rank 0 writes the Hugging Face directory."""
+        from models.safetensors_io import write_sharded
+
+        weights = self.named_weights()
+        if dist.get_rank() != 0:
+            for _ in weights:
+                pass
+            return
+        write_sharded(path, weights)
+        self.hf_config.save_pretrained(path)
+        load_tokenizer(self.config.model).save_pretrained(path)
+
+    # Checkpoints.
+
+    def save_checkpoint(self, directory: str) -> None:
+        from training.megatron.checkpoint import save_torch_dist
+
+        save_torch_dist(Path(directory), self.model, self.optimizer)
+
+    def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
+        from training.megatron.checkpoint import load_torch_dist
+
+        load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
+        if not with_optimizer:
+            # The optimizer's fp32 main weights were copied from the model at start-up.
+            self.optimizer.reload_model_params()
+
+
+class _Plan:
+    def __init__(self, plan: list[list[int]], samples: int):
+        self.plan = plan
+        self.count = len(plan)
+        self.samples = samples
+
+
+def _record(stats, loss, pg_loss, log_probs, mb, loss_stats) -> None:
+    stats.loss += loss.item()
+    stats.policy_loss += pg_loss.item()
+    mismatch = log_prob_mismatch(log_probs.detach(), mb.rollout_log_probs, mb.loss_mask)
+    tokens = mismatch["num_tokens"].item()
+    stats.tokens += tokens
+    stats.clipped_sum += (loss_stats.clipped & mb.loss_mask.bool()).sum().item()
+    stats.logprob_abs_diff_sum += mismatch["logprob_abs_diff_mean"].item() * tokens
+    stats.logprob_abs_diff_max = max(
+        stats.logprob_abs_diff_max, mismatch["logprob_abs_diff_max"].item()
+    )
+    stats.importance_ratio_sum += mismatch["importance_ratio_mean"].item() * tokens
+    stats.rollout_kl_sum += mismatch["kl_k3"].item() * tokens
+
+
+def _pad_to(mb: MicroBatch, multiple: int) -> MicroBatch:
+    """Right-pad the sequence dim to a multiple (sequence parallelism splits it over TP)."""
+    extra = -mb.input_ids.shape[1] % multiple
+    if not extra:
+        return mb
+    pad = torch.nn.functional.pad
+    return MicroBatch(
+        input_ids=pad(mb.input_ids, (0, extra)),
+        attention_mask=pad(mb.attention_mask, (0, extra)),
+        targets=pad(mb.targets, (0, extra)),
+        loss_mask=pad(mb.loss_mask, (0, extra)),
+        rollout_log_probs=pad(mb.rollout_log_probs, (0, extra)),
+        advantages=mb.advantages,
+    )
+
+
+def _empty_micro_batch(multiple: int) -> MicroBatch:
+    """One padding row with no loss tokens, for a rank with fewer micro-batches."""
+    width = max(2, multiple)
+    return MicroBatch(
+        input_ids=torch.zeros(1, width, dtype=torch.long),
+        attention_mask=torch.zeros(1, width, dtype=torch.long),
+        targets=torch.zeros(1, width - 1, dtype=torch.long),
+        loss_mask=torch.zeros(1, width - 1),
+        rollout_log_probs=torch.zeros(1, width - 1),
+        advantages=torch.zeros(1, 1),
+    )
+
+
+def _checkpoint_reader(config: SluiceConfig):
+    if config.model.hf_checkpoint == BUILTIN_MODEL:
+        from models.checkpoint_format import checkpoint_tensors
+        from models.tiny import build_tiny_model
+
+        tensors = dict(
+            checkpoint_tensors(build_tiny_model(config.seed, DTYPES[config.model.dtype]))
+        )
+        return tensors.__getitem__
+    from models.safetensors_io import SafetensorsReader
+
+    reader = SafetensorsReader(check_checkpoint_dir(config.model.hf_checkpoint))
+    dtype = DTYPES[config.model.dtype]
+    return lambda name: reader.read(name).to(dtype)
+
+
+def _wrap_ddp(model, config: SluiceConfig):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=config.train.use_distributed_optimizer,
+    )
+    return DistributedDataParallel(model.config, ddp_config, module=model)
+
+
+def _build_optimizer(model, config: SluiceConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    t = config.train
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        clip_grad=t.grad_clip if t.grad_clip > 0 else 0.0,
+        bf16=config.model.dtype == "bfloat16",
+        params_dtype=DTYPES[config.model.dtype],
+        use_distributed_optimizer=t.use_distributed_optimizer,
+        optimizer_cpu_offload=t.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if t.optimizer_cpu_offload else 0.0,
+        overlap_cpu_optimizer_d2h_h2d=t.overlap_cpu_optimizer_d2h_h2d,
+        use_precision_aware_optimizer=t.use_precision_aware_optimizer,
+    )
+    return get_megatron_optimizer(optimizer_config, [model])
+
+
+def _connect_schedule(model_config, ddp_model, optimizer) -> None:
+    """What megatron-core's schedule calls around the micro-batches (as Megatron-LM does)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    model_config.no_sync_func = ddp_model.no_sync
+    model_config.finalize_model_grads_func = finalize_model_grads
+    model_config.grad_scale_func = optimizer.scale_loss
