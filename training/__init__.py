@@ -35,9 +35,10 @@ def check_backend_config(config: SluiceConfig) -> None:
         )
     if t.backend == "megatron":
         from training.megatron.model_config import load_hf_config, model_shape
-        from training.megatron.parallel import check_layout
+        from training.megatron.parallel import check_megatron_config
 
-        check_layout(t.parallel, t.num_workers, model_shape(load_hf_config(config.model)))
+        shape = model_shape(load_hf_config(config.model))
+        check_megatron_config(t, config.model.dtype, shape)
     if t.backend == "torch":
         p = t.parallel
         sizes = {

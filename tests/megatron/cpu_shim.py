@@ -120,6 +120,7 @@ def install() -> None:
     _patch_rng()
     _patch_all_to_all()
     _patch_tensor_type()
+    _patch_hybrid_optimizer_on_import()
 
 
 def _patch_tensor_type() -> None:
@@ -132,6 +133,75 @@ def _patch_tensor_type() -> None:
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = tensor_type
+
+
+def _patch_hybrid_optimizer_on_import() -> None:
+    """CPU Adam's HybridDeviceOptimizer offloads only `param.is_cuda` parameters; here every
+    parameter lives on the CPU, so none would be offloaded and its copy path never run. The
+    replacement treats each parameter as a device parameter (the same split, by numel), so
+    the offload path (grad copy to the host, host step, copy back) is what runs."""
+    import importlib
+
+    def patch(module):
+        module.HybridDeviceOptimizer._get_sub_optimizer_param_groups = _sub_optimizer_groups
+
+    _after_import("megatron.core.optimizer.cpu_offloading.hybrid_optimizer", patch, importlib)
+
+
+def _sub_optimizer_groups(self, offload_fraction):
+    params = [p for group in self.param_groups for p in group["params"]]
+    threshold = sum(p.numel() for p in params) * offload_fraction
+    offloaded = 0
+    cpu_groups, device_groups = [], []
+    device_to_cpu, cpu_to_device, to_fp32 = {}, {}, {}
+    for group in self.param_groups:
+        device_group, cpu_group = dict(group, params=[]), dict(group, params=[])
+        for param in group["params"]:
+            original, copied = param, False
+            if offloaded < threshold:
+                param = param.detach().clone()
+                offloaded += param.numel()
+                copied = True
+            if self.param_update_in_fp32 and param.dtype != torch.float32:
+                param = param.detach().clone().float()
+                to_fp32[original] = param
+            if copied:
+                device_to_cpu[original] = param
+                cpu_to_device[param] = original
+                cpu_group["params"].append(param)
+            else:
+                device_group["params"].append(param)
+        if device_group["params"]:
+            device_groups.append(device_group)
+        if cpu_group["params"]:
+            cpu_groups.append(cpu_group)
+    return cpu_groups, device_groups, device_to_cpu, cpu_to_device, to_fp32
+
+
+def _after_import(name, patch, importlib) -> None:
+    """Run `patch(module)` when `name` is first imported (now, if it already is)."""
+    import sys
+
+    if name in sys.modules:
+        patch(sys.modules[name])
+        return
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Finder())
 
 
 class _AnyIndex:

@@ -42,7 +42,7 @@ from training.batch import (
 from training.megatron.hf_weights import export_hf_weights, hf_weight_specs, load_hf_weights
 from training.megatron.model import build_gpt_model, init_model_parallel
 from training.megatron.model_config import load_hf_config, model_shape
-from training.megatron.parallel import check_layout
+from training.megatron.parallel import check_megatron_config
 from weights.manifest import TensorSpec
 
 
@@ -55,7 +55,7 @@ class MegatronBackend(TrainingBackend):
         self.hf_config = load_hf_config(config.model)
         self.shape = model_shape(self.hf_config)
         parallel = config.train.parallel
-        check_layout(parallel, dist.get_world_size(), self.shape)
+        check_megatron_config(config.train, config.model.dtype, self.shape)
         init_model_parallel(parallel, config.seed)
         model = self._build_model_with_hf_weights()
         self.model = _wrap_ddp(model, config)

@@ -4,8 +4,10 @@ Every rule megatron-core would otherwise enforce with a bare assert deep inside 
 construction (or not at all) is checked here, before any actor starts, with the numbers.
 """
 
+import importlib.util
+
 from config.errors import UserError
-from config.schema import ParallelConfig
+from config.schema import ParallelConfig, TrainConfig
 from training.megatron.model_config import ModelShape
 
 
@@ -43,6 +45,12 @@ def layout_problems(p: ParallelConfig, world: int, s: ModelShape) -> list[str]:
             )
     if p.expert > 1 and not s.num_experts:
         problems.append(f"train.parallel.expert={p.expert} needs an MoE model (this one is dense)")
+    if s.num_experts and p.tensor > 1 and not p.sequence:
+        problems.append(
+            f"train.parallel.tensor={p.tensor} with an MoE model needs "
+            f"train.parallel.sequence=true (megatron-core trains MoE layers under tensor "
+            f"parallelism only with sequence parallelism)"
+        )
     if p.sequence and p.tensor == 1:
         problems.append("train.parallel.sequence=true needs train.parallel.tensor > 1")
     if p.context > 1:
@@ -54,10 +62,41 @@ def layout_problems(p: ParallelConfig, world: int, s: ModelShape) -> list[str]:
     return problems
 
 
-def check_layout(p: ParallelConfig, world: int, shape: ModelShape) -> None:
-    problems = layout_problems(p, world, shape)
+def optimizer_problems(train: TrainConfig, dtype: str) -> list[str]:
+    """Optimizer settings megatron-core 0.19.2 cannot run here, named with the fix."""
+    problems = []
+    if train.use_precision_aware_optimizer and not train.use_distributed_optimizer:
+        problems.append(
+            "train.use_precision_aware_optimizer needs train.use_distributed_optimizer=true"
+        )
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if train.use_precision_aware_optimizer and not train.optimizer_cpu_offload and not has_te:
+        problems.append(
+            "train.use_precision_aware_optimizer without train.optimizer_cpu_offload needs "
+            "Transformer Engine's FusedAdam (pip install transformer-engine[pytorch]); "
+            "with CPU Adam it works without"
+        )
+    if train.overlap_cpu_optimizer_d2h_h2d and not train.optimizer_cpu_offload:
+        problems.append(
+            "train.overlap_cpu_optimizer_d2h_h2d only applies with train.optimizer_cpu_offload"
+        )
+    if train.optimizer_cpu_offload and dtype == "float32" and train.use_distributed_optimizer:
+        # megatron-core's distributed optimizer shards fp32 parameters as autograd views,
+        # which its CPU-offload optimizer cannot hold; bf16 parameters are sharded detached.
+        problems.append(
+            "train.optimizer_cpu_offload with model.dtype=float32 and the distributed optimizer "
+            "is not supported by megatron-core 0.19.2; train in bfloat16 (as on GPUs) or set "
+            "train.use_distributed_optimizer=false"
+        )
+    return problems
+
+
+def check_megatron_config(train: TrainConfig, dtype: str, shape: ModelShape) -> None:
+    """Every start-up check of the Megatron backend; one error listing all problems."""
+    problems = layout_problems(train.parallel, train.num_workers, shape)
+    problems += optimizer_problems(train, dtype)
     if problems:
-        raise UserError("invalid Megatron parallel layout: " + "; ".join(problems))
+        raise UserError("invalid Megatron configuration: " + "; ".join(problems))
 
 
 def data_parallel_size(p: ParallelConfig, world: int) -> int:

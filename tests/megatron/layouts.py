@@ -1,0 +1,157 @@
+"""Run the Megatron backend under several parallel layouts in one torchrun world.
+
+Started by tests/test_megatron.py as
+    torchrun --nproc-per-node N tests/megatron/layouts.py OUT.json LAYOUT [LAYOUT ...]
+with the CPU shim on PYTHONPATH. Each layout (e.g. `tp2`, `ep2`, `dp2`, `tp2-sp`, `dp2-cpuadam`)
+builds a fresh `MegatronBackend` over the same built-in model and the same rollout rows, runs
+three optimizer steps and records, on rank 0: the step losses, the log-probs of the rows
+before training against the Hugging Face model's, whether the export before training equals
+the Hugging Face tensors bit for bit, and (in OUT.json.LAYOUT.pt) the exported weights after.
+Paying megatron-core's import once for many layouts keeps the suite fast.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from config.schema import ParallelConfig, SluiceConfig
+from data.schema import build_rollout_batch
+from models.checkpoint_format import checkpoint_tensors
+from models.tiny import build_tiny_model
+from training.backend import TrainStats
+from training.batch import pad_micro_batch, response_log_probs, rows_of
+
+STEPS = 3
+SEED = 7
+
+
+def layout_config(name: str, world: int) -> SluiceConfig:
+    config = SluiceConfig(seed=SEED)
+    config.train.backend = "megatron"
+    config.train.num_workers = world
+    config.train.lr = 0.01
+    config.train.max_tokens_per_micro_batch = 40  # several micro-batches per step
+    p = ParallelConfig()
+    for part in name.split("-"):
+        if part.startswith("tp"):
+            p.tensor = int(part[2:])
+        elif part.startswith("ep"):
+            p.expert = int(part[2:])
+        elif part.startswith("pp"):
+            p.pipeline = int(part[2:])
+        elif part == "sp":
+            p.sequence = True
+        elif part == "cpuadam":
+            config.train.optimizer_cpu_offload = True
+            config.train.overlap_cpu_optimizer_d2h_h2d = True
+            config.train.use_precision_aware_optimizer = True
+        elif part == "bf16":
+            config.model.dtype = "bfloat16"
+        elif part == "kl":
+            config.algorithm.kl_coef = 0.1
+    config.train.parallel = p
+    return config
+
+
+def rollout_rows(num_rows: int = 24) -> list:
+    """Fixed rows with varied prompt and response lengths, advantages of both signs."""
+    rng = np.random.default_rng(0)
+    columns = {k: [] for k in ("prompt_ids", "response_ids", "rollout_log_probs", "loss_mask")}
+    for _ in range(num_rows):
+        prompt = rng.integers(3, 14, rng.integers(3, 7)).tolist()
+        response = rng.integers(3, 14, rng.integers(1, 5)).tolist()
+        columns["prompt_ids"].append(prompt)
+        columns["response_ids"].append(response)
+        columns["rollout_log_probs"].append((-rng.random(len(response)) * 3).tolist())
+        columns["loss_mask"].append([1] * len(response))
+    columns["reward"] = rng.random(num_rows).tolist()
+    columns["advantage"] = (rng.random(num_rows) - 0.5).tolist()
+    columns["group_id"] = list(range(num_rows))
+    columns["sample_index"] = [0] * num_rows
+    columns["weight_version"] = [0] * num_rows
+    columns["finish_reason"] = ["stop"] * num_rows
+    batch = build_rollout_batch(columns)
+    return [batch.slice(i, 4) for i in range(0, num_rows, 4)]
+
+
+def hf_log_probs(batches) -> list[torch.Tensor]:
+    model = build_tiny_model(SEED).eval()
+    rows = rows_of(batches)
+    indices = list(range(len(rows)))
+    mb = pad_micro_batch(rows, indices)
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, mb.targets[..., None])[..., 0]
+    return response_log_probs(lp, rows, indices)
+
+
+def weights_path(out: str, layout: str) -> str:
+    """Where rank 0 saves the exported weights after the last step of `layout`."""
+    return f"{out}.{layout}.pt"
+
+
+def run_layout(name: str, batches, out: str) -> dict:
+    from megatron.core import parallel_state
+
+    from training.megatron.backend import MegatronBackend
+
+    world = dist.get_world_size()
+    backend = MegatronBackend(layout_config(name, world), torch.device("cpu"))
+    dp, dp_rank = backend.data_parallel_size, backend.data_parallel_rank
+    share = batches[dp_rank::dp]
+    normalizer = float(sum(b.column("loss_mask").flatten().to_numpy().sum() for b in batches))
+    result: dict = {}
+    log_probs = backend.compute_log_probs(share)
+    if dist.get_rank() == 0:
+        reference = hf_log_probs(share)
+        diffs = torch.cat([(a - b).abs() for a, b in zip(log_probs, reference, strict=True)])
+        result["logprob_abs_diff_mean"] = diffs.mean().item()
+    losses = []
+    for _ in range(STEPS):
+        stats = backend.train(share, normalizer)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, stats)
+        losses.append(TrainStats.reduce(gathered)["train/loss"])
+    result["losses"] = losses
+    weights = {n: t.clone() for n, t in backend.named_weights()}
+    if dist.get_rank() == 0:
+        torch.save(weights, weights_path(out, name))
+    parallel_state.destroy_model_parallel()
+    return result
+
+
+def initial_export_matches(name: str) -> bool:
+    """Export before any step equals the HF checkpoint tensors bit for bit."""
+    from megatron.core import parallel_state
+
+    from training.megatron.backend import MegatronBackend
+
+    backend = MegatronBackend(layout_config(name, dist.get_world_size()), torch.device("cpu"))
+    expected = dict(checkpoint_tensors(build_tiny_model(SEED)))
+    exported = dict(backend.named_weights())
+    parallel_state.destroy_model_parallel()
+    same_names = list(exported) == list(expected) or set(exported) == set(expected)
+    return same_names and all(torch.equal(exported[n], expected[n]) for n in expected)
+
+
+def main() -> None:
+    out, names = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    batches = rollout_rows()
+    results = {}
+    for name in names:
+        results[name] = run_layout(name, batches, out)
+        results[name]["exported_equals_hf_at_start"] = initial_export_matches(name)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Megatron training checkpoints in megatron-core's torch_dist format, switched in atomically.
+
+A save root follows Megatron-LM's layout, so its tools can read it:
+
+    root/iter_0000020/                      a complete checkpoint (.metadata, *.distcp, ...)
+    root/iter_0000030.tmp/                  a save in progress, or one a crash left: never read
+    root/latest_checkpointed_iteration.txt  "20": the newest complete checkpoint
+
+A save is written into `staging_dir(root, step)`, then `commit(root, step)` renames it and
+replaces the tracker file with `os.replace`; a crash at any point leaves the previous tracker
+pointing at the previous, untouched checkpoint. The staging directory is an ordinary folder:
+anything else written into it before `commit` (a trainer-state file) commits with it.
+
+Concurrency: `save_torch_dist` and `load_torch_dist` are collectives; every training rank
+calls them with the same directory. `commit` runs on one process, after `save_torch_dist`
+has returned on every rank, on a file system all ranks share.
+"""
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from config.errors import UserError
+from models.safetensors_io import replace_directory, sibling
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+STAGING_SUFFIX = ".tmp"
+OPTIMIZER_KEY_PREFIX = "optimizer."
+
+
+def save_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) -> None:
+    """Save this rank's shards of the model (and optimizer) into `directory` (a collective).
+
+    `model` is a GPTModel or a wrapper of one (megatron-core DDP, Float16Module); `optimizer`
+    is what megatron-core's `get_megatron_optimizer` returns. The directory is created; a
+    staging directory left by a crashed save is emptied first.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    _prepare_directory(directory)
+    dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory))
+
+
+def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) -> None:
+    """Load a torch_dist checkpoint into this rank's model (and optimizer): a collective.
+
+    The model loads from a checkpoint saved under any parallel layout (TP, PP, EP, ETP and
+    DP may all differ): megatron-core reads each rank's slices of the global tensors. The
+    optimizer state is saved in megatron-core's `dp_reshardable` format (Megatron-LM's
+    default), which needs the same tensor/pipeline/expert layout as at save time; only the
+    data-parallel size may change. A non-distributed optimizer's state follows the model's
+    sharding and loads under any layout. To load only the weights into a model that has an
+    optimizer, pass `optimizer=None`, then call `optimizer.reload_model_params()` so its
+    fp32 main copies follow the loaded weights.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    directory = Path(directory)
+    if not is_torch_dist_checkpoint(directory):
+        raise UserError(f"{directory} is not a torch_dist checkpoint (no metadata.json)")
+    if optimizer is not None and not has_optimizer_state(directory):
+        raise UserError(
+            f"{directory} holds no optimizer state (a converted Hugging Face checkpoint?); "
+            f"load the model only and start the optimizer afresh"
+        )
+    state = _sharded_state(model, optimizer, loading=True)
+    # RAISE_UNEXPECTED: a model tensor the checkpoint lacks is an error named by its key
+    # (a checkpoint of another model), while checkpoint entries not asked for (optimizer
+    # state when loading weights only) are fine.
+    loaded = dist_checkpointing.load(state, str(directory), strict=StrictHandling.RAISE_UNEXPECTED)
+    unwrap(model).load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
+def unwrap(model: Any) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (each keeps it as `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _sharding_metadata() -> dict[str, Any]:
+    # Megatron-LM's defaults, so checkpoints interoperate. A fresh dict every call:
+    # megatron-core stores process groups into it.
+    return {
+        "distrib_optim_sharding_type": "dp_reshardable",
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+    }
+
+
+def _sharded_state(model: Any, optimizer: Any, loading: bool) -> dict[str, Any]:
+    metadata = _sharding_metadata()
+    model_state = unwrap(model).sharded_state_dict(metadata=metadata)
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=loading, metadata=metadata
+        )
+    return state
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Rank 0 creates the directory (emptying a stale staging one); the others wait for it."""
+    if dist.get_rank() == 0:
+        if directory.name.endswith(STAGING_SUFFIX) and directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
+def is_torch_dist_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` is one complete torch_dist checkpoint (metadata.json is its last
+    file: megatron-core writes it after every shard)."""
+    return (Path(directory) / "metadata.json").is_file()
+
+
+def has_optimizer_state(directory: str | Path) -> bool:
+    """Whether the checkpoint holds optimizer state (read from its metadata, no tensors)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return any(key.startswith(OPTIMIZER_KEY_PREFIX) for key in keys)
+
+
+# The atomic switch-over of a save root.
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def staging_dir(root: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before `commit` makes it the latest."""
+    return sibling(checkpoint_dir(root, step), STAGING_SUFFIX)
+
+
+def commit(root: str | Path, step: int) -> Path:
+    """Make the finished staging checkpoint of `step` the latest; return its final path.
+
+    Order matters: the checkpoint is renamed into place first and the tracker replaced last,
+    so the tracker only ever names complete checkpoints.
+    """
+    staged, final = staging_dir(root, step), checkpoint_dir(root, step)
+    if not is_torch_dist_checkpoint(staged):
+        raise RuntimeError(f"{staged} is not a finished checkpoint; nothing to commit")
+    replace_directory(staged, final)
+    _write_atomically(Path(root) / TRACKER_FILE, f"{step}\n")
+    return final
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = sibling(path, STAGING_SUFFIX)
+    with open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    # The rename itself is durable only once the directory entry is flushed.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def latest(root: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one the tracker of save root `root` names, or
+    `root` itself when it is a checkpoint (a converted one); None when there is none yet."""
+    root = Path(root)
+    tracker = root / TRACKER_FILE
+    if tracker.is_file():
+        return _tracked(root, tracker.read_text().strip())
+    if is_torch_dist_checkpoint(root):
+        return root
+    return None
+
+
+def _tracked(root: Path, entry: str) -> Path:
+    # Megatron-LM writes "release" for a checkpoint that is not part of a run.
+    if entry == "release":
+        path = root / "release"
+    elif entry.isdigit():
+        path = checkpoint_dir(root, int(entry))
+    else:
+        raise UserError(f"{root / TRACKER_FILE} holds {entry!r}, not a step number")
+    if not is_torch_dist_checkpoint(path):
+        raise UserError(f"{root / TRACKER_FILE} names {path}, which is not a complete checkpoint")
+    return path
