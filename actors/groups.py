@@ -104,13 +104,25 @@ class RolloutGroup:
         ]
         self._next_group_id = 0
 
-    def generate(self, prompts: list[PromptRecord]) -> list[RolloutResult]:
-        """Sample every prompt's group; each engine gets whole groups, results stay in the store."""
+    def generate(self, prompts: list[PromptRecord], step: int) -> list[RolloutResult]:
+        """Sample every prompt's group; each engine gets whole groups, results stay in the store.
+
+        Engine e samples step s with seed (run seed, s, e), never with a carried-over RNG state."""
         calls = []
-        for actor, share in zip(self.actors, split_evenly(prompts, len(self.actors)), strict=True):
-            calls.append(actor.generate.remote(share, self._next_group_id))
+        shares = split_evenly(prompts, len(self.actors))
+        for e, (actor, share) in enumerate(zip(self.actors, shares, strict=True)):
+            seed = hash((self.config.seed, step, e)) & 0x7FFFFFFF
+            calls.append(actor.generate.remote(share, self._next_group_id, seed))
             self._next_group_id += len(share)
         return ray.get(calls)
+
+    @property
+    def next_group_id(self) -> int:
+        return self._next_group_id
+
+    @next_group_id.setter
+    def next_group_id(self, value: int) -> None:
+        self._next_group_id = value
 
     def evaluate(self, prompts: list[PromptRecord]) -> list[EvalResult]:
         shares = split_evenly(prompts, len(self.actors))

@@ -19,6 +19,7 @@ from actors.groups import RolloutGroup, TrainGroup
 from actors.runtime import connect_ray
 from actors.weight_sync import WeightSync
 from config import SluiceConfig
+from config.errors import UserError
 from config.loader import to_dict
 from config.schema import BUILTIN_MODEL
 from data.balance import balance_by_tokens
@@ -35,6 +36,8 @@ from training import check_backend_config
 from training.backend import TrainStats
 
 SHUTDOWN_TIMEOUT_S = 60.0
+LOOP_STATE_FILE = "sluice_state.json"
+"""The driver's part of a checkpoint: step, weight version, data position, group ids."""
 
 
 class Driver:
@@ -60,12 +63,15 @@ class Driver:
             self.trainers = TrainGroup(config, self.placement)
             self.weights = WeightSync(config.weight_sync, self.trainers, self.engines, self.layout)
             self.weights.setup()
-            self.weights.sync(version=0)  # engines start from exactly the trainer's weights
+            self.version = 0
+            self.steps_done = 0
+            if config.checkpoint.load:
+                self._load(config.checkpoint.load)
+            # Engines start from exactly the trainer's weights (loaded or initial).
+            self.weights.sync(version=self.version)
         except BaseException:
             self.placement.remove()  # frees the bundles and kills the actors already made
             raise
-        self.version = 0
-        self.steps_done = 0
         self.metrics = MetricsWriter(self.output_dir)
         (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
@@ -73,7 +79,8 @@ class Driver:
         """One synchronous RL step: rollout, train, weight sync. Returns the step's metrics."""
         c = self.config
         start = time.perf_counter()
-        results = self.engines.generate(self.prompts.next_groups(c.rollout.prompts_per_step))
+        prompts = self.prompts.next_groups(c.rollout.prompts_per_step)
+        results = self.engines.generate(prompts, step=self.steps_done + 1)
         rollout_done = time.perf_counter()
         batches = [b for r in results for b in r.batches]
         shares = balance_by_tokens(batches, self.trainers.data_parallel_size)
@@ -101,6 +108,46 @@ class Driver:
         metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
         self.metrics.write(self.steps_done, metrics)
         return metrics
+
+    # Checkpoints: the trainers write the model and optimizer (torch_dist); the driver adds the
+    # loop's own state, then switches the save root over (see training/megatron/checkpoint.py).
+
+    def save(self) -> Path:
+        """Save the full training state under `checkpoint.save`; returns the checkpoint dir."""
+        from training.megatron.checkpoint import commit, staging_dir
+
+        root = Path(self.config.checkpoint.save)
+        staging = staging_dir(root, self.steps_done)
+        self.trainers.save_checkpoint(str(staging.resolve()))
+        state = {
+            "steps_done": self.steps_done,
+            "weight_version": self.version,
+            "prompts": self.prompts.state_dict(),
+            "next_group_id": self.engines.next_group_id,
+        }
+        (staging / LOOP_STATE_FILE).write_text(json.dumps(state, indent=2))
+        return commit(root, self.steps_done)
+
+    def _load(self, path: str) -> None:
+        """Start from a checkpoint: resume a saved run, or take a converted model's weights."""
+        from training.megatron.checkpoint import latest
+
+        directory = latest(path)
+        if directory is None:
+            raise UserError(
+                f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt "
+                f"and no torch_dist metadata.json); convert one with "
+                f"tools/convert_hf_to_torch_dist.py or point at a checkpoint.save directory"
+            )
+        state_file = directory / LOOP_STATE_FILE
+        resuming = state_file.is_file()
+        self.trainers.load_checkpoint(str(directory.resolve()), with_optimizer=resuming)
+        if resuming:
+            state = json.loads(state_file.read_text())
+            self.steps_done = state["steps_done"]
+            self.version = state["weight_version"]
+            self.prompts.load_state_dict(state["prompts"])
+            self.engines.next_group_id = state["next_group_id"]
 
     def evaluate(self) -> dict[str, float] | None:
         """Greedy accuracy on the held-out prompts (None when the run has none)."""
@@ -132,6 +179,9 @@ class Driver:
             metrics = self.step()
             bar.update(1)
             tqdm.write(step_line(self.steps_done, c.num_steps, metrics), file=sys.stdout)
+            interval = c.checkpoint.save_interval
+            if c.checkpoint.save and interval and self.steps_done % interval == 0:
+                self.save()
             every = c.logging.eval_every
             if self.steps_done == c.num_steps or (every and self.steps_done % every == 0):
                 last = self.evaluate()
@@ -141,6 +191,8 @@ class Driver:
                         file=sys.stdout,
                     )
         bar.close()
+        if c.checkpoint.save and not _saved_at(c.checkpoint.save, self.steps_done):
+            self.save()
         if c.logging.save_final_model:
             self.trainers.save_hf(str((self.output_dir / "final_model").resolve()))
         summary = {
@@ -173,6 +225,12 @@ class Driver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _saved_at(root: str, step: int) -> bool:
+    from training.megatron.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(root, step).is_dir()
 
 
 def rollout_metrics(results: list, seconds: float) -> dict[str, float]:

@@ -69,15 +69,19 @@ class RolloutActor:
     def __init__(self, config: SluiceConfig, engine_index: int):
         self.config = config
         self.engine_index = engine_index
-        torch.manual_seed(config.seed + 1000 + engine_index)  # distinct samples per engine
         self.device = actor_device()
         self.tokenizer = load_tokenizer(config.model)
         self.engine = create_engine(config, self.device)
         self.reward_path = config.rollout.reward
         self.reward_fn = load_reward_fn(self.reward_path)
 
-    def generate(self, groups: list[PromptRecord], group_id_start: int) -> RolloutResult:
+    def generate(
+        self, groups: list[PromptRecord], group_id_start: int, sampling_seed: int
+    ) -> RolloutResult:
+        """Sample every group; `sampling_seed` (distinct per step and engine) makes a step's
+        samples depend only on the weights and the seed, so a resumed run repeats them."""
         r = self.config.rollout
+        torch.manual_seed(sampling_seed)
         params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
         repeated = [ids for ids in self._encode(groups) for _ in range(r.samples_per_prompt)]
         start = time.perf_counter()

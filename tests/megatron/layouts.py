@@ -108,10 +108,13 @@ def run_layout(name: str, batches, out: str) -> dict:
     normalizer = float(sum(b.column("loss_mask").flatten().to_numpy().sum() for b in batches))
     result: dict = {}
     log_probs = backend.compute_log_probs(share)
-    if dist.get_rank() == 0:
+    if log_probs:  # on the last pipeline stage
         reference = hf_log_probs(share)
         diffs = torch.cat([(a - b).abs() for a, b in zip(log_probs, reference, strict=True)])
         result["logprob_abs_diff_mean"] = diffs.mean().item()
+    gathered_diffs = [None] * world
+    dist.all_gather_object(gathered_diffs, result.get("logprob_abs_diff_mean"))
+    result["logprob_abs_diff_mean"] = max(d for d in gathered_diffs if d is not None)
     losses = []
     for _ in range(STEPS):
         stats = backend.train(share, normalizer)

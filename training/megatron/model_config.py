@@ -105,7 +105,13 @@ def model_args(hf: Any) -> list[str]:
     args += ["--hidden-size", str(s.hidden_size)]
     args += ["--ffn-hidden-size", str(s.ffn_hidden_size)]
     args += ["--normalization", "RMSNorm", "--position-embedding-type", "rope"]
-    args += ["--norm-epsilon", f"{s.norm_epsilon:g}", "--rotary-percent", "1.0", "--swiglu"]
+    args += [
+        "--norm-epsilon",
+        f"{s.norm_epsilon:g}".replace("e-0", "e-"),
+        "--rotary-percent",
+        "1.0",
+        "--swiglu",
+    ]
     if not s.tie_word_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     args += ["--vocab-size", str(s.vocab_size)]

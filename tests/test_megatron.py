@@ -1,0 +1,173 @@
+"""The Megatron backend on the CPU (gloo, megatron-core under the test-only shim).
+
+Two torchrun worlds (1 and 2 processes) run `tests/megatron/layouts.py`, which trains the
+built-in model under several parallel layouts on the same rows; the tests compare what they
+recorded. Start-up checks and the model-argument derivation are tested directly (no
+megatron-core import).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+
+from config.errors import UserError
+from config.schema import ParallelConfig, TrainConfig
+from models.tiny import tiny_config
+from training.megatron.model_config import model_args, model_shape
+from training.megatron.parallel import check_megatron_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIM_SITE = ROOT / "tests" / "megatron" / "site"
+TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "dp2-bf16", "dp2-bf16-cpuadam"]
+
+
+def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{SHIM_SITE}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    command += ["--master-port=0", str(ROOT / "tests/megatron/layouts.py"), str(out), *layouts]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("layouts")
+    results = run_layouts(out / "one.json", 1, ["tp1"])
+    results |= run_layouts(out / "two.json", 2, TWO_RANK_LAYOUTS)
+    return results, out
+
+
+def _weights(out: Path, layout: str) -> dict[str, torch.Tensor]:
+    name = "one.json" if layout == "tp1" else "two.json"
+    return torch.load(out / f"{name}.{layout}.pt")
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("layout", ["tp1", "tp2-sp", "ep2", "pp2"])
+def test_log_probs_equal_the_hugging_face_model(layouts, layout):
+    results, _ = layouts
+    assert results[layout]["logprob_abs_diff_mean"] < 1e-4
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("layout", ["tp1", "dp2", "tp2-sp", "ep2", "pp2"])
+def test_exported_weights_equal_the_hugging_face_state_dict_bit_for_bit(layouts, layout):
+    results, _ = layouts
+    assert results[layout]["exported_equals_hf_at_start"] is True
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("layout", ["dp2", "tp2-sp", "ep2", "pp2"])
+def test_parallel_layouts_train_like_tp1(layouts, layout):
+    results, out = layouts
+    expected = results["tp1"]["losses"]
+    assert len(set(expected)) == len(expected), "training must change the loss step to step"
+    assert results[layout]["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    reference, trained = _weights(out, "tp1"), _weights(out, layout)
+    assert reference.keys() == trained.keys()
+    for name in reference:
+        torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.megatron
+def test_cpu_adam_matches_the_device_optimizer(layouts):
+    """--optimizer-cpu-offload --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer
+    gives the parameters of a run without offload (bf16 parameters, fp32 optimizer state)."""
+    results, out = layouts
+    plain, offloaded = _weights(out, "dp2-bf16"), _weights(out, "dp2-bf16-cpuadam")
+    start = {n: t.to(torch.bfloat16) for n, t in _weights(out, "tp1").items()}
+    assert any(not torch.equal(plain[n], start[n]) for n in plain), "weights must have moved"
+    for name in plain:
+        torch.testing.assert_close(offloaded[name].float(), plain[name].float(), rtol=0, atol=0)
+    assert results["dp2-bf16-cpuadam"]["losses"] == results["dp2-bf16"]["losses"]
+
+
+# Start-up checks: each names the numbers.
+
+
+def _train(world: int, **parallel) -> TrainConfig:
+    return TrainConfig(backend="megatron", num_workers=world, parallel=ParallelConfig(**parallel))
+
+
+@pytest.mark.parametrize(
+    ("world", "parallel", "message"),
+    [
+        (4, dict(tensor=8), "4 is not divisible by tensor x pipeline x context"),
+        (3, dict(tensor=3, sequence=True), "4 attention heads are not divisible by"),
+        (6, dict(expert=3), "8 experts are not divisible by train.parallel.expert=3"),
+        (2, dict(tensor=2), "needs train.parallel.sequence=true"),
+        (2, dict(context=2), "context parallelism needs Transformer Engine"),
+        (1, dict(sequence=True), "sequence=true needs train.parallel.tensor > 1"),
+        (4, dict(pipeline=3), "not divisible by tensor x pipeline x context"),
+    ],
+)
+def test_invalid_layouts_fail_at_start_up_with_the_numbers(world, parallel, message):
+    with pytest.raises(UserError, match=message):
+        check_megatron_config(_train(world, **parallel), "float32", model_shape(tiny_config()))
+
+
+def test_cpu_adam_in_fp32_with_the_distributed_optimizer_is_refused():
+    train = _train(2)
+    train.optimizer_cpu_offload = True
+    with pytest.raises(UserError, match="train in bfloat16"):
+        check_megatron_config(train, "float32", model_shape(tiny_config()))
+    check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
+
+
+def qwen3_30b_a3b_config() -> Qwen3MoeConfig:
+    """The published config.json of Qwen/Qwen3-30B-A3B (architecture fields)."""
+    return Qwen3MoeConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    )
+
+
+# scripts/models/qwen3-30B-A3B.sh of the seed (slime), MODEL_ARGS, with the layer pattern
+# written out.
+SEED_MODEL_ARGS = (
+    "--disable-bias-linear --qk-layernorm --group-query-attention --num-attention-heads 32 "
+    "--num-query-groups 4 --kv-channels 128 --num-layers 48 --hidden-size 2048 "
+    "--ffn-hidden-size 6144 --normalization RMSNorm --position-embedding-type rope "
+    "--norm-epsilon 1e-6 --rotary-percent 1.0 --swiglu --untie-embeddings-and-output-weights "
+    "--vocab-size 151936 --rotary-base 1000000 --moe-ffn-hidden-size 768 "
+    "--moe-router-score-function softmax --moe-token-dispatcher-type alltoall "
+    "--moe-router-topk 8 --moe-layer-freq [" + ",".join(["1"] * 48) + "] --num-experts 128 "
+    "--moe-grouped-gemm --moe-token-drop-policy probs --moe-router-dtype fp32 "
+    "--moe-permute-fusion --moe-aux-loss-coeff 0"
+)
+
+
+def test_the_seed_model_args_fall_out_of_the_hugging_face_config():
+    assert " ".join(model_args(qwen3_30b_a3b_config())) == SEED_MODEL_ARGS
+
+
+def test_the_reference_layout_is_valid_for_qwen3_30b_a3b():
+    """The seed's PERF_ARGS on 8 GPUs: TP4 + SP, EP8, ETP1, with CPU Adam in bf16."""
+    train = _train(8, tensor=4, sequence=True, expert=8, expert_tensor=1)
+    train.optimizer_cpu_offload = True
+    train.overlap_cpu_optimizer_d2h_h2d = True
+    train.use_precision_aware_optimizer = True
+    check_megatron_config(train, "bfloat16", model_shape(qwen3_30b_a3b_config()))
