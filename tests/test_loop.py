@@ -61,7 +61,7 @@ def test_first_step_log_probs_match_and_ratio_is_one(driver):
 
 def test_trainer_log_probs_of_engine_samples(driver):
     """compute_log_probs on a trainer reproduces the rollout_log_probs column row by row."""
-    results = driver.engines.generate(driver.prompts.next_groups(4))
+    results = driver.engines.generate(driver.prompts.next_groups(4), step=1)
     refs = [b for r in results for b in r.batches]
     trainer = ray.get(driver.trainers.leader.compute_log_probs.remote(refs))
     rows = [
@@ -82,7 +82,7 @@ def test_after_a_step_engines_hold_the_trainers_weights_bit_for_bit(driver):
     for weights in engine_weights(driver):
         assert_bit_equal(weights, trained)
     assert driver.engines.weight_versions() == [driver.version] * len(driver.engines.actors)
-    batches = driver.engines.generate(driver.prompts.next_groups(2))[0].batches
+    batches = driver.engines.generate(driver.prompts.next_groups(2), step=1)[0].batches
     table_versions = ray.get(batches[0].ref).column("weight_version").to_pylist()
     assert set(table_versions) == {driver.version}
 

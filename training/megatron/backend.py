@@ -223,10 +223,37 @@ class MegatronBackend(TrainingBackend):
     def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
         from training.megatron.checkpoint import load_torch_dist
 
-        load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
+        # No autograd: in fp32 the optimizer's main weights are views of the parameters, and
+        # loading copies into them in place.
+        with torch.no_grad():
+            if with_optimizer:
+                _create_optimizer_state(self.optimizer)
+            load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
+            if with_optimizer:
+                _unshare_adam_steps(self.optimizer)
         if not with_optimizer:
             # The optimizer's fp32 main weights were copied from the model at start-up.
             self.optimizer.reload_model_params()
+
+
+def _create_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its state tensors, which a checkpoint load then overwrites in
+    place (megatron-core describes the state it loads from the state it has; Megatron-LM
+    does the same before loading)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.19.2 restores torch Adam's per-parameter `step` as ONE tensor shared by
+    every parameter; torch increments each parameter's step in place, so the shared counter
+    would advance once per parameter per update and the bias correction drift. Give each
+    parameter its own copy."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in part.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 class _Plan:

@@ -41,9 +41,22 @@ def save_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) ->
     """
     from megatron.core import dist_checkpointing
 
+    _check_writer()
     directory = Path(directory)
     _prepare_directory(directory)
     dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory))
+
+
+def _check_writer() -> None:
+    # megatron-core's torch_dist writer logs each worker's memory through psutil and fails
+    # the whole save, after writing, when psutil was missing at its import: say so up front.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not filesystem_async.HAVE_PSUTIL:
+        raise UserError(
+            "saving a torch_dist checkpoint needs psutil (megatron-core's writer uses it): "
+            "pip install psutil"
+        )
 
 
 def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) -> None:
@@ -127,7 +140,10 @@ def has_optimizer_state(directory: str | Path) -> bool:
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    return any(key.startswith(OPTIMIZER_KEY_PREFIX) for key in keys)
+    # A ChainedOptimizer (dense + expert optimizers) prefixes its parts with "chained_N.".
+    return any(
+        key.startswith(OPTIMIZER_KEY_PREFIX) or f".{OPTIMIZER_KEY_PREFIX}" in key for key in keys
+    )
 
 
 # The atomic switch-over of a save root.

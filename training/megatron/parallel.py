@@ -91,6 +91,13 @@ def optimizer_problems(train: TrainConfig, dtype: str) -> list[str]:
     return problems
 
 
+def check_layout(p: ParallelConfig, world: int, shape: ModelShape) -> None:
+    """The layout checks alone (the checkpoint converters run no optimizer)."""
+    problems = layout_problems(p, world, shape)
+    if problems:
+        raise UserError("invalid Megatron parallel layout: " + "; ".join(problems))
+
+
 def check_megatron_config(train: TrainConfig, dtype: str, shape: ModelShape) -> None:
     """Every start-up check of the Megatron backend; one error listing all problems."""
     problems = layout_problems(train.parallel, train.num_workers, shape)

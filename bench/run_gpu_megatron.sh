@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The Megatron GPU session behind bench/RESULTS.md ("Megatron backend"), on a 4-GPU machine
+# without uv or ray (2 training ranks + 2 engines on distinct GPUs, so weights go over NCCL).
+#   usage, from the repository root, carrying .whl and .whl-extra (see bench/run_gpu.sh):
+#     OUT=/some/dir bench/run_gpu_megatron.sh [tp2 ep2_cpuadam bench]   (default: all)
+# Writes into $OUT: env.txt, <step>.log, <step>_summary.json, <step>_metrics.jsonl,
+# megatron_bench.json.
+set -uo pipefail
+OUT=${OUT:?set OUT to an output folder}
+mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+  .whl/megatron_core-*.whl .whl-extra/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i -e warn -e deprecat | tee -a "$OUT/$name.log"
+  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+}
+loop() {  # loop NAME FLAGS...: the built-in task, Megatron backend, bf16, 2 trainers + 2 engines
+  local name=$1
+  shift
+  step "$name" 240 python3 driver.py --train.backend megatron --train.num_workers 2 \
+    --rollout.num_engines 2 --model.dtype bfloat16 --placement.cpus_per_bundle 1 \
+    --num_steps 40 --logging.output_dir "/tmp/$name" --logging.progress_bar false "$@"
+  cp "/tmp/$name/summary.json" "$OUT/${name}_summary.json"
+  cp "/tmp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
+}
+run_tp2() { loop tp2 --tensor-model-parallel-size 2 --sequence-parallel; }
+run_ep2_cpuadam() {
+  loop ep2_cpuadam --expert-model-parallel-size 2 --optimizer-cpu-offload \
+    --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer
+}
+run_bench() {
+  step bench 300 python3 -m torch.distributed.run --nproc-per-node 2 bench/bench_megatron.py \
+    --out "$OUT"
+}
+
+for name in "${@:-tp2 ep2_cpuadam bench}"; do
+  for one in $name; do "run_$one"; done
+done
