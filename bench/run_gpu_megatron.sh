@@ -38,7 +38,7 @@ loop() {  # loop NAME FLAGS...: the built-in task, Megatron backend, bf16, 2 tra
 run_tp2() { loop tp2 --tensor-model-parallel-size 2 --sequence-parallel; }
 run_ep2_cpuadam() {
   loop ep2_cpuadam --expert-model-parallel-size 2 --optimizer-cpu-offload \
-    --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer
+    --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer --save /tmp/ep2_ckpt --save-interval 20
 }
 run_bench() {
   step bench 300 python3 -m torch.distributed.run --nproc-per-node 2 bench/bench_megatron.py \
