@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The Megatron GPU session behind bench/RESULTS.md ("Megatron backend"), on a 4-GPU machine
-# without uv or ray (2 training ranks + 2 engines on distinct GPUs, so weights go over NCCL).
+# The Megatron GPU session behind bench/RESULTS.md ("Megatron backend"), without uv or ray.
+# On 4 GPUs the 2 training ranks and 2 engines take distinct GPUs (weights go over NCCL); on
+# 2 GPUs set LOOP_FLAGS="--placement.colocate true" (engines share the trainers' GPUs; weights
+# then go over gloo, and bench/bench_megatron.py measures the NCCL export path instead).
 #   usage, from the repository root, carrying .whl and .whl-extra (see bench/run_gpu.sh):
-#     OUT=/some/dir bench/run_gpu_megatron.sh [tp2 ep2_cpuadam bench]   (default: all)
+#     OUT=/some/dir [LOOP_FLAGS=...] bench/run_gpu_megatron.sh [tp2 ep2_cpuadam bench]
 # Writes into $OUT: env.txt, <step>.log, <step>_summary.json, <step>_metrics.jsonl,
 # megatron_bench.json.
 set -uo pipefail
@@ -31,7 +33,8 @@ loop() {  # loop NAME FLAGS...: the built-in task, Megatron backend, bf16, 2 tra
   shift
   step "$name" 240 python3 driver.py --train.backend megatron --train.num_workers 2 \
     --rollout.num_engines 2 --model.dtype bfloat16 --placement.cpus_per_bundle 1 \
-    --num_steps 40 --logging.output_dir "/tmp/$name" --logging.progress_bar false "$@"
+    --num_steps 40 --logging.output_dir "/tmp/$name" --logging.progress_bar false \
+    ${LOOP_FLAGS:-} "$@"
   cp "/tmp/$name/summary.json" "$OUT/${name}_summary.json"
   cp "/tmp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
 }
