@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 loop() {  # loop NAME FLAGS...: the built-in task, Megatron backend, bf16, 2 trainers + 2 engines
   local name=$1
   shift
-  step "$name" 240 python3 driver.py --train.backend megatron --train.num_workers 2 \
+  step "$name" 160 python3 driver.py --train.backend megatron --train.num_workers 2 \
     --rollout.num_engines 2 --model.dtype bfloat16 --placement.cpus_per_bundle 1 \
     --num_steps 40 --logging.output_dir "/tmp/$name" --logging.progress_bar false \
     ${LOOP_FLAGS:-} "$@"
@@ -44,7 +44,7 @@ run_ep2_cpuadam() {
     --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer --save /tmp/ep2_ckpt --save-interval 20
 }
 run_bench() {
-  step bench 300 python3 -m torch.distributed.run --nproc-per-node 2 bench/bench_megatron.py \
+  step bench 270 python3 -m torch.distributed.run --nproc-per-node 2 bench/bench_megatron.py \
     --out "$OUT"
 }
 

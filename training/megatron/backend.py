@@ -181,7 +181,7 @@ class MegatronBackend(TrainingBackend):
     def _micro_batches(self, batches: list[pa.RecordBatch]) -> tuple[list[MicroBatch], "_Plan"]:
         rows = rows_of(batches)
         plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
-        count = torch.tensor([len(plan)], dtype=torch.long)
+        count = torch.tensor([len(plan)], dtype=torch.long, device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # see the module docstring
         multiple = self.config.train.parallel.tensor if self.config.train.parallel.sequence else 1
         micro_batches = [_pad_to(pad_micro_batch(rows, i), multiple) for i in plan]
@@ -230,7 +230,7 @@ class MegatronBackend(TrainingBackend):
                 _create_optimizer_state(self.optimizer)
             load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
             if with_optimizer:
-                _unshare_adam_steps(self.optimizer)
+                _restore_adam_steps(self.optimizer)
         if not with_optimizer:
             # The optimizer's fp32 main weights were copied from the model at start-up.
             self.optimizer.reload_model_params()
@@ -245,15 +245,22 @@ def _create_optimizer_state(optimizer) -> None:
             part._init_optimizer_states_with_dummy_values()
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core 0.19.2 restores torch Adam's per-parameter `step` as ONE tensor shared by
-    every parameter; torch increments each parameter's step in place, so the shared counter
-    would advance once per parameter per update and the bias correction drift. Give each
-    parameter its own copy."""
+def _restore_adam_steps(optimizer) -> None:
+    """Put the loaded step count into torch Adam's per-parameter state.
+
+    megatron-core 0.19.2 (without Apex / Transformer Engine) restores the step into the param
+    groups but leaves each parameter's `step` at what the state had before loading, so Adam's
+    bias correction would restart; each parameter gets its group's step, as its own tensor.
+    """
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in part.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+        inner = part.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 class _Plan:
