@@ -30,7 +30,7 @@ TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "dp2-bf16", "dp2-bf16-cpuadam
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{SHIM_SITE}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    command += ["--master-port=0", str(ROOT / "tests/megatron/layouts.py"), str(out), *layouts]
+    command += ["--standalone", str(ROOT / "tests/megatron/layouts.py"), str(out), *layouts]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
@@ -72,8 +72,10 @@ def test_parallel_layouts_train_like_tp1(layouts, layout):
     assert results[layout]["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     reference, trained = _weights(out, "tp1"), _weights(out, layout)
     assert reference.keys() == trained.keys()
+    # Adam divides by sqrt(v): a gradient element near zero turns reduction-order rounding
+    # into up to ~1e-5 of weight after 3 steps of lr 0.01 (one step moves weights by 1e-2).
     for name in reference:
-        torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.megatron
