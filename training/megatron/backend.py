@@ -223,44 +223,11 @@ class MegatronBackend(TrainingBackend):
     def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
         from training.megatron.checkpoint import load_torch_dist
 
-        # No autograd: in fp32 the optimizer's main weights are views of the parameters, and
-        # loading copies into them in place.
-        with torch.no_grad():
-            if with_optimizer:
-                _create_optimizer_state(self.optimizer)
-            load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
-            if with_optimizer:
-                _restore_adam_steps(self.optimizer)
+        load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
         if not with_optimizer:
             # The optimizer's fp32 main weights were copied from the model at start-up.
-            self.optimizer.reload_model_params()
-
-
-def _create_optimizer_state(optimizer) -> None:
-    """Give a fresh optimizer its state tensors, which a checkpoint load then overwrites in
-    place (megatron-core describes the state it loads from the state it has; Megatron-LM
-    does the same before loading)."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not part.optimizer.state:
-            part._init_optimizer_states_with_dummy_values()
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Put the loaded step count into torch Adam's per-parameter state.
-
-    megatron-core 0.19.2 (without Apex / Transformer Engine) restores the step into the param
-    groups but leaves each parameter's `step` at what the state had before loading, so Adam's
-    bias correction would restart; each parameter gets its group's step, as its own tensor.
-    """
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = part.optimizer
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                state = inner.state.get(param)
-                if state and isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+            with torch.no_grad():
+                self.optimizer.reload_model_params()
 
 
 class _Plan:

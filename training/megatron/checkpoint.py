@@ -65,14 +65,12 @@ def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) ->
     The model loads from a checkpoint saved under any parallel layout (TP, PP, EP, ETP and
     DP may all differ): megatron-core reads each rank's slices of the global tensors. The
     optimizer state is saved in megatron-core's `dp_reshardable` format (Megatron-LM's
-    default), which needs the same tensor/pipeline/expert layout as at save time; only the
-    data-parallel size may change. A non-distributed optimizer's state follows the model's
-    sharding and loads under any layout. To load only the weights into a model that has an
-    optimizer, pass `optimizer=None`, then call `optimizer.reload_model_params()` so its
-    fp32 main copies follow the loaded weights.
+    default): load it under the tensor / pipeline / expert layout it was saved at
+    (megatron-core reshards this format over data parallelism only; the tests cover the same
+    layout). A non-distributed optimizer's state is sharded like the model's weights. To load
+    only the weights into a model that has an optimizer, pass `optimizer=None`, then call
+    `optimizer.reload_model_params()` so its fp32 main copies follow the loaded weights.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     directory = Path(directory)
     if not is_torch_dist_checkpoint(directory):
@@ -82,6 +80,18 @@ def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) ->
             f"{directory} holds no optimizer state (a converted Hugging Face checkpoint?); "
             f"load the model only and start the optimizer afresh"
         )
+    # No autograd: with fp32 weights the optimizer's main weights are views of the
+    # parameters, and loading copies into both in place.
+    with torch.no_grad():
+        _load(directory, model, optimizer)
+
+
+def _load(directory: Path, model: Any, optimizer: Any) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    if optimizer is not None:
+        _allocate_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, loading=True)
     # RAISE_UNEXPECTED: a model tensor the checkpoint lacks is an error named by its key
     # (a checkpoint of another model), while checkpoint entries not asked for (optimizer
@@ -90,6 +100,33 @@ def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) ->
     unwrap(model).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _restore_step_counts(optimizer)
+
+
+def _allocate_optimizer_state(optimizer: Any) -> None:
+    # megatron-core's DistributedOptimizer builds its sharded state dict from its live state,
+    # which torch's Adam allocates only at its first step (Apex / TE Adam allocate it at
+    # once). A fresh one therefore takes megatron-core's own zero-gradient warm-up step; the
+    # load then overwrites every value it touched (moments, step count, main weights).
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        warm_up = getattr(part, "_init_optimizer_states_with_dummy_values", None)
+        if warm_up is not None and not part.optimizer.state:
+            warm_up()
+
+
+def _restore_step_counts(optimizer: Any) -> None:
+    # Without Apex / TE, megatron-core's DistributedOptimizer restores the step count into
+    # the param groups, but torch's Adam reads (and increments in place) a `step` tensor in
+    # each parameter's state, which the load leaves stale or shared between parameters.
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 def unwrap(model: Any) -> torch.nn.Module:
