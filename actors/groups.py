@@ -4,6 +4,8 @@
 loop reads like; the per-actor fan-out, placement and start-up order live here.
 """
 
+from collections.abc import Callable
+
 import ray
 
 from actors.rollout_actor import EvalResult, RolloutActor, RolloutResult
@@ -67,22 +69,23 @@ class TrainGroup:
         return _first_when_all_done.remote(*calls)
 
     def weight_checksums(self) -> dict[str, str]:
-        return self._all("weight_checksums")
+        return self._all(lambda a: a.weight_checksums.remote())
 
     def named_weights(self) -> dict:
-        return self._all("named_weights")
+        return self._all(lambda a: a.named_weights.remote())
 
     def save_hf(self, path: str) -> None:
-        self._all("save_hf", path)
+        self._all(lambda a: a.save_hf.remote(path))
 
     def save_checkpoint(self, directory: str) -> None:
-        self._all("save_checkpoint", directory)
+        self._all(lambda a: a.save_checkpoint.remote(directory))
 
     def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
-        self._all("load_checkpoint", directory, with_optimizer)
+        self._all(lambda a: a.load_checkpoint.remote(directory, with_optimizer))
 
-    def _all(self, verb: str, *args):
-        return ray.get([getattr(a, verb).remote(*args) for a in self.actors])[0]
+    def _all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):
+        """Run `call` on every rank at once; rank 0's result."""
+        return ray.get([call(a) for a in self.actors])[0]
 
 
 @ray.remote(num_cpus=0)

@@ -52,6 +52,7 @@ class Driver:
         load_reward_fn(config.rollout.reward)
         if config.model.hf_checkpoint != BUILTIN_MODEL:
             check_checkpoint_dir(config.model.hf_checkpoint)
+        start_from = _checkpoint_to_load(config.checkpoint.load)
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
@@ -65,8 +66,8 @@ class Driver:
             self.weights.setup()
             self.version = 0
             self.steps_done = 0
-            if config.checkpoint.load:
-                self._load(config.checkpoint.load)
+            if start_from is not None:
+                self._load(start_from)
             # Engines start from exactly the trainer's weights (loaded or initial).
             self.weights.sync(version=self.version)
         except BaseException:
@@ -128,17 +129,8 @@ class Driver:
         (staging / LOOP_STATE_FILE).write_text(json.dumps(state, indent=2))
         return commit(root, self.steps_done)
 
-    def _load(self, path: str) -> None:
+    def _load(self, directory: Path) -> None:
         """Start from a checkpoint: resume a saved run, or take a converted model's weights."""
-        from training.megatron.checkpoint import latest
-
-        directory = latest(path)
-        if directory is None:
-            raise UserError(
-                f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt "
-                f"and no torch_dist metadata.json); convert one with "
-                f"tools/convert_hf_to_torch_dist.py or point at a checkpoint.save directory"
-            )
         state_file = directory / LOOP_STATE_FILE
         resuming = state_file.is_file()
         self.trainers.load_checkpoint(str(directory.resolve()), with_optimizer=resuming)
@@ -225,6 +217,22 @@ class Driver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _checkpoint_to_load(path: str | None) -> Path | None:
+    """The checkpoint directory `checkpoint.load` names, checked before any actor starts."""
+    if not path:
+        return None
+    from training.megatron.checkpoint import latest
+
+    directory = latest(path)
+    if directory is None:
+        raise UserError(
+            f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt "
+            f"and no torch_dist metadata.json); convert one with "
+            f"tools/convert_hf_to_torch_dist.py or point at a checkpoint.save directory"
+        )
+    return directory
 
 
 def _saved_at(root: str, step: int) -> bool:

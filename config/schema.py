@@ -374,6 +374,13 @@ class SluiceConfig:
             raise UserError("weight_sync.timeout_s must be > 0")
         if self.placement.cpus_per_bundle <= 0:
             raise UserError("placement.cpus_per_bundle must be > 0")
+        if self.checkpoint.save_interval < 0:
+            raise UserError("checkpoint.save_interval must be >= 0")
+        if self.checkpoint.save_interval and not self.checkpoint.save:
+            raise UserError(
+                f"checkpoint.save_interval={self.checkpoint.save_interval} needs checkpoint.save "
+                f"(--save DIR): where to write the checkpoints"
+            )
         if self.logging.eval_every < 0:
             raise UserError("logging.eval_every must be >= 0")
         return self

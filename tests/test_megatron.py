@@ -17,7 +17,7 @@ import torch
 from transformers import Qwen3MoeConfig
 
 from config.errors import UserError
-from config.schema import ParallelConfig, TrainConfig
+from config.schema import ParallelConfig, SluiceConfig, TrainConfig
 from models.tiny import tiny_config
 from training.megatron.model_config import model_args, model_shape
 from training.megatron.parallel import check_megatron_config
@@ -173,3 +173,21 @@ def test_the_reference_layout_is_valid_for_qwen3_30b_a3b():
     train.overlap_cpu_optimizer_d2h_h2d = True
     train.use_precision_aware_optimizer = True
     check_megatron_config(train, "bfloat16", model_shape(qwen3_30b_a3b_config()))
+
+
+def test_save_interval_needs_a_save_directory():
+    config = SluiceConfig()
+    config.checkpoint.save_interval = 5
+    with pytest.raises(UserError, match=r"needs checkpoint.save \(--save DIR\)"):
+        config.validate()
+
+
+def test_loading_a_missing_checkpoint_fails_before_any_actor_starts(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    command = [sys.executable, "driver.py", "--train.backend", "megatron"]
+    done = subprocess.run(
+        [*command, "--load", str(tmp_path / "none")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"checkpoint.load={tmp_path / 'none'} holds no checkpoint" in done.stderr
