@@ -24,7 +24,7 @@ from training.megatron.parallel import check_megatron_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM_SITE = ROOT / "tests" / "megatron" / "site"
-TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "dp2-bf16", "dp2-bf16-cpuadam"]
+TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2", "dp2-bf16", "dp2-bf16-cpuadam"]
 
 
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
@@ -50,21 +50,21 @@ def _weights(out: Path, layout: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.megatron
-@pytest.mark.parametrize("layout", ["tp1", "tp2-sp", "ep2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp1", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2"])
 def test_log_probs_equal_the_hugging_face_model(layouts, layout):
     results, _ = layouts
     assert results[layout]["logprob_abs_diff_mean"] < 1e-4
 
 
 @pytest.mark.megatron
-@pytest.mark.parametrize("layout", ["tp1", "dp2", "tp2-sp", "ep2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp1", "dp2", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2"])
 def test_exported_weights_equal_the_hugging_face_state_dict_bit_for_bit(layouts, layout):
     results, _ = layouts
     assert results[layout]["exported_equals_hf_at_start"] is True
 
 
 @pytest.mark.megatron
-@pytest.mark.parametrize("layout", ["dp2", "tp2-sp", "ep2", "pp2"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2"])
 def test_parallel_layouts_train_like_tp1(layouts, layout):
     results, out = layouts
     expected = results["tp1"]["losses"]

@@ -2,11 +2,12 @@
 
 Started by tests/test_megatron.py as
     torchrun --nproc-per-node N tests/megatron/layouts.py OUT.json LAYOUT [LAYOUT ...]
-with the CPU shim on PYTHONPATH. Each layout (e.g. `tp2`, `ep2`, `dp2`, `tp2-sp`, `dp2-cpuadam`)
-builds a fresh `MegatronBackend` over the same built-in model and the same rollout rows, runs
-three optimizer steps and records, on rank 0: the step losses, the log-probs of the rows
-before training against the Hugging Face model's, whether the export before training equals
-the Hugging Face tensors bit for bit, and (in OUT.json.LAYOUT.pt) the exported weights after.
+with the CPU shim on PYTHONPATH. Each layout (e.g. `dp2`, `tp2-sp`, `ep2`, `pp2`,
+`tp2-sp-etp2`, `dp2-bf16-cpuadam`) builds a fresh `MegatronBackend` over the same built-in
+model and the same rollout rows, runs three optimizer steps and records, on rank 0: the step
+losses, the log-probs of the rows before training against the Hugging Face model's, whether
+the export before training equals the Hugging Face tensors bit for bit, and (in
+OUT.json.LAYOUT.pt) the exported weights after.
 Paying megatron-core's import once for many layouts keeps the suite fast.
 """
 
@@ -39,7 +40,9 @@ def layout_config(name: str, world: int) -> SluiceConfig:
     config.train.max_tokens_per_micro_batch = 40  # several micro-batches per step
     p = ParallelConfig()
     for part in name.split("-"):
-        if part.startswith("tp"):
+        if part.startswith("etp"):
+            p.expert_tensor = int(part[3:])
+        elif part.startswith("tp"):
             p.tensor = int(part[2:])
         elif part.startswith("ep"):
             p.expert = int(part[2:])
