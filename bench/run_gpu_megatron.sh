@@ -4,7 +4,7 @@
 # 2 GPUs set LOOP_FLAGS="--placement.colocate true" (engines share the trainers' GPUs; weights
 # then go over gloo, and bench/bench_megatron.py measures the NCCL export path instead).
 #   usage, from the repository root, carrying .whl and .whl-extra (see bench/run_gpu.sh):
-#     OUT=/some/dir [LOOP_FLAGS=...] bench/run_gpu_megatron.sh [tp2 ep2_cpuadam bench]
+#     OUT=/some/dir [LOOP_FLAGS=...] bench/run_gpu_megatron.sh [tp2 ep2_cpuadam nccl bench]
 # Writes into $OUT: env.txt, <step>.log, <step>_summary.json, <step>_metrics.jsonl,
 # megatron_bench.json.
 set -uo pipefail
@@ -43,11 +43,14 @@ run_ep2_cpuadam() {
   loop ep2_cpuadam --expert-model-parallel-size 2 --optimizer-cpu-offload \
     --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer --save /tmp/ep2_ckpt --save-interval 20
 }
+run_nccl() {  # 1 trainer + 1 engine on distinct GPUs: the Megatron export over NCCL, checked
+  loop nccl --train.num_workers 1 --rollout.num_engines 1 --weight_sync.verify true
+}
 run_bench() {
   step bench 270 python3 -m torch.distributed.run --nproc-per-node 2 bench/bench_megatron.py \
     --out "$OUT"
 }
 
-for name in "${@:-tp2 ep2_cpuadam bench}"; do
+for name in "${@:-tp2 ep2_cpuadam nccl bench}"; do
   for one in $name; do "run_$one"; done
 done
