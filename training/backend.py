@@ -8,6 +8,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from rl.grpo import log_prob_mismatch
 from weights.manifest import TensorSpec, manifest_of
 
 
@@ -33,6 +34,22 @@ class TrainStats:
     rollout_kl_sum: float = 0.0
     grad_norm: float = 0.0
     compute_seconds: float = 0.0
+
+    def add_micro_batch(self, loss, policy_loss, log_probs, mb, loss_stats) -> None:
+        """Accumulate one micro-batch: its loss terms and the trainer/engine mismatch of its
+        loss tokens (`mb` is a `training.batch.MicroBatch`, `loss_stats` from `policy_loss`)."""
+        self.loss += loss.item()
+        self.policy_loss += policy_loss.item()
+        mismatch = log_prob_mismatch(log_probs.detach(), mb.rollout_log_probs, mb.loss_mask)
+        tokens = mismatch["num_tokens"].item()
+        self.tokens += tokens
+        self.clipped_sum += (loss_stats.clipped & mb.loss_mask.bool()).sum().item()
+        self.logprob_abs_diff_sum += mismatch["logprob_abs_diff_mean"].item() * tokens
+        self.logprob_abs_diff_max = max(
+            self.logprob_abs_diff_max, mismatch["logprob_abs_diff_max"].item()
+        )
+        self.importance_ratio_sum += mismatch["importance_ratio_mean"].item() * tokens
+        self.rollout_kl_sum += mismatch["kl_k3"].item() * tokens
 
     @staticmethod
     def reduce(per_rank: list["TrainStats"]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from config.schema import SluiceConfig
 from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_model, load_tokenizer
-from rl.grpo import aggregate, kl_penalty, log_prob_mismatch, log_probs_from_logits, policy_loss
+from rl.grpo import aggregate, kl_penalty, log_probs_from_logits, policy_loss
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
@@ -106,18 +106,7 @@ class TorchBackend(TrainingBackend):
             stats.kl_loss += kl.item()
         # DDP averages gradients over ranks; the normalizer is already global, so undo the mean.
         (loss * self.world_size).backward()
-        stats.loss += loss.item()
-        stats.policy_loss += pg_loss.item()
-        mismatch = log_prob_mismatch(log_probs, mb.rollout_log_probs, mb.loss_mask)
-        tokens = mismatch["num_tokens"].item()
-        stats.tokens += tokens
-        stats.clipped_sum += (loss_stats.clipped & mb.loss_mask.bool()).sum().item()
-        stats.logprob_abs_diff_sum += mismatch["logprob_abs_diff_mean"].item() * tokens
-        stats.logprob_abs_diff_max = max(
-            stats.logprob_abs_diff_max, mismatch["logprob_abs_diff_max"].item()
-        )
-        stats.importance_ratio_sum += mismatch["importance_ratio_mean"].item() * tokens
-        stats.rollout_kl_sum += mismatch["kl_k3"].item() * tokens
+        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats)
 
     def _empty_backward(self) -> None:
         """Join the gradient all-reduce with zero gradients when this rank got no rows."""

@@ -20,6 +20,7 @@ logits (`vocab_parallel_cross_entropy`): no rank ever gathers a full-vocabulary 
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ import torch.distributed as dist
 
 from config.schema import BUILTIN_MODEL, SluiceConfig
 from models.loading import DTYPES, check_checkpoint_dir, load_tokenizer
-from rl.grpo import aggregate, kl_penalty, log_prob_mismatch, policy_loss
+from rl.grpo import aggregate, kl_penalty, policy_loss
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
+    Rows,
     pad_micro_batch,
     response_log_probs,
     rows_of,
@@ -119,7 +121,7 @@ class MegatronBackend(TrainingBackend):
             if self.reports_stats:
                 stats.kl_loss += kl.item()
         if self.reports_stats:
-            _record(stats, loss, pg_loss, log_probs, mb, loss_stats)
+            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats)
         # megatron-core divides by the number of micro-batches and its data-parallel gradient
         # reduction averages; the normalizer is already the step's global count, so undo both.
         return loss * scale, {}
@@ -135,14 +137,13 @@ class MegatronBackend(TrainingBackend):
         """Per-row response log-probs on the last pipeline stage (an empty list elsewhere).
 
         A collective: every rank of the training world must call it with its share."""
-        rows = rows_of(batches)
         micro_batches, real = self._micro_batches(batches)
         per_token = self._forward_only(self.model, micro_batches)
         if not self.is_last_stage:
             return []
         out = []
         for indices, lp in zip(real.plan, per_token, strict=False):
-            out += [t.cpu() for t in response_log_probs(lp, rows, indices)]
+            out += [t.cpu() for t in response_log_probs(lp, real.rows, indices)]
         return out
 
     def _forward_only(self, model, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
@@ -186,7 +187,7 @@ class MegatronBackend(TrainingBackend):
         multiple = self.config.train.parallel.tensor if self.config.train.parallel.sequence else 1
         micro_batches = [_pad_to(pad_micro_batch(rows, i), multiple) for i in plan]
         micro_batches += [_empty_micro_batch(multiple)] * (int(count.item()) - len(plan))
-        return [mb.to(self.device) for mb in micro_batches], _Plan(plan, len(rows))
+        return [mb.to(self.device) for mb in micro_batches], _Plan(plan, rows)
 
     # Weights out.
 
@@ -230,26 +231,20 @@ class MegatronBackend(TrainingBackend):
                 self.optimizer.reload_model_params()
 
 
+@dataclass
 class _Plan:
-    def __init__(self, plan: list[list[int]], samples: int):
-        self.plan = plan
-        self.count = len(plan)
-        self.samples = samples
+    """This rank's real rows and their micro-batches (row indices), before padding."""
 
+    plan: list[list[int]]
+    rows: Rows
 
-def _record(stats, loss, pg_loss, log_probs, mb, loss_stats) -> None:
-    stats.loss += loss.item()
-    stats.policy_loss += pg_loss.item()
-    mismatch = log_prob_mismatch(log_probs.detach(), mb.rollout_log_probs, mb.loss_mask)
-    tokens = mismatch["num_tokens"].item()
-    stats.tokens += tokens
-    stats.clipped_sum += (loss_stats.clipped & mb.loss_mask.bool()).sum().item()
-    stats.logprob_abs_diff_sum += mismatch["logprob_abs_diff_mean"].item() * tokens
-    stats.logprob_abs_diff_max = max(
-        stats.logprob_abs_diff_max, mismatch["logprob_abs_diff_max"].item()
-    )
-    stats.importance_ratio_sum += mismatch["importance_ratio_mean"].item() * tokens
-    stats.rollout_kl_sum += mismatch["kl_k3"].item() * tokens
+    @property
+    def count(self) -> int:
+        return len(self.plan)
+
+    @property
+    def samples(self) -> int:
+        return len(self.rows)
 
 
 def _pad_to(mb: MicroBatch, multiple: int) -> MicroBatch:
