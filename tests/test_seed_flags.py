@@ -83,7 +83,11 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         ),
         (["--load", "/ckpt/in"], "checkpoint.load", "/ckpt/in"),
         (["--save", "/ckpt/out"], "checkpoint.save", "/ckpt/out"),
-        (["--save-interval", "20"], "checkpoint.save_interval", 20),
+        (
+            ["--save-interval", "20", "--save", "/ckpt/out"],
+            "checkpoint.save_interval",
+            20,
+        ),
         (["--num-rollout", "3000"], "num_steps", 3000),
         (["--seed", "42"], "seed", 42),
         (["--n-samples-per-prompt", "16"], "rollout.samples_per_prompt", 16),
