@@ -36,6 +36,7 @@ from config.seed_flags import (
     merge_aliases,
     unaliased_flag_message,
 )
+from inference.sglang.flags import split_cli_flags
 from placement.cluster import synthetic_cluster
 from placement.planner import ClusterShape, plan_layout
 
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="recipe YAML file")
     parser.add_argument(
+        "--sglang-FLAG",
+        metavar="VALUE",
+        help="any server flag of sglang.launch_server, e.g. --sglang-mem-fraction-static 0.7 "
+        "(= rollout.sglang.server_args; checked against the pinned SGLang's flags)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and placement plan"
     )
     parser.add_argument(
@@ -75,12 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
     """Recipe + `--section.key value` overrides (or their slime names, see
     `config.seed_flags`) -> a validated config (UserError otherwise)."""
+    argv, sglang_flags = split_cli_flags(argv)
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         raise UserError(unknown_flag_message(unknown))
     keyed = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
     overrides = merge_aliases(keyed, given_aliases(args))
-    return load_config(args.config, overrides), args
+    config = load_config(args.config, overrides)
+    if sglang_flags:  # on top of the recipe's server_args, flag by flag
+        server_args = config.rollout.sglang.server_args
+        config.rollout.sglang.server_args = {**server_args, **sglang_flags}
+        config.validate()
+    return config, args
 
 
 def unknown_flag_message(unknown: list[str]) -> str:
@@ -114,7 +127,12 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
         import torch
 
         cluster = synthetic_cluster(1, torch.cuda.device_count(), float(os.cpu_count() or 1))
-    print(plan_layout(cluster, config).describe())
+    layout = plan_layout(cluster, config)
+    print(layout.describe())
+    if config.rollout.engine == "sglang":
+        from inference.sglang.launch import describe_engines
+
+        print("\n" + describe_engines(config, layout))
 
 
 def parse_cluster_spec(spec: str) -> ClusterShape:

@@ -168,6 +168,10 @@ def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(value, inner[0], key, where)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{where}: {key} should be a mapping of names to values")
+        return dict(value)
     if origin is typing.Literal:
         if isinstance(value, bool) and {"yes", "no"} <= set(args):
             value = "yes" if value else "no"  # YAML 1.1 reads an unquoted yes/no as a bool

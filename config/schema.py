@@ -7,7 +7,7 @@ starts; each check names the field and the fix.
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from config.errors import UserError
 
@@ -53,11 +53,34 @@ class DataConfig:
 
 
 @dataclass
+class SglangConfig:
+    """The SGLang engine (`rollout.engine: sglang`): one `sglang.launch_server` per engine node."""
+
+    server_args: dict[str, Any] = field(default_factory=dict)
+    """SGLang server flags by name, e.g. `{mem-fraction-static: 0.7, cuda-graph-bs-decode:
+    [1, 2, 4]}`; on the command line `--sglang-mem-fraction-static 0.7`. Sluice sets
+    --model-path, --tp-size, --nnodes, --node-rank, --dist-init-addr, --base-gpu-id, --host
+    and --port from the config and the placement; the dry run shows each final command."""
+
+    startup_timeout_s: float = 1200.0
+    """How long a server may take to answer /health after launch (loading 30B weights and
+    capturing CUDA graphs takes minutes)."""
+
+    request_timeout_s: float = 3600.0
+    """How long one /generate or weight-update request may take before the engine counts as
+    not answering."""
+
+    max_inflight_per_engine: int = 512
+    """Prompt-group requests one RolloutActor keeps in flight per server; SGLang batches them."""
+
+
+@dataclass
 class RolloutConfig:
     """Rollout engines and sampling."""
 
     engine: str = "transformers"
-    """Inference engine type (registry name): `transformers` (in-process, CPU or GPU)."""
+    """Inference engine type (registry name): `transformers` (in-process, CPU or GPU) or
+    `sglang` (SGLang servers on GPUs; see the `sglang` section)."""
 
     num_engines: int = 1
     """How many RolloutActors (engines) generate in parallel."""
@@ -96,6 +119,9 @@ class RolloutConfig:
     groups_per_batch: int = 4
     """Prompt groups per Arrow record batch put into the object store (the unit the driver
     balances across trainers)."""
+
+    sglang: SglangConfig = field(default_factory=SglangConfig)
+    """SGLang server flags and timeouts (used when engine is sglang)."""
 
     @property
     def prompts_per_step(self) -> int:

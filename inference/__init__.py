@@ -27,7 +27,11 @@ def _transformers_engine(config: SluiceConfig, device: "torch.device") -> "Infer
     )
 
 
-ENGINES = {"transformers": _transformers_engine}
+def _sglang_engine(config: SluiceConfig, device: "torch.device") -> "InferenceEngine":
+    raise NotImplementedError
+
+
+ENGINES = {"transformers": _transformers_engine, "sglang": _sglang_engine}
 
 
 def check_engine_config(config: SluiceConfig) -> None:
@@ -37,6 +41,10 @@ def check_engine_config(config: SluiceConfig) -> None:
         raise UserError(
             f"rollout.engine={r.engine!r} is not a known engine; use one of {sorted(ENGINES)}"
         )
+    if r.engine == "sglang":
+        from inference.sglang.launch import check_sglang_config
+
+        check_sglang_config(config)
     if r.engine == "transformers":
         if r.gpus_per_engine != 1:
             raise UserError(
