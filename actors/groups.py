@@ -13,6 +13,7 @@ from actors.train_actor import TrainActor
 from config.schema import SluiceConfig
 from data.prompts import PromptRecord
 from data.schema import RolloutBatchRef
+from inference.sglang.engine import EngineSite
 from placement.groups import Placement, Role
 from training.backend import TrainStats
 from weights.manifest import Bucket
@@ -99,13 +100,34 @@ class RolloutGroup:
 
     def __init__(self, config: SluiceConfig, placement: Placement):
         self.config = config
+        serving = config.rollout.engine == "sglang"
         self.actors = [
             RemoteRolloutActor.options(
                 name=f"sluice-rollout-{e}", **placement.actor_options(Role.ENGINE, e)
-            ).remote(config, e)
+            ).remote(config, e, engine_site(placement, e) if serving else None)
             for e in range(config.rollout.num_engines)
         ]
         self._next_group_id = 0
+        self.connect_peers()
+
+    def connect_peers(self) -> None:
+        """Tell every serving engine the others' URLs (it balances and retries over them)."""
+        urls = [u for u in ray.get([a.url.remote() for a in self.actors]) if u is not None]
+        if urls:
+            ray.get([a.connect_peers.remote(urls) for a in self.actors])
+
+    def ensure_running(self) -> bool:
+        """Restart dead engines (each reports its log tail); True if any restarted."""
+        restarted = any(ray.get([a.ensure_running.remote() for a in self.actors]))
+        if restarted:
+            self.connect_peers()
+        return restarted
+
+    def release_memory(self) -> None:
+        ray.get([a.release_memory.remote() for a in self.actors])
+
+    def resume_memory(self) -> None:
+        ray.get([a.resume_memory.remote() for a in self.actors])
 
     def generate(self, prompts: list[PromptRecord], step: int) -> list[RolloutResult]:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.
@@ -135,6 +157,19 @@ class RolloutGroup:
 
     def weight_versions(self) -> list[int]:
         return ray.get([a.weight_version.remote() for a in self.actors])
+
+
+def engine_site(placement: Placement, engine: int) -> EngineSite:
+    """Where engine `engine`'s servers go: its GPUs per node, and the actor options of the
+    helper that runs the server on each node after the first."""
+    spans = placement.layout.engine_spans(engine)
+    return EngineSite(
+        layout=placement.layout,
+        gpu_ids=[[placement.gpu_id(slot) for slot in span.slots] for span in spans],
+        node_options=[
+            placement.actor_options(Role.ENGINE, engine, node_rank=k) for k in range(len(spans))
+        ],
+    )
 
 
 def split_evenly[T](items: list[T], parts: int) -> list[list[T]]:

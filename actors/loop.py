@@ -62,7 +62,9 @@ class Driver:
         try:
             self.engines = RolloutGroup(config, self.placement)
             self.trainers = TrainGroup(config, self.placement)
-            self.weights = WeightSync(config.weight_sync, self.trainers, self.engines, self.layout)
+            self.weights = WeightSync(
+                config.weight_sync, self.trainers, self.engines, self.layout, config.rollout.engine
+            )
             self.weights.setup()
             self.version = 0
             self.steps_done = 0
@@ -89,9 +91,15 @@ class Driver:
             normalizer = sum(b.num_loss_tokens for b in batches)
         else:
             normalizer = sum(b.num_samples for b in batches)
+        if self.layout.colocate:  # colocated engines give their GPU memory to the trainers
+            self.engines.release_memory()
         train_stats = self.trainers.train(shares, normalizer)
+        if self.layout.colocate:
+            self.engines.resume_memory()
         train_done = time.perf_counter()
         self.version += 1
+        if self.engines.ensure_running():  # a restarted engine needs a new group
+            self.weights.rebuild()
         sync = self.weights.sync(self.version)
         end = time.perf_counter()
         self.steps_done += 1

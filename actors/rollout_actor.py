@@ -15,6 +15,7 @@ samples from half-loaded weights.
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 import torch
@@ -32,6 +33,9 @@ from rl.rewards import compute_reward, load_reward_fn
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo
 from weights.sync import SyncStats
+
+if TYPE_CHECKING:
+    from inference.sglang.engine import EngineSite
 
 
 @dataclass
@@ -66,12 +70,12 @@ CORRECT_REWARD = 1.0
 
 
 class RolloutActor:
-    def __init__(self, config: SluiceConfig, engine_index: int):
+    def __init__(self, config: SluiceConfig, engine_index: int, site: "EngineSite | None" = None):
         self.config = config
         self.engine_index = engine_index
         self.device = actor_device()
         self.tokenizer = load_tokenizer(config.model)
-        self.engine = create_engine(config, self.device)
+        self.engine = create_engine(config, self.device, engine_index, site)
         self.reward_path = config.rollout.reward
         self.reward_fn = load_reward_fn(self.reward_path)
 
@@ -172,7 +176,30 @@ class RolloutActor:
             reward_sum=float(sum(rewards)),
         )
 
+    # Serving engines (SGLang): peers to balance over, restarts, memory around training.
+
+    def url(self) -> str | None:
+        return self.engine.url
+
+    def connect_peers(self, urls: list[str]) -> None:
+        self.engine.connect_peers(urls)
+
+    def ensure_running(self) -> bool:
+        return self.engine.ensure_running()
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
     # Weight updates (SGLang's verbs), delegated to the engine.
+
+    def weight_ranks(self) -> int:
+        return self.engine.weight_ranks
+
+    def destroy_weights_update_group(self) -> None:
+        self.engine.destroy_weights_update_group()
 
     def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
         self.engine.init_weights_update_group(info, rank_offset)

@@ -66,6 +66,11 @@ class TrainActor:
     def init_weights_update_group(self, info: GroupInfo) -> None:
         self.sender = WeightSender(init_weights_update_group(info, rank=0))
 
+    def close_weights_update_group(self) -> None:
+        if self.sender is not None:
+            self.sender.group.close()
+            self.sender = None
+
     def broadcast_weights(self, plan: list[Bucket], version: int) -> SyncStats | None:
         weights = self.backend.named_weights()
         if self.sender is None:

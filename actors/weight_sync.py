@@ -25,7 +25,12 @@ from weights.sync import SyncStats
 
 class WeightSync:
     def __init__(
-        self, config: WeightSyncConfig, trainers: TrainGroup, engines: RolloutGroup, layout: Layout
+        self,
+        config: WeightSyncConfig,
+        trainers: TrainGroup,
+        engines: RolloutGroup,
+        layout: Layout,
+        engine_type: str = "transformers",
     ):
         self.config = config
         self.backend = transport_backend(config, layout.use_gpus, layout.colocate)
@@ -33,22 +38,38 @@ class WeightSync:
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
+        # SGLang servers join and receive with plain collectives: no join check, warm-up or
+        # per-sync handshake may run in a group that has them (see GroupInfo.checked).
+        self.checked = engine_type != "sglang"
 
     def setup(self) -> None:
+        """Build the group: the trainer leader is rank 0, engine e's ranks follow the previous
+        engines' (an SGLang engine takes one rank per GPU: rank_offset + tp_rank)."""
         address, port = ray.get(self.leader.pick_master.remote())
+        widths = ray.get([e.weight_ranks.remote() for e in self.engines])
+        offsets = [1 + sum(widths[:i]) for i in range(len(widths))]
         info = GroupInfo(
             master_address=address,
             master_port=port,
-            world_size=1 + len(self.engines),
+            world_size=1 + sum(widths),
             backend=self.backend,
             timeout_s=self.config.timeout_s,
+            checked=self.checked,
         )
         joins = [self.leader.init_weights_update_group.remote(info)]
         joins += [
-            e.init_weights_update_group.remote(info, 1 + i) for i, e in enumerate(self.engines)
+            e.init_weights_update_group.remote(info, offset)
+            for e, offset in zip(self.engines, offsets, strict=True)
         ]
         ray.get(joins)
         self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
+
+    def rebuild(self) -> None:
+        """A new group after an engine restarted (a restarted server is in no group): every
+        engine leaves the old one, the trainer closes it, then `setup` runs again."""
+        ray.get([e.destroy_weights_update_group.remote() for e in self.engines])
+        ray.get(self.leader.close_weights_update_group.remote())
+        self.setup()
 
     def sync(self, version: int) -> SyncStats:
         ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])

@@ -9,9 +9,12 @@ if TYPE_CHECKING:  # torch and transformers load only when an engine is built
     import torch
 
     from inference.engine import InferenceEngine
+    from inference.sglang.engine import EngineSite
 
 
-def _transformers_engine(config: SluiceConfig, device: "torch.device") -> "InferenceEngine":
+def _transformers_engine(
+    config: SluiceConfig, device: "torch.device", engine_index: int, site: "EngineSite | None"
+) -> "InferenceEngine":
     from inference.transformers_engine import TransformersEngine
     from models.loading import load_model, load_tokenizer
 
@@ -27,8 +30,14 @@ def _transformers_engine(config: SluiceConfig, device: "torch.device") -> "Infer
     )
 
 
-def _sglang_engine(config: SluiceConfig, device: "torch.device") -> "InferenceEngine":
-    raise NotImplementedError
+def _sglang_engine(
+    config: SluiceConfig, device: "torch.device", engine_index: int, site: "EngineSite | None"
+) -> "InferenceEngine":
+    from inference.sglang.engine import SglangEngine
+
+    if site is None:
+        raise ValueError("the SGLang engine needs its EngineSite (where its servers run)")
+    return SglangEngine(config, engine_index, site)
 
 
 ENGINES = {"transformers": _transformers_engine, "sglang": _sglang_engine}
@@ -58,6 +67,12 @@ def check_engine_config(config: SluiceConfig) -> None:
             )
 
 
-def create_engine(config: SluiceConfig, device: "torch.device") -> "InferenceEngine":
+def create_engine(
+    config: SluiceConfig,
+    device: "torch.device",
+    engine_index: int = 0,
+    site: "EngineSite | None" = None,
+) -> "InferenceEngine":
+    """Engine `engine_index` of the config's type; `site` places an engine's servers (SGLang)."""
     check_engine_config(config)
-    return ENGINES[config.rollout.engine](config, device)
+    return ENGINES[config.rollout.engine](config, device, engine_index, site)

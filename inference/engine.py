@@ -60,5 +60,30 @@ class InferenceEngine(ABC):
     def weight_checksums(self) -> dict[str, str]:
         """Bit-exact checksum per weight, for verify mode."""
 
+    # Optional hooks, no-ops for an in-process engine; the SGLang engine implements them.
+
+    weight_ranks: int = 1
+    """Ranks the engine takes in the weight group (rank_offset, rank_offset + 1, ...)."""
+
+    url: str | None = None
+    """Where the engine serves HTTP requests (None: in-process)."""
+
+    def connect_peers(self, urls: list[str]) -> None:  # noqa: B027
+        """Learn every engine's URL, to balance and retry requests over them."""
+
+    def ensure_running(self) -> bool:
+        """Restart the engine if it died; True if it did (it then needs the weight group
+        rebuilt and a sync before it generates)."""
+        return False
+
+    def destroy_weights_update_group(self) -> None:  # noqa: B027
+        """Leave the weight group (before the driver builds a new one)."""
+
+    def release_memory(self) -> None:  # noqa: B027
+        """Free GPU memory while colocated trainers step."""
+
+    def resume_memory(self) -> None:  # noqa: B027
+        """Take the memory back before weights are updated."""
+
     def shutdown(self) -> None:  # noqa: B027 (optional hook: engines with nothing to free)
         """Release processes and memory."""

@@ -47,6 +47,15 @@ class SafetensorsReader:
             self._handles[file] = safe_open(str(self.directory / file), framework="pt")
         return self._handles[file].get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of `name` from its file's header (no data read); None if absent."""
+        file = self._file_of.get(name)
+        if file is None:
+            return None
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+        return tuple(self._handles[file].get_slice(name).get_shape())
+
 
 def _weight_map(directory: Path) -> dict[str, str]:
     """Tensor name -> file name, from the index or the single file's header."""

@@ -143,6 +143,27 @@ def test_plan_buckets_mixed_dtypes_and_sglang_fields():
         plan_buckets(mixed, 0)
 
 
+def test_plan_buckets_starts_every_tensor_at_an_offset_aligned_to_its_dtype():
+    """SGLang's `FlattenedTensorBucket.empty` refuses a tensor at an offset its itemsize does
+    not divide; the planner closes the bucket there instead, keeping the order."""
+    mixed = [
+        TensorSpec("flags", "bool", (3,)),  # 3 bytes: the next float32 would sit at offset 3
+        TensorSpec("w", "float32", (2,)),
+        TensorSpec("b", "bfloat16", (1,)),  # offset 8
+        TensorSpec("q", "int8", (5,)),  # offset 10: int8 fits anywhere
+        TensorSpec("x", "int64", (1,)),  # offset 15: misaligned, a new bucket
+        TensorSpec("y", "int8", (1,)),
+    ]
+    plan = plan_buckets(mixed, bucket_bytes=1024)
+    assert [b.names for b in plan] == [["flags"], ["w", "b", "q"], ["x", "y"]]
+    assert [s.name for b in plan for s in b.specs] == [s.name for s in mixed]
+    for bucket in plan:
+        for spec, start, _ in bucket.slices():
+            assert start % spec.torch_dtype.itemsize == 0, (spec, start)
+    aligned = [TensorSpec("a", "bfloat16", (3,)), TensorSpec("b", "bfloat16", (1,))]
+    assert len(plan_buckets(aligned, bucket_bytes=1024)) == 1  # 2-byte offsets suit bf16
+
+
 def test_check_manifest_accepts_an_exact_match():
     check_manifest(specs(1, 2, 3), list(reversed(specs(1, 2, 3))))
     check_manifest({s.name: s for s in specs(4)}, specs(4))

@@ -6,7 +6,9 @@ plan to every engine, and each engine checks it against its own model.
 
 A bucket's wire layout is the raw bytes of its tensors concatenated in plan order with no
 padding, which is also SGLang's `load_format="flattened_bucket"` layout: one `Bucket` maps to one
-`POST /update_weights_from_distributed` with `names`, `dtypes` and `shapes` taken from it.
+`POST /update_weights_from_distributed` with `names`, `dtypes` and `shapes` taken from it. Every
+tensor starts at a byte offset that is a multiple of its dtype's size, since SGLang views each
+slice of the buffer as its dtype and refuses a bucket where one is not (`plan_buckets`).
 """
 
 import hashlib
@@ -117,7 +119,10 @@ def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int) -> list[Bucket]
 
     Takes specs rather than tensors so that a trainer which gathers sharded weights lazily can
     plan before it materialises anything. A tensor larger than `bucket_bytes` gets a bucket of
-    its own (the sender then broadcasts it in place, without a copy).
+    its own (the sender then broadcasts it in place, without a copy). A tensor that would start
+    at a byte offset its dtype's size does not divide (after an odd-sized int8 or bool tensor,
+    say) starts a new bucket instead: SGLang's `FlattenedTensorBucket.empty` refuses such a
+    bucket, and the order must stay the sender's, so neither padding nor reordering will do.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
@@ -125,7 +130,8 @@ def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int) -> list[Bucket]
     current: list[TensorSpec] = []
     size = 0
     for spec in specs:
-        if current and size + spec.nbytes > bucket_bytes:
+        misaligned = size % spec.torch_dtype.itemsize != 0
+        if current and (misaligned or size + spec.nbytes > bucket_bytes):
             buckets.append(Bucket(tuple(current), size))
             current, size = [], 0
         current.append(spec)

@@ -11,6 +11,15 @@ The join mirrors SGLang's `POST /init_weights_update_group` (master_address, mas
 rank_offset, world_size, group_name, backend): the trainer picks the address and port
 (`pick_master_address_and_port`) and joins as rank 0; each engine worker joins as its
 `rank_offset` (plus its local index when one engine spans several GPUs).
+
+An SGLang server can be a member. It joins through `init_custom_process_group`, which opens a
+`TCPStore` client at `tcp://master_address:master_port` and hands torch's
+`_new_process_group_helper` the store `PrefixStore(group_name, tcp)`; torch then wraps that in
+`PrefixStore(f"{group_name}/", ...)` and, per device the backend serves, in
+`PrefixStore(f"{device}/", ...)` (`cpu` for gloo, `cuda` for NCCL) before it builds the backend.
+Every member here builds its backend on the same chain (`_backend_store`), so the backend's keys
+read `{group_name}/{group_name}//{device}//<key>` in the trainer's store on every member, ours
+and SGLang's alike. A group with SGLang members must be `checked=False` (see `GroupInfo.checked`).
 """
 
 import datetime
@@ -29,6 +38,9 @@ DEFAULT_GROUP_NAME = "weight_update_group"
 
 Backend = Literal["gloo", "nccl"]
 CPU = torch.device("cpu")
+
+_STORE_DEVICE: dict[Backend, str] = {"gloo": "cpu", "nccl": "cuda"}
+"""The device torch names a backend's store keys after (`Backend.backend_capability[b][0]`)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,13 @@ class GroupInfo:
 
     timeout_s: float = 300.0
     """How long joining, and each collective, may wait for a peer before failing."""
+
+    checked: bool = True
+    """True: every member is Sluice code, so joining waits on a join check (naming the missing
+    ranks on a timeout) and a warm-up all-reduce, and every transfer opens with a handshake
+    all-reduce. False: some members are SGLang servers, which join and receive with plain
+    collectives (one broadcast per bucket), so none of those extra collectives may run: a
+    collective that an SGLang member never calls would pair with its next broadcast."""
 
     def describe(self) -> str:
         """Names the group in error messages."""
@@ -143,14 +162,19 @@ def init_weights_update_group(info: GroupInfo, rank: int) -> BroadcastGroup:
     joined, or raises `WeightSyncError` naming the group and the missing ranks after
     `info.timeout_s`. The driver therefore starts the trainer's and all engines' calls, then
     waits for all of them. A CUDA engine must select its GPU (`torch.cuda.set_device`) first.
+
+    With `info.checked` False (SGLang members) there is no join check and no warm-up: gloo still
+    blocks here until every member is connected (its error then names no ranks), while NCCL
+    connects in the first broadcast, as SGLang's own group does.
     """
     if not 0 <= rank < info.world_size:
         raise WeightSyncError(f"rank {rank} is outside {info.describe()}")
     store = _open_store(info, rank)
-    _wait_for_members(store, info, rank)
-    backend = _make_backend(dist.PrefixStore(info.group_name, store), info, rank)
-    group = BroadcastGroup(info, rank, store, backend)
-    group.all_reduce_sum(torch.zeros(1, device=group.device))  # NCCL connects here, not later
+    if info.checked:
+        _wait_for_members(store, info, rank)
+    group = BroadcastGroup(info, rank, store, _make_backend(store, info, rank))
+    if info.checked:
+        group.all_reduce_sum(torch.zeros(1, device=group.device))  # NCCL connects here, not later
     return group
 
 
@@ -194,9 +218,28 @@ def _missing_ranks(joined: dist.Store, keys: list[str]) -> list[int] | str:
 
 
 def _make_backend(store: dist.Store, info: GroupInfo, rank: int) -> _Collectives:
-    if info.backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, info.world_size, _timedelta(info))
-    return dist.ProcessGroupGloo(store, rank, info.world_size, _timedelta(info))
+    """The backend object, on the store prefix chain SGLang's members use (module docstring)."""
+    keys = _backend_store(store, info)
+    try:
+        if info.backend == "nccl":
+            return dist.ProcessGroupNCCL(keys, rank, info.world_size, _timedelta(info))
+        return dist.ProcessGroupGloo(keys, rank, info.world_size, _timedelta(info))
+    except RuntimeError as e:  # gloo connects here: a missing peer times out
+        raise WeightSyncError(
+            f"rank {rank} could not connect to the other members of {info.describe()}: {e}"
+        ) from e
+
+
+def _backend_store(store: dist.Store, info: GroupInfo) -> dist.Store:
+    """`store` wrapped exactly as SGLang's `init_custom_process_group` and torch wrap it.
+
+    SGLang: `PrefixStore(group_name, store)`; torch's `_new_process_group_helper`: then
+    `PrefixStore(f"{group_name}/", ...)` and `PrefixStore(f"{device}/", ...)`, where `device` is
+    the first device the backend serves (gloo: `cpu`, NCCL: `cuda`).
+    """
+    sglang = dist.PrefixStore(info.group_name, store)
+    torch_group = dist.PrefixStore(f"{info.group_name}/", sglang)
+    return dist.PrefixStore(f"{_STORE_DEVICE[info.backend]}/", torch_group)
 
 
 def _device_of(backend: Backend) -> torch.device:

@@ -11,6 +11,9 @@ Concurrency rule (what waits for what), for the driver:
    all-reduce): each member reports whether it accepts the plan and a fingerprint of the plan
    and version; if any member rejects, or the fingerprints differ, every member raises before
    a byte of weights moves, so a missed step 1 gives errors, not a hang, and no model changes.
+   A group with SGLang members (`GroupInfo.checked` False) has no handshake, since SGLang
+   would take it for a bucket: there a receiver of ours that rejects the plan raises before
+   any broadcast and leaves the others waiting in the first one until the group's timeout.
 4. After the handshake, one broadcast per bucket from rank 0, in plan order. A member that
    fails mid-transfer (e.g. the sender's tensors do not match its own plan) leaves the others
    waiting in a broadcast until the group's timeout, which then raises there; an engine whose
@@ -74,7 +77,8 @@ class WeightSender:
         place. Returns when every bucket has left (NCCL: when the GPU is done).
         """
         start = time.perf_counter()
-        _handshake(self.group, plan, version, None)
+        if self.group.info.checked:
+            _handshake(self.group, plan, version, None)
         tensors = iter(named_tensors)
         staging = _Staging(self.group.device)
         with torch.no_grad():
@@ -107,16 +111,15 @@ class WeightReceiver:
         """Receive every bucket of `plan` and copy it into the destinations; record `version`.
 
         Checks the manifest first: on a mismatch it raises (after telling the group, so that no
-        member waits for data) and leaves the model untouched. A bucket of one tensor is
-        received straight into it when it is contiguous and on the group's device.
+        member waits for data; in an unchecked group it cannot tell) and leaves the model
+        untouched. A bucket of one tensor is received straight into it when it is contiguous
+        and on the group's device.
         """
         start = time.perf_counter()
-        try:
+        if self.group.info.checked:
+            _handshake(self.group, plan, version, self._problem_with(plan))
+        else:
             self.check(plan)
-            problem = None
-        except WeightSyncError as e:
-            problem = e
-        _handshake(self.group, plan, version, problem)
         staging = _Staging(self.group.device)
         with torch.no_grad():
             for bucket in plan:
@@ -124,6 +127,14 @@ class WeightReceiver:
         stats = _finish(self.group, plan, version, start)
         self.version = version
         return stats
+
+    def _problem_with(self, plan: Sequence[Bucket]) -> WeightSyncError | None:
+        """What `check` would raise, returned instead, for the handshake to report."""
+        try:
+            self.check(plan)
+        except WeightSyncError as e:
+            return e
+        return None
 
     def _receive_bucket(self, bucket: Bucket, staging: "_Staging") -> None:
         if bucket.nbytes == 0:

@@ -1,0 +1,243 @@
+"""An HTTP client for a set of SGLang servers: balances `/generate` requests and retries them.
+
+A rollout actor holds one `SglangClient` over every engine's URL, its own first. Generation is
+spread over all live servers (whichever has the fewest requests in flight from this client) so
+a slow or busy engine does not hold the whole batch back, and a server that stops answering is
+marked down and its requests are sent elsewhere, so no prompt group is lost.
+"""
+
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import requests
+
+from inference.engine import Completion, SamplingParams
+from inference.sglang.requests import (
+    GENERATE,
+    SglangError,
+    error_message,
+    generate_body,
+    parse_generate_response,
+)
+
+Json = Any
+"""A decoded JSON reply: a dict for most endpoints, a list for a batched `/generate`."""
+
+
+class EngineUnreachable(RuntimeError):
+    """A server did not answer: connection refused or dropped, timeout, or HTTP 5xx.
+
+    `generate` retries such a request on another server; other callers decide for themselves.
+    """
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"SGLang server {url} is unreachable: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class AllEnginesDown(RuntimeError):
+    """No live server is left to send a request to."""
+
+    def __init__(self, reasons: dict[str, str]):
+        lines = [f"  {url}: {reason}" for url, reason in reasons.items()] or ["  (no URLs)"]
+        super().__init__("every SGLang server is down:\n" + "\n".join(lines))
+        self.reasons = dict(reasons)
+
+
+class SglangClient:
+    """Sends requests to SGLang servers; `generate` balances and retries over all live ones.
+
+    Concurrency rule: every method may be called from any thread. One condition variable guards
+    the server table (the URL list, which are down and why, the requests in flight per URL) and is
+    never held during I/O. A `generate` request takes a slot on the live URL with the fewest
+    requests in flight (the earliest in `urls` on a tie, so the caller's own engine first) and
+    holds it until the reply; when every live URL has `max_in_flight` requests in flight it waits
+    for a slot. `post` and `get` take no slot, so weight updates never queue behind generation.
+    Each request opens and closes its own connection (no `requests.Session` is shared, as
+    sessions are not documented as thread-safe); a connection costs far less than a generation.
+    """
+
+    def __init__(self, urls: list[str], timeout_s: float, max_in_flight: int):
+        """`urls`: base URLs such as `http://10.0.0.1:30000`, index 0 the caller's own engine.
+
+        `timeout_s` bounds one request, a whole `/generate` batch included: a server slower than
+        that is treated as unreachable. `max_in_flight` caps this client's concurrent
+        `/generate` requests per server.
+        """
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.timeout_s = timeout_s
+        self.max_in_flight = max_in_flight
+        self._cond = threading.Condition()
+        self._urls: list[str] = []
+        self._in_flight: dict[str, int] = {}
+        self._down: dict[str, str] = {}
+        self.set_urls(urls)
+
+    # --- the server table ----------------------------------------------------------------------
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Replace the server list; all of the new URLs count as live.
+
+        Requests already in flight finish where they are (their slots still count while the URL
+        stays listed).
+        """
+        urls = [u.rstrip("/") for u in urls]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"duplicate SGLang URLs: {urls}")
+        with self._cond:
+            self._urls = urls
+            self._in_flight = {u: self._in_flight.get(u, 0) for u in urls}
+            self._down = {}
+            self._cond.notify_all()
+
+    @property
+    def live_urls(self) -> list[str]:
+        """URLs not marked down, in the order given."""
+        with self._cond:
+            return [u for u in self._urls if u not in self._down]
+
+    @property
+    def down(self) -> dict[str, str]:
+        """URLs marked down, each with the reason it was."""
+        with self._cond:
+            return dict(self._down)
+
+    def mark_up(self, url: str) -> None:
+        """Send requests to `url` again (e.g. after its engine restarted)."""
+        url = url.rstrip("/")
+        with self._cond:
+            if url not in self._in_flight:
+                raise ValueError(f"{url} is not one of this client's URLs: {self._urls}")
+            self._down.pop(url, None)
+            self._cond.notify_all()
+
+    def mark_down(self, url: str, reason: str) -> None:
+        """Stop sending `generate` requests to `url`; waiting requests pick another server."""
+        url = url.rstrip("/")
+        with self._cond:
+            if url in self._in_flight:
+                self._down[url] = reason
+            self._cond.notify_all()
+
+    # --- single requests -----------------------------------------------------------------------
+
+    def post(self, url: str, path: str, body: dict[str, Any]) -> Json:
+        """POST `body` as JSON to `url + path` and return the decoded reply.
+
+        Raises `EngineUnreachable` on a connection error, timeout or HTTP 5xx and `SglangError`
+        with the server's message on HTTP 4xx. A `null` or empty reply is `{}`; a plain-text one
+        is `{"message": text}`.
+        """
+        return self._send(url, path, "POST", body)
+
+    def get(self, url: str, path: str) -> Json:
+        """GET `url + path`; replies and errors as `post`."""
+        return self._send(url, path, "GET", None)
+
+    def _send(self, url: str, path: str, method: str, body: dict[str, Any] | None) -> Json:
+        target = url.rstrip("/") + path
+        try:
+            response = requests.request(method, target, json=body, timeout=self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise EngineUnreachable(url, f"{path}: {type(e).__name__}: {e}") from e
+        except requests.exceptions.ChunkedEncodingError as e:  # connection dropped mid-reply
+            raise EngineUnreachable(url, f"{path}: reply cut off: {e}") from e
+        return _decode(url, path, response)
+
+    # --- balanced generation -------------------------------------------------------------------
+
+    def generate(
+        self, groups: list[list[list[int]]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Completions for every prompt group, in input order (one list per group, per prompt).
+
+        One `/generate` request per group, all sent concurrently and balanced over the live
+        servers. A request whose server is unreachable marks that server down and goes to
+        another; raises `AllEnginesDown` when none is left, and `SglangError` (not retried) when
+        a server refuses a request or aborts one.
+        """
+        if not groups:
+            return []
+        bodies = [generate_body(group, params) for group in groups]
+        workers = min(len(groups), self.max_in_flight * max(1, len(self._urls)))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-generate")
+        try:
+            futures = [
+                pool.submit(self._generate_one, body, len(group))
+                for body, group in zip(bodies, groups, strict=True)
+            ]
+            return _results_in_order(futures)
+        finally:
+            # On an error, queued groups are dropped and running ones finish in the background.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _generate_one(self, body: dict[str, Any], expected: int) -> list[Completion]:
+        """One group's request, retried on another server until one answers."""
+        while True:
+            url = self._acquire()
+            try:
+                payload = self.post(url, GENERATE, body)
+            except EngineUnreachable as e:
+                self.mark_down(url, e.reason)
+                continue
+            finally:
+                self._release(url)
+            try:
+                return parse_generate_response(payload, expected)
+            except SglangError as e:
+                raise SglangError(f"{url}: {e}") from e
+
+    def _acquire(self) -> str:
+        """A slot on the live URL with the fewest requests in flight; waits while all are full."""
+        with self._cond:
+            while True:
+                live = [u for u in self._urls if u not in self._down]
+                if not live:
+                    raise AllEnginesDown(self._down)
+                free = [u for u in live if self._in_flight[u] < self.max_in_flight]
+                if free:
+                    url = min(free, key=self._in_flight.__getitem__)  # first of equals wins
+                    self._in_flight[url] += 1
+                    return url
+                self._cond.wait()
+
+    def _release(self, url: str) -> None:
+        with self._cond:
+            if url in self._in_flight:  # set_urls may have dropped it meanwhile
+                self._in_flight[url] = max(0, self._in_flight[url] - 1)
+            self._cond.notify_all()
+
+
+def _results_in_order(futures: list[Future]) -> list[Any]:
+    """Every future's result, in order; the first error is raised as soon as it happens."""
+    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    for future in futures:
+        error = future.exception() if future in done else None
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]
+
+
+def _decode(url: str, path: str, response: requests.Response) -> Json:
+    """The reply's JSON, or the error it stands for."""
+    payload = _json_or_text(response)
+    status = response.status_code
+    if status >= 500:
+        raise EngineUnreachable(url, f"{path}: HTTP {status}: {error_message(payload)}")
+    if status >= 400:
+        raise SglangError(f"{path} on {url} was refused (HTTP {status}): {error_message(payload)}")
+    if payload is None or payload == "":
+        return {}
+    if isinstance(payload, str):
+        return {"message": payload}
+    return payload
+
+
+def _json_or_text(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:  # plain text (e.g. /flush_cache) or an empty body
+        return response.text

@@ -1,0 +1,318 @@
+"""`SglangEngine`: the InferenceEngine that runs SGLang servers and talks to them over HTTP.
+
+One engine = one SGLang server spanning `rollout.gpus_per_engine` GPUs: a `launch_server`
+process on each node it spans (`launch.server_launches`), started by the engine's RolloutActor
+(node_rank 0, here) and by a `NodeServer` actor on every other node. Only node_rank 0 serves
+HTTP. What waits for what:
+- start-up: every process starts, then the engine waits for `/health` on node_rank 0, failing
+  at once (with the log tail) if any process exits, or after `startup_timeout_s`;
+- `generate`: one `/generate` request per prompt group through `SglangClient`, balanced over
+  every engine's server (`connect_peers`), retried on another when one stops answering;
+- weight updates (the driver never overlaps them with `generate`): `/init_weights_update_group`
+  with this engine's rank offset, then per bucket `/update_weights_from_distributed` while the
+  trainer broadcasts it (SGLang receives one flat buffer per bucket), flushing the cache and
+  setting the version on the last bucket, then `/model_info` must report that version;
+- `ensure_running` (before each weight update): a dead server is reported with its log tail
+  and restarted; it then rejoins the weight group, which the driver rebuilds.
+"""
+
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import requests
+
+from config.schema import SluiceConfig
+from inference.engine import Completion, InferenceEngine, SamplingParams
+from inference.sglang import requests as bodies
+from inference.sglang.client import AllEnginesDown, EngineUnreachable, SglangClient
+from inference.sglang.launch import (
+    ResolvedServerArgs,
+    read_num_experts,
+    resolve_server_args,
+    server_launches,
+)
+from inference.sglang.server import EngineFailure, NodeServer, ServerProcess, wait_healthy
+from models.safetensors_io import SafetensorsReader
+from placement.planner import Layout
+from weights.errors import WeightSyncError
+from weights.manifest import Bucket, plan_specs
+from weights.process_group import GroupInfo
+from weights.sync import SyncStats
+
+MAX_GROUP = 64
+"""Most prompts one /generate request carries (a GRPO group is usually 8-16)."""
+
+
+@dataclass(frozen=True)
+class EngineSite:
+    """Where one engine runs, as its RolloutActor needs it to launch the servers."""
+
+    layout: Layout
+    gpu_ids: list[list[int]]
+    """The real GPU ids of the engine's slots on each node it spans (Placement's probe)."""
+    node_options: list[dict[str, Any]] = field(default_factory=list)
+    """Ray actor options placing a `NodeServer` on each spanned node (entry 0 unused: the
+    RolloutActor itself runs node_rank 0's server)."""
+
+
+class _RemoteServer:
+    """A NodeServer actor seen through the ServerProcess methods `wait_healthy` calls."""
+
+    def __init__(self, handle: ray.actor.ActorHandle, name: str):
+        self.handle = handle
+        self.name = name
+
+    def check_alive(self) -> None:
+        ray.get(self.handle.check_alive.remote())
+
+    def failure(self, what: str) -> EngineFailure:
+        return EngineFailure(f"SGLang server of {self.name} {what}")
+
+
+class SglangEngine(InferenceEngine):
+    def __init__(
+        self,
+        config: SluiceConfig,
+        engine_index: int,
+        site: EngineSite,
+        program: list[str] | None = None,
+    ):
+        """`program`: what runs the launch arguments (default: `python -m
+        sglang.launch_server`; tests pass a stand-in that answers the same routes)."""
+        self.config = config
+        self.program = program
+        self.index = engine_index
+        self.site = site
+        self.settings = config.rollout.sglang
+        self.log_dir = Path(config.logging.output_dir).resolve() / "sglang"
+        self.resolved = resolve_server_args(config, read_num_experts(config))
+        for note in self.resolved.notes:
+            print(f"[sglang engine {engine_index}] note: {note}", flush=True)
+        self.url = self._start(self.resolved)
+        self.client = SglangClient(
+            [self.url], self.settings.request_timeout_s, self.settings.max_inflight_per_engine
+        )
+        self.peers: list[str] = []
+        self.group_name: str | None = None
+        self.session_open = False
+        self.weight_version = 0
+
+    # --- servers -----------------------------------------------------------------------------
+
+    def _start(self, resolved: ResolvedServerArgs) -> str:
+        """Launch every node's server and wait for node_rank 0's /health; returns its URL."""
+        port = _free_port()
+        launches = server_launches(
+            self.config,
+            self.site.layout,
+            self.index,
+            resolved,
+            port=port,
+            dist_init_port=_free_port(),
+            gpu_ids=self.site.gpu_ids,
+        )
+        for launch in launches:
+            print(f"[sglang engine {self.index}] {launch.command}", flush=True)
+        self.local = ServerProcess(launches[0], self.log_dir, self.program)
+        remote_class = ray.remote(NodeServer)
+        self.remotes = [
+            remote_class.options(**self.site.node_options[launch.node_rank]).remote(
+                launch, str(self.log_dir), self.program
+            )
+            for launch in launches[1:]
+        ]
+        self.local.start()
+        ray.get([r.start.remote() for r in self.remotes])
+        url = f"http://{launches[0].address}:{port}"
+        watched = [self.local] + [
+            _RemoteServer(r, f"engine {self.index} node_rank {k + 1}")
+            for k, r in enumerate(self.remotes)
+        ]
+        seconds = wait_healthy(url, watched, self.settings.startup_timeout_s, _healthy)
+        print(f"[sglang engine {self.index}] serving at {url} after {seconds:.0f} s", flush=True)
+        return url
+
+    def ensure_running(self) -> bool:
+        """Restart the servers if any has died or stopped answering; True if it restarted.
+
+        A restarted engine holds its checkpoint's weights and has left the weight group: the
+        driver rebuilds the group and syncs before it generates again.
+        """
+        try:
+            self.local.check_alive()
+            for remote in self.remotes:
+                ray.get(remote.check_alive.remote())
+            if _healthy(self.url):
+                return False
+            problem = self.local.failure(f"stopped answering {self.url}/health")
+        except EngineFailure as e:
+            problem = e
+        print(f"[sglang engine {self.index}] restarting: {problem}", flush=True)
+        self._stop_servers()
+        self.url = self._start(self.resolved)
+        self.client.set_urls([self.url, *self.peers])
+        self.weight_version = 0
+        self.group_name = None
+        self.session_open = False
+        return True
+
+    def connect_peers(self, urls: list[str]) -> None:
+        """Balance generation over every engine's server, this one's first."""
+        self.peers = [u for u in urls if u != self.url]
+        self.client.set_urls([self.url, *self.peers])
+
+    def _stop_servers(self) -> None:
+        self.local.stop()
+        ray.get([r.stop.remote() for r in self.remotes])
+        for remote in self.remotes:
+            ray.kill(remote)
+        self.remotes = []
+
+    def shutdown(self) -> None:
+        self._stop_servers()
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Completions in prompt order; runs of one repeated prompt go as one request."""
+        groups = _runs(prompts)
+        try:
+            answered = self.client.generate(groups, params)
+        except AllEnginesDown as e:
+            raise self.local.failure(f"and every peer stopped answering ({e})") from e
+        return [c for group in answered for c in group]
+
+    # --- weights -----------------------------------------------------------------------------
+
+    @property
+    def weight_ranks(self) -> int:
+        """Ranks this engine takes in the weight group: one per GPU (rank_offset + tp_rank)."""
+        return self.config.rollout.gpus_per_engine
+
+    def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        body = bodies.init_weights_update_group_body(info, rank_offset)
+        reply = self._post(bodies.INIT_WEIGHTS_UPDATE_GROUP, body)
+        bodies.parse_success(reply, f"engine {self.index} init_weights_update_group")
+        self.group_name = info.group_name
+
+    def destroy_weights_update_group(self) -> None:
+        if self.group_name is None:
+            return
+        body = bodies.destroy_weights_update_group_body(self.group_name)
+        self.group_name = None
+        try:
+            self._post(bodies.DESTROY_WEIGHTS_UPDATE_GROUP, body)
+        except (EngineUnreachable, bodies.SglangError) as e:
+            print(f"[sglang engine {self.index}] leaving the weight group: {e}", flush=True)
+
+    def check_weights_update(self, plan: list[Bucket]) -> None:
+        """Check the plan against the checkpoint, then open SGLang's weight-update session.
+
+        Both happen before the trainer sends a byte (the driver waits for every engine's
+        check): outside a session SGLang refuses `update_weights_from_distributed` without
+        receiving its broadcast, which would leave the trainer waiting.
+        """
+        self._check_against_checkpoint(plan)
+        if self.session_open:  # a failed transfer left it open
+            self._post(bodies.END_WEIGHT_UPDATE, bodies.end_weight_update_body())
+            self.session_open = False
+        reply = self._post(bodies.BEGIN_WEIGHT_UPDATE, bodies.begin_weight_update_body())
+        bodies.parse_success(reply, f"engine {self.index} begin_weight_update")
+        self.session_open = True
+
+    def _check_against_checkpoint(self, plan: list[Bucket]) -> None:
+        """Every tensor of the plan must be one of the checkpoint's, with its shape (SGLang
+        would otherwise fail after the transfer, or load a tensor into the wrong place)."""
+        reader = SafetensorsReader(self.config.model.hf_checkpoint)
+        problems = []
+        for spec in plan_specs(plan):
+            shape = reader.shape(spec.name)
+            if shape is None:
+                problems.append(f"{spec.name} is not in the checkpoint")
+            elif shape != tuple(spec.shape):
+                problems.append(f"{spec.name} is {list(spec.shape)}, not {list(shape)}")
+        if problems:
+            more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise WeightSyncError(
+                f"engine {self.index}: the trainer's weights do not match "
+                f"{self.config.model.hf_checkpoint}, which the SGLang server loaded: "
+                f"{'; '.join(problems[:5])}{more}"
+            )
+
+    def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
+        """One request per non-empty bucket, in plan order, while the trainer broadcasts it;
+        the last flushes the cache and sets the version; then the session closes and the
+        server must report `version`."""
+        if self.group_name is None or not self.session_open:
+            raise WeightSyncError(
+                f"engine {self.index} cannot receive weights: call init_weights_update_group "
+                f"and check_weights_update first"
+            )
+        start = time.perf_counter()
+        sent = [b for b in plan if b.nbytes]
+        for k, bucket in enumerate(sent):
+            last = k == len(sent) - 1
+            body = bodies.update_weights_from_distributed_body(
+                bucket,
+                self.group_name,
+                flush_cache=last,
+                weight_version=str(version) if last else None,
+            )
+            reply = self._post(bodies.UPDATE_WEIGHTS_FROM_DISTRIBUTED, body)
+            bodies.parse_success(reply, f"engine {self.index} bucket {k + 1}/{len(sent)}")
+        reply = self._post(bodies.END_WEIGHT_UPDATE, bodies.end_weight_update_body())
+        bodies.parse_success(reply, f"engine {self.index} end_weight_update")
+        self.session_open = False
+        reported = self.client.get(self.url, bodies.MODEL_INFO).get("weight_version")
+        if reported != str(version):
+            raise WeightSyncError(
+                f"engine {self.index} reports weight version {reported!r} after syncing {version}"
+            )
+        self.weight_version = version
+        seconds = time.perf_counter() - start
+        return SyncStats(version, sum(b.nbytes for b in plan), seconds, len(sent))
+
+    def weight_checksums(self) -> dict[str, str]:
+        raise WeightSyncError("SGLang's fused, sharded weights have no per-tensor checksums")
+
+    def release_memory(self) -> None:
+        """Free the GPU memory of weights and KV cache while colocated trainers step."""
+        self._post(bodies.RELEASE_MEMORY_OCCUPATION, bodies.release_memory_occupation_body())
+
+    def resume_memory(self) -> None:
+        self._post(bodies.RESUME_MEMORY_OCCUPATION, bodies.resume_memory_occupation_body())
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            return self.client.post(self.url, path, body)
+        except EngineUnreachable as e:
+            self.local.check_alive()  # a dead server explains itself with its log tail
+            raise self.local.failure(f"did not answer {path}: {e.reason}") from e
+
+
+def _runs(prompts: list[list[int]]) -> list[list[list[int]]]:
+    """Consecutive equal prompts grouped (a GRPO group), at most MAX_GROUP per group."""
+    groups: list[list[list[int]]] = []
+    for prompt in prompts:
+        if groups and groups[-1][0] == prompt and len(groups[-1]) < MAX_GROUP:
+            groups[-1].append(prompt)
+        else:
+            groups.append([prompt])
+    return groups
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

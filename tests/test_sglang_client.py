@@ -1,0 +1,286 @@
+"""SglangClient: balancing, retry on a dead server, and errors, against local fake servers.
+
+`FakeServer` is a test double, not SGLang: a stdlib HTTP server in a thread that answers
+`/generate` with replies shaped like SGLang's (field names as in `test_sglang_requests.py`,
+which checks them against sglang's code), each completion derived from its prompt so that the
+order of results can be checked. It can be slowed down, told to answer HTTP 500 or 400, or
+killed (after some requests: it drops the connection of the next one and stops listening, so
+later connections are refused).
+"""
+
+import contextlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from inference.engine import Completion, SamplingParams
+from inference.sglang import requests as req
+from inference.sglang.client import AllEnginesDown, EngineUnreachable, SglangClient
+from inference.sglang.requests import SglangError
+
+pytestmark = pytest.mark.sglang
+
+PARAMS = SamplingParams(max_new_tokens=3)
+
+
+def fake_completion(prompt: list[int], max_new_tokens: int) -> dict:
+    """A reply entry whose tokens are a function of the prompt alone."""
+    tokens = [(sum(prompt) + i) % 1000 for i in range(max_new_tokens)]
+    logprobs = [-0.5 * (i + 1) for i in range(max_new_tokens)]
+    meta_info = {
+        "id": f"rid-{sum(prompt)}",
+        "finish_reason": {"type": "length", "length": max_new_tokens},
+        "prompt_tokens": len(prompt),
+        "weight_version": "default",
+        "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens, strict=True)],
+        "completion_tokens": max_new_tokens,
+    }
+    return {"text": "", "output_ids": tokens, "meta_info": meta_info}
+
+
+def expected(prompt: list[int]) -> Completion:
+    reply = fake_completion(prompt, PARAMS.max_new_tokens)
+    return Completion(reply["output_ids"], [-0.5, -1.0, -1.5], "length")
+
+
+class FakeServer:
+    """A stand-in for one SGLang server (test double): see the module docstring."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.status = 200
+        """HTTP status of every reply: 500 or 400 make it fail that way."""
+        self.die_after: int | None = None
+        """Serve this many `/generate` requests, then drop the next one's connection and die."""
+        self.generate_count = 0
+        self.bodies: list[dict] = []
+        self.active = 0
+        self.peak_active = 0
+        """Most `/generate` requests this server worked on at once."""
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        self._thread.start()
+        self.alive = True
+
+    def kill(self) -> None:
+        """Stop listening: connections are refused from now on."""
+        if self.alive:
+            self.alive = False
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+    def _admit(self) -> bool:
+        """Count a `/generate` request; False when the server dies instead of answering it."""
+        with self._lock:
+            if self.die_after is not None and self.generate_count >= self.die_after:
+                threading.Thread(target=self.kill, daemon=True).start()
+                return False
+            self.generate_count += 1
+            return True
+
+    def _work(self, seconds: float) -> None:
+        with self._lock:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+        time.sleep(seconds)
+        with self._lock:
+            self.active -= 1
+
+    def reply(self, path: str, body: dict) -> tuple[int, object]:
+        if self.status != 200:
+            return self.status, {"error": {"message": f"fake failure {self.status}"}}
+        if path == req.GENERATE:
+            self._work(self.delay_s)
+            n = body["sampling_params"]["max_new_tokens"]
+            return 200, [fake_completion(p, n) for p in body["input_ids"]]
+        if path == req.RELEASE_MEMORY_OCCUPATION:
+            return 200, None
+        if path == req.FLUSH_CACHE:
+            return 200, "Cache flushed.\n"
+        if path == req.UPDATE_WEIGHTS_FROM_DISTRIBUTED:
+            return 400, {"success": False, "message": "Failed to update parameter online: x"}
+        return 404, {"detail": "Not Found"}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"null")
+                if self.path == req.GENERATE and not server._admit():
+                    self.close_connection = True  # no reply: the client sees a dropped connection
+                    return
+                with server._lock:
+                    server.bodies.append(body)
+                status, payload = server.reply(self.path, body)
+                if isinstance(payload, str):  # SGLang's /flush_cache answers plain text
+                    data, kind = payload.encode(), "text/plain"
+                else:
+                    data, kind = json.dumps(payload).encode(), "application/json"
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(status)  # a client that timed out has hung up
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def servers():
+    started: list[FakeServer] = []
+
+    def start(*delays: float) -> list[FakeServer]:
+        started.extend(FakeServer(d) for d in delays)
+        return started[-len(delays) :]
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def groups_of(count: int, size: int = 2) -> list[list[list[int]]]:
+    """`count` groups of one distinct prompt repeated `size` times."""
+    return [[[g, g + 1, 7]] * size for g in range(count)]
+
+
+def check_in_order(groups, results):
+    assert len(results) == len(groups)
+    for group, completions in zip(groups, results, strict=True):
+        assert completions == [expected(prompt) for prompt in group]
+
+
+def test_balances_over_two_fast_servers(servers):
+    a, b = servers(0.02, 0.02)
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=4)
+    groups = groups_of(40)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert a.generate_count + b.generate_count == 40
+    assert min(a.generate_count, b.generate_count) >= 12, (a.generate_count, b.generate_count)
+    assert all(body["return_logprob"] and len(body["input_ids"]) == 2 for body in a.bodies)
+
+
+def test_slow_server_gets_fewer(servers):
+    fast, slow = servers(0.01, 0.25)
+    client = SglangClient([slow.url, fast.url], timeout_s=5, max_in_flight=2)
+    groups = groups_of(30)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert slow.generate_count + fast.generate_count == 30
+    assert slow.generate_count < fast.generate_count / 2, (slow.generate_count, fast.generate_count)
+
+
+def test_ties_go_to_the_first_url(servers):
+    a, b = servers(0.0, 0.0)
+    client = SglangClient([b.url, a.url], timeout_s=5, max_in_flight=4)
+    client.generate(groups_of(1), PARAMS)
+    client.generate(groups_of(1), PARAMS)
+    assert (b.generate_count, a.generate_count) == (2, 0)
+
+
+def test_server_dying_mid_run_loses_nothing(servers):
+    a, b = servers(0.02, 0.02)
+    a.die_after = 5
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=3)
+    groups = groups_of(30)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert client.live_urls == [b.url]
+    assert a.url in client.down and "generate" in client.down[a.url]
+    assert (a.generate_count, b.generate_count) == (5, 25)  # each group answered once
+    check_in_order(groups[:3], client.generate(groups[:3], PARAMS))  # the rest goes to b
+    assert a.generate_count == 5
+
+
+def test_http_500_is_retried_elsewhere(servers):
+    a, b = servers(0.0, 0.0)
+    a.status = 500
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=2)
+    groups = groups_of(6)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert client.live_urls == [b.url] and "HTTP 500" in client.down[a.url]
+    client.mark_up(a.url)
+    assert client.live_urls == [a.url, b.url]
+
+
+def test_timeout_is_retried_elsewhere(servers):
+    stuck, b = servers(2.0, 0.0)
+    client = SglangClient([stuck.url, b.url], timeout_s=0.3, max_in_flight=1)
+    groups = groups_of(3)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert client.live_urls == [b.url] and "Timeout" in client.down[stuck.url]
+
+
+def test_all_engines_down(servers):
+    a, b = servers(0.0, 0.0)
+    a.kill()
+    b.kill()
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=2)
+    with pytest.raises(AllEnginesDown) as err:
+        client.generate(groups_of(4), PARAMS)
+    assert set(err.value.reasons) == {a.url, b.url}
+    assert a.url in str(err.value) and b.url in str(err.value)
+    assert "ConnectionError" in err.value.reasons[a.url]
+    assert client.live_urls == []
+
+
+def test_http_4xx_is_an_sglang_error_and_not_retried(servers):
+    a, b = servers(0.0, 0.0)
+    a.status = 400
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=2)
+    with pytest.raises(SglangError, match=r"HTTP 400.*fake failure 400"):
+        client.generate(groups_of(1), PARAMS)
+    assert (len(a.bodies), b.generate_count) == (1, 0)
+    assert client.live_urls == [a.url, b.url]
+
+
+def test_set_urls_replaces_the_list(servers):
+    a, b = servers(0.0, 0.0)
+    client = SglangClient([a.url], timeout_s=5, max_in_flight=2)
+    client.mark_down(a.url, "engine restarting")
+    with pytest.raises(AllEnginesDown, match="engine restarting"):
+        client.generate(groups_of(1), PARAMS)
+    client.set_urls([b.url + "/", a.url])
+    assert client.live_urls == [b.url, a.url] and client.down == {}
+    check_in_order(groups_of(1), client.generate(groups_of(1), PARAMS))
+    assert (a.generate_count, b.generate_count) == (0, 1)
+    with pytest.raises(ValueError, match="duplicate"):
+        client.set_urls([a.url, a.url + "/"])
+
+
+def test_post_replies_and_errors(servers):
+    (a,) = servers(0.0)
+    client = SglangClient([a.url], timeout_s=5, max_in_flight=1)
+    assert (
+        client.post(a.url, req.RELEASE_MEMORY_OCCUPATION, req.release_memory_occupation_body())
+        == {}
+    )
+    assert client.post(a.url, req.FLUSH_CACHE, req.flush_cache_body()) == {
+        "message": "Cache flushed.\n"
+    }
+    with pytest.raises(SglangError, match="Failed to update parameter online"):
+        client.post(a.url, req.UPDATE_WEIGHTS_FROM_DISTRIBUTED, {})
+    a.kill()
+    with pytest.raises(EngineUnreachable) as err:
+        client.post(a.url, req.FLUSH_CACHE, req.flush_cache_body())
+    assert err.value.url == a.url
+    assert client.live_urls == [a.url]  # post reports; only generate marks servers down
+
+
+def test_in_flight_cap_per_server(servers):
+    (a,) = servers(0.05)
+    client = SglangClient([a.url], timeout_s=5, max_in_flight=2)
+    groups = groups_of(8)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert a.peak_active == 2

@@ -1,0 +1,270 @@
+"""Our SGLang request bodies against sglang 0.5.23's own request classes, and reply parsing.
+
+Each body goes where the server puts it: FastAPI validates the decoded JSON into the route's
+class with pydantic (`TypeAdapter(cls).validate_python`), `/generate` then runs the JSON
+contract check (`generate_contract_error`), and the tokenizer manager normalises the batch and
+builds `SamplingParams(**sampling_params)`, then `normalize` and `verify(vocab_size)`. SGLang's
+request classes ignore unknown keys, so every test also checks that each key we send is a field.
+
+The replies are built here the way `TokenizerManager._handle_batch_output` builds them (field
+names read in sglang 0.5.23; its module needs fastapi, absent here), with SGLang's own finish
+reason classes, then sent through a JSON round trip as the server does.
+"""
+
+import dataclasses
+import json
+import warnings
+
+import msgspec
+import pytest
+
+from inference.engine import Completion, SamplingParams
+from inference.sglang import requests as req
+from inference.sglang.requests import SglangError
+from weights.manifest import Bucket, TensorSpec
+from weights.process_group import GroupInfo
+
+pytestmark = pytest.mark.sglang
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from pydantic import TypeAdapter
+    from sglang.srt.entrypoints.api_contract import generate_contract_error
+    from sglang.srt.managers import io_struct
+    from sglang.srt.managers.schedule_batch import (
+        FINISH_ABORT,
+        FINISH_LENGTH,
+        FINISH_MATCHED_TOKEN,
+    )
+    from sglang.srt.sampling import sampling_params as sglang_sampling
+
+VOCAB_SIZE = 1000
+
+
+def validate(cls: type, body: dict):
+    """What FastAPI does with a JSON body for a route taking `cls`; also: no key is dropped."""
+    if dataclasses.is_dataclass(cls):
+        fields = {f.name for f in dataclasses.fields(cls)}
+    else:
+        fields = {f.name for f in msgspec.structs.fields(cls)}
+    assert set(body) <= fields, f"{cls.__name__} would ignore {set(body) - fields}"
+    return TypeAdapter(cls).validate_python(json.loads(json.dumps(body)))
+
+
+def sglang_sampling_params(sp: dict) -> sglang_sampling.SamplingParams:
+    """What the tokenizer manager builds from one request's `sampling_params`."""
+    params = sglang_sampling.SamplingParams(**sp)
+    params.normalize(None)
+    params.verify(VOCAB_SIZE)
+    return params
+
+
+def admitted_generate(body: dict) -> io_struct.GenerateReqInput:
+    """The `/generate` route: pydantic, the contract check, then batch normalisation."""
+    obj = validate(io_struct.GenerateReqInput, body)
+    assert generate_contract_error(json.loads(json.dumps(body))) is None
+    obj.normalize_batch_and_arguments()
+    return obj
+
+
+# --- /generate bodies --------------------------------------------------------------------------
+
+
+def test_generate_body_sampling():
+    prompts = [[1, 2, 3], [4, 5]]
+    body = req.generate_body(prompts, SamplingParams(16, temperature=0.7, top_p=0.9, top_k=50))
+    obj = admitted_generate(body)
+    assert not obj.is_single and obj.batch_size == 2
+    assert obj.input_ids == prompts and obj.text is None and not obj.stream
+    assert obj.return_logprob == [True, True]
+    assert obj.logprob_start_len == [-1, -1]  # output tokens only
+    assert obj.top_logprobs_num == [0, 0] and obj.return_text_in_logprobs is False
+    sp = sglang_sampling_params(obj.sampling_params[0])
+    assert (sp.max_new_tokens, sp.temperature, sp.top_p, sp.top_k) == (16, 0.7, 0.9, 50)
+    assert sp.sampling_seed is None and sp.n == 1
+
+
+def test_generate_body_top_k_off_is_whole_vocabulary():
+    body = req.generate_body([[7]], SamplingParams(4, temperature=1.0, top_k=0))
+    assert body["sampling_params"]["top_k"] == -1
+    sp = sglang_sampling_params(admitted_generate(body).sampling_params[0])
+    assert sp.top_k == sglang_sampling.TOP_K_ALL and sp.temperature == 1.0 and sp.top_p == 1.0
+
+
+def test_generate_body_greedy():
+    body = req.generate_body([[7, 8]], SamplingParams(4, temperature=0.3, top_p=0.5, greedy=True))
+    assert body["sampling_params"]["temperature"] == 0.0
+    sp = sglang_sampling_params(admitted_generate(body).sampling_params[0])
+    # SGLang's greedy: top_k 1, temperature reset to 1 (no division by zero); top_p unused.
+    assert (sp.top_k, sp.temperature, sp.top_p) == (1, 1.0, 1.0)
+    # SGLang reaches the same from temperature 0 alone, so both spellings agree.
+    assert sglang_sampling_params({"temperature": 0.0, "top_k": -1}).top_k == 1
+
+
+def test_generate_body_refuses_empty_prompts():
+    with pytest.raises(ValueError):
+        req.generate_body([], SamplingParams(4))
+    with pytest.raises(ValueError):
+        req.generate_body([[1], []], SamplingParams(4))
+
+
+def test_contract_check_is_live():
+    """The contract check rejects what pydantic would let through, so the tests above mean it."""
+    body = req.generate_body([[1]], SamplingParams(4))
+    body["sampling_params"]["sampling_sed"] = 1
+    assert "unknown field `sampling_sed`" in generate_contract_error(body)
+
+
+# --- weight and memory bodies ------------------------------------------------------------------
+
+
+def test_init_weights_update_group_body():
+    info = GroupInfo("10.0.0.2", 29500, world_size=5, group_name="g1", backend="nccl")
+    obj = validate(
+        io_struct.InitWeightsUpdateGroupReqInput, req.init_weights_update_group_body(info, 3)
+    )
+    assert (obj.master_address, obj.master_port) == ("10.0.0.2", 29500)
+    assert (obj.rank_offset, obj.world_size, obj.group_name, obj.backend) == (3, 5, "g1", "nccl")
+
+
+def test_update_weights_from_distributed_body():
+    bucket = Bucket(
+        (TensorSpec("a.weight", "bfloat16", (3, 2)), TensorSpec("b.bias", "float32", ())), 16
+    )
+    body = req.update_weights_from_distributed_body(
+        bucket, "g1", flush_cache=False, weight_version="7"
+    )
+    obj = validate(io_struct.UpdateWeightsFromDistributedReqInput, body)
+    assert obj.names == ["a.weight", "b.bias"]
+    assert obj.dtypes == ["bfloat16", "float32"] and obj.shapes == [[3, 2], []]
+    assert (obj.group_name, obj.load_format) == ("g1", "flattened_bucket")
+    assert (obj.flush_cache, obj.weight_version, obj.abort_all_requests) == (False, "7", False)
+    last = req.update_weights_from_distributed_body(
+        bucket, "g1", flush_cache=True, weight_version=None
+    )
+    obj = validate(io_struct.UpdateWeightsFromDistributedReqInput, last)
+    assert obj.flush_cache is True and obj.weight_version is None
+
+
+def test_update_weights_from_tensor_body():
+    import base64
+
+    payloads = [base64.b64encode(b"rank0").decode(), base64.b64encode(b"rank1").decode()]
+    body = req.update_weights_from_tensor_body(
+        payloads, load_format="flattened_bucket", flush_cache=True, weight_version="3"
+    )
+    obj = validate(io_struct.UpdateWeightsFromTensorReqInput, body)
+    assert obj.serialized_named_tensors == [b"rank0", b"rank1"]  # decoded from base64
+    assert (obj.load_format, obj.flush_cache, obj.weight_version) == ("flattened_bucket", True, "3")
+
+
+def test_memory_cache_and_pause_bodies():
+    release = validate(
+        io_struct.ReleaseMemoryOccupationReqInput, req.release_memory_occupation_body(["kv_cache"])
+    )
+    assert release.tags == ["kv_cache"]
+    assert (
+        validate(io_struct.ResumeMemoryOccupationReqInput, req.resume_memory_occupation_body()).tags
+        is None
+    )
+    destroy = validate(
+        io_struct.DestroyWeightsUpdateGroupReqInput, req.destroy_weights_update_group_body("g1")
+    )
+    assert destroy.group_name == "g1"
+    validate(io_struct.FlushCacheReqInput, req.flush_cache_body())
+    pause = validate(io_struct.PauseGenerationReqInput, req.pause_generation_body("retract"))
+    assert pause.mode == "retract"
+    assert validate(io_struct.PauseGenerationReqInput, req.pause_generation_body()).mode == "abort"
+    validate(io_struct.ContinueGenerationReqInput, req.continue_generation_body())
+    assert set(req.MemoryTag.__args__) <= {"weights", "kv_cache", "cuda_graph"}
+
+
+def test_parse_success():
+    assert req.parse_success({"success": True, "message": "ok"}, "update") == "ok"
+    with pytest.raises(SglangError, match="update failed: names mismatch"):
+        req.parse_success({"success": False, "message": "names mismatch"}, "update")
+    with pytest.raises(SglangError, match="unexpected reply"):
+        req.parse_success(None, "update")
+
+
+def test_error_message_reads_each_sglang_shape():
+    assert req.error_message({"error": "unknown field `x`"}) == "unknown field `x`"
+    assert req.error_message({"error": {"message": "too long"}}) == "too long"
+    assert req.error_message({"object": "error", "message": "bad", "code": 400}) == "bad"
+    assert req.error_message({"success": False, "message": "no group"}) == "no group"
+    assert req.error_message("Flush cache failed.\n") == "Flush cache failed."
+
+
+# --- /generate replies -------------------------------------------------------------------------
+
+
+def sglang_output(rid: str, tokens: list[int], logprobs: list[float], finish) -> dict:
+    """One entry of a batched `/generate` reply, as `_handle_batch_output` builds it."""
+    meta_info = {
+        "id": rid,
+        "finish_reason": finish.to_json(),
+        "prompt_tokens": 3,
+        "weight_version": "default",
+        "num_retractions": 0,
+        # add_logprob_to_meta_info: detokenize_logprob_tokens gives (logprob, id, None) tuples
+        "input_token_logprobs": [],
+        "output_token_logprobs": [(lp, t, None) for lp, t in zip(logprobs, tokens, strict=True)],
+        "output_token_logprobs_length": len(tokens),
+        "reasoning_tokens": 0,
+        "completion_tokens": len(tokens),
+        "cached_tokens": 0,
+    }
+    return {"text": "decoded", "output_ids": list(tokens), "meta_info": meta_info}
+
+
+def over_the_wire(outputs: list[dict]):
+    """The server's JSON encoding: tuples become lists."""
+    return json.loads(json.dumps(outputs))
+
+
+def test_parse_generate_response():
+    payload = over_the_wire(
+        [
+            sglang_output("r0", [11, 12, 2], [-0.5, -1.25, -0.01], FINISH_MATCHED_TOKEN(matched=2)),
+            sglang_output("r1", [13, 14], [-2.0, -0.75], FINISH_LENGTH(length=2)),
+        ]
+    )
+    assert req.parse_generate_response(payload, 2) == [
+        Completion([11, 12, 2], [-0.5, -1.25, -0.01], "stop"),
+        Completion([13, 14], [-2.0, -0.75], "length"),
+    ]
+
+
+def test_parse_generate_response_refuses_abort():
+    aborted = FINISH_ABORT(message="Abort all requests", status_code=None)
+    payload = over_the_wire([sglang_output("rid-9", [5], [-0.1], aborted)])
+    with pytest.raises(SglangError, match=r"request rid-9 was aborted.*Abort all requests"):
+        req.parse_generate_response(payload, 1)
+
+
+def test_parse_generate_response_refuses_mismatches():
+    good = sglang_output("r0", [1, 2], [-0.1, -0.2], FINISH_LENGTH(length=2))
+    with pytest.raises(SglangError, match="answered 1 outputs for 2 prompts"):
+        req.parse_generate_response(over_the_wire([good]), 2)
+    with pytest.raises(SglangError, match="expected a list"):
+        req.parse_generate_response(over_the_wire(good), 1)
+
+    shifted = over_the_wire([good])
+    shifted[0]["output_ids"] = [1, 2, 3]
+    with pytest.raises(SglangError, match=r"request r0: output_ids \(3 tokens\) differ"):
+        req.parse_generate_response(shifted, 1)
+
+    miscounted = over_the_wire([good])
+    miscounted[0]["meta_info"]["completion_tokens"] = 5
+    with pytest.raises(SglangError, match="request r0: completion_tokens is 5"):
+        req.parse_generate_response(miscounted, 1)
+
+    no_logprobs = over_the_wire([good])
+    del no_logprobs[0]["meta_info"]["output_token_logprobs"]
+    with pytest.raises(SglangError, match="no output_token_logprobs"):
+        req.parse_generate_response(no_logprobs, 1)
+
+    unfinished = over_the_wire([good])
+    unfinished[0]["meta_info"]["finish_reason"] = None
+    with pytest.raises(SglangError, match="no usable finish_reason"):
+        req.parse_generate_response(unfinished, 1)
