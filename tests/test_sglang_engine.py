@@ -1,0 +1,172 @@
+"""`SglangEngine`, the code a RolloutActor runs, against processes it launches itself.
+
+- The weight-update sequence runs against `tests/sglang_receiver.py`, a recording test double
+  of an SGLang server's control routes (not SGLang: it cannot run here) that validates every
+  body with sglang's own request classes and receives the broadcast with sglang's own
+  `WeightUpdater`, while this test process is the trainer broadcasting over gloo.
+- Restarts run against `tests/stand_in_server.py`, a stand-in that only answers /health.
+"""
+
+import hashlib
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+import driver
+from inference.sglang.engine import EngineSite, SglangEngine, _runs
+from models.checkpoint_format import checkpoint_tensors
+from models.tiny import build_tiny_model, build_tokenizer
+from placement.planner import ClusterShape, NodeShape, plan_layout
+from weights.errors import WeightSyncError
+from weights.manifest import manifest_of, plan_buckets
+from weights.process_group import GroupInfo, init_weights_update_group
+from weights.sync import WeightSender
+
+pytestmark = pytest.mark.sglang
+
+RECEIVER = [sys.executable, "-W", "ignore", "-m", "tests.sglang_receiver"]
+STAND_IN = [sys.executable, str(Path(__file__).with_name("stand_in_server.py"))]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A Hugging Face directory of the tiny Qwen3-MoE: what the server would have loaded."""
+    directory = tmp_path_factory.mktemp("model")
+    build_tiny_model(seed=0).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def make_engine(model_dir: Path, tmp_path: Path, program: list[str]) -> SglangEngine:
+    """Engine 0 of a one-GPU plan on a node at 127.0.0.1 (where the test's server listens)."""
+    config, _ = driver.parse_args(
+        ["--rollout.engine", "sglang", "--model.hf_checkpoint", str(model_dir),
+         "--train.num_workers", "1", "--rollout.num_engines", "1", "--rollout.batch_size", "8",
+         "--logging.output_dir", str(tmp_path), "--rollout.sglang.startup_timeout_s", "120"]
+    )  # fmt: skip
+    node = NodeShape(node_id="f" * 56, address="127.0.0.1", num_gpus=2, num_cpus=8.0)
+    layout = plan_layout(ClusterShape((node,)), config)
+    return SglangEngine(config, 0, EngineSite(layout, gpu_ids=[[1]], node_options=[{}]), program)
+
+
+def trainer_weights(scale: float) -> list[tuple[str, torch.Tensor]]:
+    """The tiny model's weights in the wire format, changed so a sync is visible."""
+    model = build_tiny_model(seed=0)
+    return [(name, (t * scale).contiguous()) for name, t in checkpoint_tensors(model)]
+
+
+def sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def join_group(engine: SglangEngine, port: int) -> WeightSender:
+    """Trainer (rank 0, here) and engine (rank 1) join at once, as the driver has them."""
+    info = GroupInfo("127.0.0.1", port, world_size=2, backend="gloo", checked=False)
+    joined = {}
+    trainer = threading.Thread(
+        target=lambda: joined.update(group=init_weights_update_group(info, rank=0))
+    )
+    trainer.start()
+    engine.init_weights_update_group(info, rank_offset=1)
+    trainer.join()
+    return WeightSender(joined["group"])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def test_weight_update_sequence_reaches_sglangs_receiver(model_dir, tmp_path):
+    engine = make_engine(model_dir, tmp_path, RECEIVER)
+    try:
+        sender = join_group(engine, free_port())
+        weights = trainer_weights(scale=1.5)
+        plan = plan_buckets(manifest_of(weights), bucket_bytes=16 << 10)
+        assert len(plan) > 3
+
+        engine.check_weights_update(plan)  # the checkpoint check, then the session opens
+        sent = threading.Thread(target=sender.send, args=(plan, iter(weights), 7))
+        sent.start()
+        stats = engine.update_weights_from_distributed(plan, version=7)
+        sent.join()
+
+        assert engine.weight_version == 7
+        assert stats.buckets == len([b for b in plan if b.nbytes])
+        received = requests.get(f"{engine.url}/_received", timeout=10).json()
+        assert received == {name: sha256(t) for name, t in weights}  # bit for bit
+        calls = requests.get(f"{engine.url}/_recorded", timeout=10).json()
+        paths = [c["path"] for c in calls]
+        assert paths == [
+            "/init_weights_update_group",
+            "/begin_weight_update",
+            *["/update_weights_from_distributed"] * stats.buckets,
+            "/end_weight_update",
+        ]
+        init = calls[0]["body"]
+        assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 2, "gloo")
+        updates = [c["body"] for c in calls if c["path"] == "/update_weights_from_distributed"]
+        assert [u["flush_cache"] for u in updates] == [False] * (len(updates) - 1) + [True]
+        assert [u["weight_version"] for u in updates] == [None] * (len(updates) - 1) + ["7"]
+        assert [n for u in updates for n in u["names"]] == [n for n, _ in weights]
+        assert {u["load_format"] for u in updates} == {"flattened_bucket"}
+    finally:
+        engine.shutdown()
+
+
+def test_a_plan_that_does_not_match_the_checkpoint_is_refused_before_the_session(
+    model_dir, tmp_path
+):
+    engine = make_engine(model_dir, tmp_path, RECEIVER)
+    try:
+        weights = trainer_weights(scale=1.0)
+        renamed = [("model.layers.0.mlp.gate.weights", weights[8][1]), *weights[1:8]]
+        wrong_shape = [(weights[0][0], weights[0][1][:-1])]
+        for bad, reason in (
+            (renamed, "is not in the checkpoint"),
+            (wrong_shape, r"is \[\d+, \d+\], not \["),
+        ):
+            plan = plan_buckets(manifest_of(bad), bucket_bytes=16 << 10)
+            with pytest.raises(WeightSyncError, match=reason):
+                engine.check_weights_update(plan)
+        assert requests.get(f"{engine.url}/_recorded", timeout=10).json() == []
+        with pytest.raises(WeightSyncError, match="check_weights_update first"):
+            engine.update_weights_from_distributed(plan, version=1)
+    finally:
+        engine.shutdown()
+
+
+def test_a_dead_server_is_restarted_and_leaves_the_weight_group(model_dir, tmp_path, capsys):
+    engine = make_engine(model_dir, tmp_path, STAND_IN)
+    try:
+        assert engine.ensure_running() is False
+        engine.connect_peers([engine.url, "http://127.0.0.1:1"])
+        engine.group_name, engine.weight_version = "weight_update_group", 3
+        old_url = engine.url
+        engine.local._process.kill()  # the server crashes
+        engine.local._process.wait()
+
+        assert engine.ensure_running() is True
+        out = capsys.readouterr().out
+        assert "restarting" in out and "exited with code -9" in out
+        assert "stand-in server (not SGLang)" in out  # its log tail, in the job log
+        assert requests.get(f"{engine.url}/health", timeout=10).status_code == 200
+        assert engine.url != old_url  # a fresh port
+        assert engine.client.live_urls == [engine.url, "http://127.0.0.1:1"]  # peers kept
+        assert (engine.group_name, engine.weight_version) == (None, 0)  # rejoin, then sync
+    finally:
+        engine.shutdown()
+    assert not engine.local.alive()
+
+
+def test_generation_requests_carry_whole_groups():
+    a, b = [1, 2], [3]
+    assert _runs([a, a, a, b, b, a]) == [[a, a, a], [b, b], [a]]
+    assert [len(g) for g in _runs([a] * 130)] == [64, 64, 2]
