@@ -69,6 +69,18 @@ class TrainGroup:
         calls = [a.broadcast_weights.remote(plan, version) for a in self.actors]
         return _first_when_all_done.remote(*calls)
 
+    def begin_ipc_export(self, serving: set[int]) -> None:
+        """Start a CUDA-IPC export; the ranks in `serving` hand out their node's handles."""
+        ray.get([a.begin_ipc_export.remote(r in serving) for r, a in enumerate(self.actors)])
+
+    def ipc_bucket(self, bucket: Bucket) -> dict[int, str]:
+        """Every rank takes part in gathering `bucket`; {serving rank: handle text}."""
+        handles = ray.get([a.ipc_bucket.remote(bucket) for a in self.actors])
+        return {rank: h for rank, h in enumerate(handles) if h is not None}
+
+    def end_ipc_export(self) -> None:
+        ray.get([a.end_ipc_export.remote() for a in self.actors])
+
     def weight_checksums(self) -> dict[str, str]:
         return self._all(lambda a: a.weight_checksums.remote())
 

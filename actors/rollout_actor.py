@@ -210,6 +210,12 @@ class RolloutActor:
     def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
         return self.engine.update_weights_from_distributed(plan, version)
 
+    def update_weights_from_tensor(self, handles: dict[int, str], version: int | None) -> None:
+        self.engine.update_weights_from_tensor(handles, version)
+
+    def finish_weight_update(self, version: int) -> None:
+        self.engine.finish_weight_update(version)
+
     def weight_version(self) -> int:
         return self.engine.weight_version
 

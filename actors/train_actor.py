@@ -20,6 +20,7 @@ from data.schema import RolloutBatchRef
 from training import create_backend
 from training.backend import TrainStats
 from weights.checksum import tensor_checksums
+from weights.ipc import IpcExport
 from weights.manifest import Bucket, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
 from weights.sync import SyncStats, WeightSender
@@ -33,6 +34,7 @@ class TrainActor:
         self.device = actor_device()
         self.backend = None
         self.sender: WeightSender | None = None
+        self.ipc: IpcExport | None = None
 
     def pick_master(self) -> tuple[str, int]:
         return pick_master_address_and_port()
@@ -78,6 +80,18 @@ class TrainActor:
                 pass
             return None
         return self.sender.send(plan, weights, version)
+
+    # Colocated SGLang engines: weights by CUDA IPC handle, one bucket per call (weights/ipc.py).
+
+    def begin_ipc_export(self, serving: bool) -> None:
+        self.ipc = IpcExport(self.backend.named_weights(), serving, self.device)
+
+    def ipc_bucket(self, bucket: Bucket) -> str | None:
+        return self.ipc.bucket(bucket)
+
+    def end_ipc_export(self) -> None:
+        self.ipc.finish()
+        self.ipc = None
 
     def weight_checksums(self) -> dict[str, str]:
         return tensor_checksums(self.backend.named_weights())

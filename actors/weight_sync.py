@@ -8,8 +8,14 @@ What waits for what:
    with the engine still on its old weights. Then the leader's broadcast and every engine's
    receive run concurrently; the driver waits for all of them and checks that every engine
    reports `version`. With `verify`, checksums of both sides are compared afterwards.
+   With the `ipc` transport (SGLang engines on the trainers' GPUs) there is no group: per
+   bucket, every training rank takes part in the export, the first rank of each node returns
+   a CUDA IPC handle, and the driver posts the handles to every engine and waits for all of
+   them before the next bucket.
 The driver never calls `sync` while engines generate (the loop is synchronous).
 """
+
+import time
 
 import ray
 
@@ -33,11 +39,17 @@ class WeightSync:
         engine_type: str = "transformers",
     ):
         self.config = config
-        self.backend = transport_backend(config, layout.use_gpus, layout.colocate)
+        self.backend = transport_backend(config, layout, engine_type)
         self.trainers = trainers
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
+        # The first training rank of each node serves CUDA IPC handles to that node's engines.
+        firsts: dict[int, int] = {}
+        for rank, slot in enumerate(layout.train_slots):
+            firsts.setdefault(slot.node_index, rank)
+        self.serving_ranks = {rank: node for node, rank in firsts.items()}
+        """{training rank: node index} of the ranks that serve handles (ipc transport)."""
         # SGLang servers join and receive with plain collectives: no join check, warm-up or
         # per-sync handshake may run in a group that has them (see GroupInfo.checked).
         self.checked = engine_type != "sglang"
@@ -45,6 +57,9 @@ class WeightSync:
     def setup(self) -> None:
         """Build the group: the trainer leader is rank 0, engine e's ranks follow the previous
         engines' (an SGLang engine takes one rank per GPU: rank_offset + tp_rank)."""
+        if self.backend == "ipc":
+            self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
+            return
         address, port = ray.get(self.leader.pick_master.remote())
         widths = ray.get([e.weight_ranks.remote() for e in self.engines])
         offsets = [1 + sum(widths[:i]) for i in range(len(widths))]
@@ -67,12 +82,15 @@ class WeightSync:
     def rebuild(self) -> None:
         """A new group after an engine restarted (a restarted server is in no group): every
         engine leaves the old one, the trainer closes it, then `setup` runs again."""
-        ray.get([e.destroy_weights_update_group.remote() for e in self.engines])
-        ray.get(self.leader.close_weights_update_group.remote())
+        if self.backend != "ipc":
+            ray.get([e.destroy_weights_update_group.remote() for e in self.engines])
+            ray.get(self.leader.close_weights_update_group.remote())
         self.setup()
 
     def sync(self, version: int) -> SyncStats:
         ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])
+        if self.backend == "ipc":
+            return self._sync_by_handles(version)
         sent = self.trainers.broadcast_weights(self.plan, version)
         received = [
             e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
@@ -88,6 +106,27 @@ class WeightSync:
             self.verify()
         return stats
 
+    def _sync_by_handles(self, version: int) -> SyncStats:
+        start = time.perf_counter()
+        sent = [b for b in self.plan if b.nbytes]
+        self.trainers.begin_ipc_export(set(self.serving_ranks))
+        for bucket in self.plan:
+            handles = self.trainers.ipc_bucket(bucket)
+            if not bucket.nbytes:
+                continue
+            by_node = {self.serving_ranks[rank]: text for rank, text in handles.items()}
+            last = bucket is sent[-1]
+            ray.get(
+                [
+                    e.update_weights_from_tensor.remote(by_node, version if last else None)
+                    for e in self.engines
+                ]
+            )
+        self.trainers.end_ipc_export()
+        ray.get([e.finish_weight_update.remote(version) for e in self.engines])
+        nbytes = sum(b.nbytes for b in self.plan)
+        return SyncStats(version, nbytes, time.perf_counter() - start, len(sent))
+
     def verify(self) -> None:
         """Compare bit-exact checksums of the trainer's and every engine's weights."""
         expected = self.trainers.weight_checksums()
@@ -95,18 +134,27 @@ class WeightSync:
             compare_checksums(expected, sums, where=f"engine {i}")
 
 
-def transport_backend(config: WeightSyncConfig, use_gpus: bool, colocate: bool) -> str:
+def transport_backend(config: WeightSyncConfig, layout: Layout, engine_type: str) -> str:
     """`weight_sync.backend` resolved for this layout.
 
     NCCL cannot put two ranks of one communicator on the same GPU, which is exactly what a
-    colocated trainer and engine are; they use gloo (through host memory) until the CUDA-IPC
-    transport for colocated engines lands.
+    colocated trainer and engine are: colocated SGLang engines take CUDA IPC handles instead
+    (no copy at all), the in-process transformers engine a gloo broadcast through host memory.
     """
+    colocate, use_gpus = layout.colocate, layout.use_gpus
+    ipc_possible = colocate and use_gpus and engine_type == "sglang"
     if config.backend == "auto":
+        if ipc_possible:
+            return "ipc"
         return "nccl" if use_gpus and not colocate else "gloo"
     if config.backend == "nccl" and (colocate or not use_gpus):
         raise UserError(
             "weight_sync.backend=nccl needs trainers and engines on distinct GPUs "
             "(placement.colocate=false on a GPU cluster); use auto or gloo"
+        )
+    if config.backend == "ipc" and not ipc_possible:
+        raise UserError(
+            "weight_sync.backend=ipc hands CUDA IPC handles to SGLang engines on the trainers' "
+            "GPUs: it needs rollout.engine=sglang, placement.colocate=true and GPUs; use auto"
         )
     return config.backend

@@ -261,8 +261,10 @@ class WeightSyncConfig:
     verify: bool = False
     """After each sync, compare per-tensor checksums on trainer and engines (slower)."""
 
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Collective backend of the broadcast group: auto = NCCL between distinct GPUs, else gloo."""
+    backend: Literal["auto", "nccl", "gloo", "ipc"] = "auto"
+    """Transport: `nccl` or `gloo` broadcast, or `ipc` (CUDA IPC handles, for SGLang engines on
+    the trainers' GPUs). auto = NCCL between distinct GPUs, IPC for colocated SGLang engines,
+    else gloo."""
 
     timeout_s: float = 300.0
     """How long joining the group, and each transfer, may wait for a peer before failing."""

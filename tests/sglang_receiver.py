@@ -12,7 +12,8 @@
    JSON body is validated by its `io_struct` class through pydantic, as FastAPI does, an invalid
    one answered 422), the replies, the weight-update session rule, and, for
    `/init_weights_update_group` and `/update_weights_from_distributed`, the real
-   `WeightUpdater` methods, so the trainer's broadcast flows into SGLang's code. Test-only
+   `WeightUpdater` methods, so the trainer's broadcast flows into SGLang's code (and for
+   `/update_weights_from_tensor`, SGLang's own deserializer and flattened-bucket views). Test-only
    routes (underscore names): `GET /_recorded` lists every valid call (path and body), `GET
    /_received` gives `{name: sha256 of the bytes}` of every tensor received. With `--port 0`
    the server picks a free port; either way its first line on stdout is `listening on PORT`,
@@ -196,9 +197,40 @@ class EngineDouble:
         return _success(True, "Succeeded to update parameter online." + self._bump(req))
 
     def update_from_tensor(self, req: Any) -> Reply:
-        """Recorded and acknowledged only: the payload is process-local handles, not data."""
+        """SGLang's decoding of a colocated update: rank 0's entry through its own
+        `MultiprocessingSerializer` (CUDA-IPC / shared-memory handles to the trainer's
+        tensors), then, for `flattened_bucket`, its `FlattenedTensorBucket` views; the
+        tensors are kept (cloned) instead of loaded into a model."""
         if not self.session_open:
             return _success(False, NO_SESSION.replace("distributed", "tensor"))
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        from sglang.srt.weight_sync.tensor_bucket import (
+            FlattenedTensorBucket,
+            FlattenedTensorMetadata,
+        )
+
+        with self.update_lock:
+            try:
+                monkey_patch_torch_reductions()
+                payload = MultiprocessingSerializer.deserialize(req.serialized_named_tensors[0])
+                if req.load_format == "flattened_bucket":
+                    metadata = [
+                        FlattenedTensorMetadata(
+                            m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel
+                        )
+                        for m in payload["metadata"]
+                    ]
+                    bucket = FlattenedTensorBucket(
+                        flattened_tensor=payload["flattened_tensor"], metadata=metadata
+                    )
+                    tensors = bucket.reconstruct_tensors()
+                else:
+                    tensors = payload
+            except Exception as e:
+                return _success(False, f"Failed to decode the tensors: {e!r}")
+            with self.lock:
+                self.received.update((name, t.clone()) for name, t in tensors)
         return _success(True, "Success" + self._bump(req))
 
     def update_version(self, req: Any) -> Reply:

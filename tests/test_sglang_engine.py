@@ -4,6 +4,7 @@
   of an SGLang server's control routes (not SGLang: it cannot run here) that validates every
   body with sglang's own request classes and receives the broadcast with sglang's own
   `WeightUpdater`, while this test process is the trainer broadcasting over gloo.
+  Colocated updates (CUDA IPC handles on GPUs) are decoded there by sglang's own serializer.
 - Restarts run against `tests/stand_in_server.py`, a stand-in that only answers /health.
 """
 
@@ -22,6 +23,7 @@ from models.checkpoint_format import checkpoint_tensors
 from models.tiny import build_tiny_model, build_tokenizer
 from placement.planner import ClusterShape, NodeShape, plan_layout
 from weights.errors import WeightSyncError
+from weights.ipc import IpcExport
 from weights.manifest import manifest_of, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group
 from weights.sync import WeightSender
@@ -170,3 +172,39 @@ def test_generation_requests_carry_whole_groups():
     a, b = [1, 2], [3]
     assert _runs([a, a, a, b, b, a]) == [[a, a, a], [b, b], [a]]
     assert [len(g) for g in _runs([a] * 130)] == [64, 64, 2]
+
+
+def test_colocated_update_by_handles_is_decoded_by_sglangs_serializer(model_dir, tmp_path):
+    """The trainer shares each packed bucket (here in shared memory; CUDA IPC on GPUs) and the
+    server decodes it with sglang's own MultiprocessingSerializer and bucket views."""
+    torch.multiprocessing.set_sharing_strategy("file_system")  # handles between unrelated processes
+    engine = make_engine(model_dir, tmp_path, RECEIVER)
+    try:
+        weights = trainer_weights(scale=0.5)
+        plan = plan_buckets(manifest_of(weights), bucket_bytes=16 << 10)
+        export = IpcExport(iter(weights), serving=True, device=torch.device("cpu"))
+        engine.check_weights_update(plan)
+        sent = [b for b in plan if b.nbytes]
+        for bucket in plan:
+            handle = export.bucket(bucket)
+            if handle is not None:
+                last = bucket is sent[-1]
+                engine.update_weights_from_tensor({0: handle}, 9 if last else None)
+        export.finish()
+        engine.finish_weight_update(9)
+
+        assert engine.weight_version == 9
+        received = requests.get(f"{engine.url}/_received", timeout=10).json()
+        assert received == {name: sha256(t) for name, t in weights}
+        calls = requests.get(f"{engine.url}/_recorded", timeout=10).json()
+        assert [c["path"] for c in calls] == [
+            "/begin_weight_update",
+            *["/update_weights_from_tensor"] * len(sent),
+            "/end_weight_update",
+        ]
+        updates = [c["body"] for c in calls[1:-1]]
+        assert {len(u["serialized_named_tensors"]) for u in updates} == {engine.weight_ranks}
+        assert {u["load_format"] for u in updates} == {"flattened_bucket"}
+        assert [u["weight_version"] for u in updates][-2:] == [None, "9"]
+    finally:
+        engine.shutdown()

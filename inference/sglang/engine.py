@@ -126,7 +126,8 @@ class SglangEngine(InferenceEngine):
             for launch in launches[1:]
         ]
         self.local.start()
-        ray.get([r.start.remote() for r in self.remotes])
+        if self.remotes:  # (an empty ray.get would start a Ray instance where there is none)
+            ray.get([r.start.remote() for r in self.remotes])
         url = f"http://{launches[0].address}:{port}"
         watched = [self.local] + [
             _RemoteServer(r, f"engine {self.index} node_rank {k + 1}")
@@ -167,7 +168,8 @@ class SglangEngine(InferenceEngine):
 
     def _stop_servers(self) -> None:
         self.local.stop()
-        ray.get([r.stop.remote() for r in self.remotes])
+        if self.remotes:
+            ray.get([r.stop.remote() for r in self.remotes])
         for remote in self.remotes:
             ray.kill(remote)
         self.remotes = []
@@ -264,6 +266,35 @@ class SglangEngine(InferenceEngine):
             )
             reply = self._post(bodies.UPDATE_WEIGHTS_FROM_DISTRIBUTED, body)
             bodies.parse_success(reply, f"engine {self.index} bucket {k + 1}/{len(sent)}")
+        self.finish_weight_update(version)
+        seconds = time.perf_counter() - start
+        return SyncStats(version, sum(b.nbytes for b in plan), seconds, len(sent))
+
+    def update_weights_from_tensor(self, handles: dict[int, str], version: int | None) -> None:
+        """One bucket by CUDA IPC handle (colocated): each TP rank gets the handle of a
+        training rank on its own node. `version` is given with the last bucket: it flushes the
+        cache and sets the version."""
+        if not self.session_open:
+            raise WeightSyncError(f"engine {self.index}: call check_weights_update first")
+        nodes = [span.node_index for span in self.site.layout.engine_spans(self.index)]
+        per_node = self.config.rollout.gpus_per_engine // len(nodes)
+        missing = sorted(set(nodes) - set(handles))
+        if missing:
+            raise WeightSyncError(
+                f"engine {self.index} runs on nodes {nodes} but got CUDA IPC handles for "
+                f"{sorted(handles)}: a colocated engine needs a training rank on each of its nodes"
+            )
+        body = bodies.update_weights_from_tensor_body(
+            [handles[nodes[rank // per_node]] for rank in range(self.weight_ranks)],
+            load_format=bodies.FLATTENED_BUCKET,
+            flush_cache=version is not None,
+            weight_version=None if version is None else str(version),
+        )
+        reply = self._post(bodies.UPDATE_WEIGHTS_FROM_TENSOR, body)
+        bodies.parse_success(reply, f"engine {self.index} update_weights_from_tensor")
+
+    def finish_weight_update(self, version: int) -> None:
+        """Close the session; the server must then report `version`."""
         reply = self._post(bodies.END_WEIGHT_UPDATE, bodies.end_weight_update_body())
         bodies.parse_success(reply, f"engine {self.index} end_weight_update")
         self.session_open = False
@@ -273,8 +304,6 @@ class SglangEngine(InferenceEngine):
                 f"engine {self.index} reports weight version {reported!r} after syncing {version}"
             )
         self.weight_version = version
-        seconds = time.perf_counter() - start
-        return SyncStats(version, sum(b.nbytes for b in plan), seconds, len(sent))
 
     def weight_checksums(self) -> dict[str, str]:
         raise WeightSyncError("SGLang's fused, sharded weights have no per-tensor checksums")
