@@ -19,6 +19,7 @@ import torch
 
 import driver
 from inference.sglang.engine import EngineSite, SglangEngine, _runs
+from inference.sglang.server import EngineFailure
 from models.checkpoint_format import checkpoint_tensors
 from models.tiny import build_tiny_model, build_tokenizer
 from placement.planner import ClusterShape, NodeShape, plan_layout
@@ -208,3 +209,11 @@ def test_colocated_update_by_handles_is_decoded_by_sglangs_serializer(model_dir,
         assert [u["weight_version"] for u in updates][-2:] == [None, "9"]
     finally:
         engine.shutdown()
+
+
+def test_a_server_that_fails_at_start_fails_the_engine_with_its_log(
+    model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("STAND_IN_EXIT", "3")
+    with pytest.raises(EngineFailure, match=r"exited with code 3(.|\n)*stand-in failing"):
+        make_engine(model_dir, tmp_path, STAND_IN)

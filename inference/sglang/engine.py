@@ -133,7 +133,13 @@ class SglangEngine(InferenceEngine):
             _RemoteServer(r, f"engine {self.index} node_rank {k + 1}")
             for k, r in enumerate(self.remotes)
         ]
-        seconds = wait_healthy(url, watched, self.settings.startup_timeout_s, _healthy)
+        try:
+            seconds = wait_healthy(url, watched, self.settings.startup_timeout_s, _healthy)
+        except BaseException:
+            # The servers run in their own sessions: they would outlive this actor and hold
+            # the GPUs.
+            self._stop_servers()
+            raise
         print(f"[sglang engine {self.index}] serving at {url} after {seconds:.0f} s", flush=True)
         return url
 
