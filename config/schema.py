@@ -181,6 +181,9 @@ class TrainConfig:
     adam_beta2: float = 0.99
     """Adam beta2."""
 
+    adam_eps: float = 1e-8
+    """Adam epsilon, added to sqrt(v) (`--adam-eps`)."""
+
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
 
@@ -202,6 +205,10 @@ class TrainConfig:
     use_precision_aware_optimizer: bool = False
     """Megatron: let the optimizer hold its fp32 master weights and moments itself
     (`--use-precision-aware-optimizer`)."""
+
+    cpu_adam_on_multiple_nodes: bool = False
+    """Keep CPU Adam when the trainers span several nodes; by default it is turned off there
+    with a notice (the distributed optimizer already shards the optimizer state)."""
 
 
 @dataclass
@@ -359,6 +366,8 @@ class SluiceConfig:
             _positive(t.parallel, name, "train.parallel.")
         if t.lr <= 0:
             raise UserError(f"train.lr={t.lr} must be > 0")
+        if t.adam_eps <= 0:
+            raise UserError(f"train.adam_eps={t.adam_eps} must be > 0 (Adam divides by it)")
         if r.temperature <= 0:
             raise UserError(
                 "rollout.temperature must be > 0 for sampling (greedy decoding is used for "

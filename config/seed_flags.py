@@ -43,6 +43,7 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--lr": SeedFlag("train.lr"),
     "--adam-beta1": SeedFlag("train.adam_beta1"),
     "--adam-beta2": SeedFlag("train.adam_beta2"),
+    "--adam-eps": SeedFlag("train.adam_eps"),
     "--weight-decay": SeedFlag("train.weight_decay"),
     "--clip-grad": SeedFlag("train.grad_clip"),
     "--hf-checkpoint": SeedFlag("model.hf_checkpoint"),

@@ -72,10 +72,11 @@ def test_parallel_layouts_train_like_tp1(layouts, layout):
     assert results[layout]["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     reference, trained = _weights(out, "tp1"), _weights(out, layout)
     assert reference.keys() == trained.keys()
-    # Adam divides by sqrt(v): a gradient element near zero turns reduction-order rounding
-    # into up to ~1e-5 of weight after 3 steps of lr 0.01 (one step moves weights by 1e-2).
+    # One step moves a weight by up to lr = 1e-2. Reduction-order rounding of a gradient
+    # element (~1e-9) reaches the weights through Adam as about lr * 1e-9 / adam_eps per step:
+    # ~1e-7 with layouts.py's eps 1e-4 (1e-5 was seen with the default 1e-8).
     for name in reference:
-        torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(trained[name], reference[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.megatron
@@ -86,9 +87,17 @@ def test_cpu_adam_matches_the_device_optimizer(layouts):
     plain, offloaded = _weights(out, "dp2-bf16"), _weights(out, "dp2-bf16-cpuadam")
     start = {n: t.to(torch.bfloat16) for n, t in _weights(out, "tp1").items()}
     assert any(not torch.equal(plain[n], start[n]) for n in plain), "weights must have moved"
+    # Both step fp32 master weights with Adam, through different kernels (the CPU optimizer,
+    # megatron-core's device one): one fp32 rounding apart can round to neighbouring bf16
+    # values. So: almost every element bit-equal, none more than one bf16 step apart.
+    equal = total = 0
     for name in plain:
-        torch.testing.assert_close(offloaded[name].float(), plain[name].float(), rtol=0, atol=0)
-    assert results["dp2-bf16-cpuadam"]["losses"] == results["dp2-bf16"]["losses"]
+        a, b = offloaded[name].float(), plain[name].float()
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=0, msg=name)
+        equal, total = equal + int((a == b).sum()), total + a.numel()
+    assert equal >= 0.999 * total, f"only {equal} of {total} elements bit-equal"
+    expected = results["dp2-bf16"]["losses"]
+    assert results["dp2-bf16-cpuadam"]["losses"] == pytest.approx(expected, rel=1e-5)
 
 
 # Start-up checks: each names the numbers.

@@ -45,6 +45,7 @@ class TorchBackend(TrainingBackend):
             self.model.parameters(),
             lr=t.lr,
             betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
             weight_decay=t.weight_decay,
         )
         self.reference = None

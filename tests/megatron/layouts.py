@@ -37,6 +37,9 @@ def layout_config(name: str, world: int) -> SluiceConfig:
     config.train.backend = "megatron"
     config.train.num_workers = world
     config.train.lr = 0.01
+    # A gradient element that sums to ~0 would turn reduction-order rounding into a weight
+    # change of up to 2 lr through Adam's g / (|g| + eps); eps 1e-4 bounds it (see the tests).
+    config.train.adam_eps = 1e-4
     config.train.max_tokens_per_micro_batch = 40  # several micro-batches per step
     p = ParallelConfig()
     for part in name.split("-"):

@@ -313,6 +313,7 @@ def _build_optimizer(model, config: SluiceConfig):
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
         clip_grad=t.grad_clip if t.grad_clip > 0 else 0.0,
         bf16=config.model.dtype == "bfloat16",
         params_dtype=DTYPES[config.model.dtype],
