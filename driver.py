@@ -129,6 +129,10 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
         cluster = synthetic_cluster(1, torch.cuda.device_count(), float(os.cpu_count() or 1))
     layout = plan_layout(cluster, config)
     print(layout.describe())
+    from placement.multinode import apply_cpu_adam_rule
+
+    if notice := apply_cpu_adam_rule(config, layout):
+        print(f"\nnote: {notice}")
     if config.rollout.engine == "sglang":
         from inference.sglang.launch import describe_engines
 

@@ -29,9 +29,11 @@ from inference import check_engine_config
 from models.loading import check_checkpoint_dir
 from placement.cluster import read_cluster_shape
 from placement.groups import create_placement
+from placement.multinode import apply_cpu_adam_rule, check_paths_on_nodes
 from placement.planner import plan_layout
 from rl.rewards import load_reward_fn
 from tracking.metrics import MetricsWriter, step_line
+from tracking.ray_metrics import RayMetrics
 from training import check_backend_config
 from training.backend import TrainStats
 
@@ -58,6 +60,9 @@ class Driver:
         self.output_dir = Path(config.logging.output_dir)
         connect_ray(ray_address)
         self.layout = plan_layout(read_cluster_shape(), config)
+        if notice := apply_cpu_adam_rule(config, self.layout):
+            print(f"note: {notice}", flush=True)
+        check_paths_on_nodes(config, self.layout)  # every node sees the model, data, checkpoints
         self.placement = create_placement(self.layout)
         try:
             self.engines = RolloutGroup(config, self.placement)
@@ -76,6 +81,7 @@ class Driver:
             self.placement.remove()  # frees the bundles and kills the actors already made
             raise
         self.metrics = MetricsWriter(self.output_dir)
+        self.ray_metrics = RayMetrics(run=str(self.output_dir))  # the dashboard's Metrics page
         (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def step(self) -> dict[str, float]:
@@ -116,6 +122,7 @@ class Driver:
         }
         metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
         self.metrics.write(self.steps_done, metrics)
+        self.ray_metrics.record(metrics, step=self.steps_done)
         return metrics
 
     # Checkpoints: the trainers write the model and optimizer (torch_dist); the driver adds the
@@ -160,6 +167,7 @@ class Driver:
             "eval/reward_mean": sum(r.reward_sum for r in results) / prompts,
         }
         self.metrics.write(self.steps_done, metrics)
+        self.ray_metrics.record(metrics)
         return metrics
 
     def run(self) -> dict:
