@@ -55,7 +55,11 @@ class TrainActor:
 
     def train(self, batches: list[RolloutBatchRef], normalizer: float) -> TrainStats:
         """One optimizer step on this rank's share; rows are read zero-copy from the store."""
-        return self.backend.train(ray.get([b.ref for b in batches]), normalizer)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stats = self.backend.train(ray.get([b.ref for b in batches]), normalizer)
+        stats.record_memory(self.device)
+        return stats
 
     def compute_log_probs(self, batches: list[RolloutBatchRef]) -> list[torch.Tensor]:
         return self.backend.compute_log_probs(ray.get([b.ref for b in batches]))

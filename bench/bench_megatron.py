@@ -93,7 +93,8 @@ class Sizes:
 
 def resolve_sizes(args: argparse.Namespace, on_gpu: bool) -> Sizes:
     tiny = args.tiny
-    default_dir = f"/tmp/sluice_bench_qwen3moe_{'tiny' if tiny else '1b'}"
+    model = "tiny" if tiny else args.model if args.model == "1b" else f"topo{args.layers}"
+    default_dir = f"/tmp/sluice_bench_qwen3moe_{model}"
     return Sizes(
         tiny=tiny,
         rows=args.rows or (8 if tiny else 64),
@@ -108,10 +109,15 @@ def resolve_sizes(args: argparse.Namespace, on_gpu: bool) -> Sizes:
     )
 
 
-def model_config(tiny: bool) -> Any:
-    """Qwen3-MoE, 16 layers, 32 experts top-4: about 1.0B parameters, 0.19B active per token."""
+def model_config(tiny: bool, model: str = "1b", layers: int = 8) -> Any:
+    """Qwen3-MoE, 16 layers, 32 experts top-4: about 1.0B parameters, 0.19B active per token;
+    or (`model="topology"`) Qwen3-30B-A3B's widths at `layers` layers (bench/topology.py)."""
     from transformers import Qwen3MoeConfig
 
+    if model == "topology" and not tiny:
+        from bench.topology import topology_config
+
+        return topology_config(layers)
     if tiny:
         shape = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32)
         shape |= dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -516,6 +522,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bucket-mb", type=int, default=64, help="broadcast bucket, MiB")
     parser.add_argument("--model-dir", help="where the random checkpoint is written (rank 0)")
     parser.add_argument("--tiny", action="store_true", help="toy model and batch: a smoke test")
+    parser.add_argument(
+        "--model",
+        choices=("1b", "topology"),
+        default="1b",
+        help="1b: 16 layers, 32 experts; topology: Qwen3-30B-A3B's widths (bench/topology.py)",
+    )
+    parser.add_argument("--layers", type=int, default=8, help="layers of --model topology")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     names = args.layouts.split(",") if args.layouts else default_layouts(world)
@@ -550,7 +563,7 @@ def main() -> None:
         pair = Pair(group, member=rank < 2, sender=rank == 0)
     say = print if rank == 0 else (lambda *a, **k: None)
 
-    hf_config = model_config(sizes.tiny)
+    hf_config = model_config(sizes.tiny, args.model, args.layers)
     shapes = checkpoint_shapes(hf_config)
     facts = model_facts(hf_config, shapes, sizes.seq)
     start = time.perf_counter()

@@ -158,5 +158,9 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
         "rollout/response_length_mean",
     ):
         assert key in steps[-1], key
+    # Each trainer reports its resident memory (a torch process holds well over 0.1 GB); on
+    # a CPU there is no GPU peak to report.
+    assert steps[-1]["memory/train_host_rss_gb"] > 0.1
+    assert steps[-1]["memory/train_gpu_peak_gb"] == 0.0
     assert (out / "final_model" / "config.json").is_file()
     assert any((out / "tensorboard").iterdir())

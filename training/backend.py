@@ -4,12 +4,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+import psutil
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 
 from rl.grpo import log_prob_mismatch
 from weights.manifest import TensorSpec, manifest_of
+
+# Reduced by the slowest / largest rank; every other field is summed.
+MAX_OVER_RANKS = (
+    "logprob_abs_diff_max",
+    "grad_norm",
+    "compute_seconds",
+    "gpu_peak_gb",
+    "host_rss_gb",
+)
 
 
 @dataclass
@@ -34,6 +44,16 @@ class TrainStats:
     rollout_kl_sum: float = 0.0
     grad_norm: float = 0.0
     compute_seconds: float = 0.0
+    gpu_peak_gb: float = 0.0
+    """Peak GPU memory allocated by torch during the step (10^9 bytes; 0 on a CPU)."""
+    host_rss_gb: float = 0.0
+    """The rank's resident host memory after the step (CPU Adam keeps its state there)."""
+
+    def record_memory(self, device: torch.device) -> None:
+        """Fill the memory fields; on CUDA, the peak since the caller reset the counter."""
+        if device.type == "cuda":
+            self.gpu_peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
+        self.host_rss_gb = psutil.Process().memory_info().rss / 1e9
 
     def add_micro_batch(self, loss, policy_loss, log_probs, mb, loss_stats) -> None:
         """Accumulate one micro-batch: its loss terms and the trainer/engine mismatch of its
@@ -57,7 +77,7 @@ class TrainStats:
         for stats in per_rank:
             for f in fields(TrainStats):
                 value = getattr(stats, f.name)
-                if f.name in ("logprob_abs_diff_max", "grad_norm", "compute_seconds"):
+                if f.name in MAX_OVER_RANKS:
                     setattr(total, f.name, max(getattr(total, f.name), value))
                 else:
                     setattr(total, f.name, getattr(total, f.name) + value)
@@ -75,6 +95,8 @@ class TrainStats:
             "mismatch/logprob_abs_diff_max": total.logprob_abs_diff_max,
             "mismatch/importance_ratio_mean": total.importance_ratio_sum / tokens,
             "mismatch/kl_k3": total.rollout_kl_sum / tokens,
+            "memory/train_gpu_peak_gb": total.gpu_peak_gb,
+            "memory/train_host_rss_gb": total.host_rss_gb,
         }
 
 
