@@ -14,15 +14,19 @@ from data.prompts import encode_prompt
 from driver import dry_run
 from models.tiny import VOCAB, build_tiny_model, build_tokenizer
 from placement.cluster import synthetic_cluster
+from placement.multinode import read_paths
 from placement.planner import plan_layout
 from tasks.digits import HELD_OUT, NUM_DIGITS, make_prompts, reward
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# Recipes that read nothing from disk. The cluster recipes read a shared file system's model
+# and data: tests/test_cluster_recipes.py dry-runs every recipe over a fake one.
+SELF_CONTAINED = [recipe for recipe in RECIPES if not read_paths(load_config(recipe))]
 
 
 def test_there_are_recipes():
-    assert REPO / "recipes" / "tiny.yaml" in RECIPES
+    assert REPO / "recipes" / "tiny.yaml" in SELF_CONTAINED
 
 
 def gpus_needed(config) -> int:
@@ -30,7 +34,7 @@ def gpus_needed(config) -> int:
     return config.train.num_workers + (0 if config.placement.colocate else engines)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
+@pytest.mark.parametrize("recipe", SELF_CONTAINED, ids=lambda path: path.name)
 def test_recipe_loads_validates_and_dry_runs(recipe, capsys):
     config = load_config(recipe)  # unknown keys, wrong types and cross-field rules all raise
     assert config.validate() is config
