@@ -25,7 +25,8 @@ from config.schema import BUILTIN_MODEL
 from data.balance import balance_by_tokens
 from data.prompts import PromptStream
 from data.sources import load_train_and_eval
-from inference import check_engine_config
+from inference import check_engine_config, check_fp8_engines
+from models.fp8_checkpoint import check_rollout_checkpoint
 from models.loading import check_checkpoint_dir
 from placement.cluster import read_cluster_shape
 from placement.groups import create_placement
@@ -34,6 +35,7 @@ from rl.rewards import load_reward_fn
 from tracking.metrics import MetricsWriter, step_line
 from training import check_backend_config
 from training.backend import TrainStats
+from training.loss import LossSettings
 
 SHUTDOWN_TIMEOUT_S = 60.0
 LOOP_STATE_FILE = "sluice_state.json"
@@ -52,12 +54,15 @@ class Driver:
         load_reward_fn(config.rollout.reward)
         if config.model.hf_checkpoint != BUILTIN_MODEL:
             check_checkpoint_dir(config.model.hf_checkpoint)
+        fp8 = check_rollout_checkpoint(config)
+        self.loss_settings = LossSettings.resolve(config.algorithm, fp8 is not None)
         start_from = _checkpoint_to_load(config.checkpoint.load)
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
         connect_ray(ray_address)
         self.layout = plan_layout(read_cluster_shape(), config)
+        check_fp8_engines(config, self.layout.use_gpus)
         self.placement = create_placement(self.layout)
         try:
             self.engines = RolloutGroup(config, self.placement)
