@@ -123,13 +123,13 @@ def parse_quantization_config(entry: Any, source: str) -> Fp8Format:
     where = f"{source}: quantization_config"
     if not isinstance(entry, dict):
         raise UserError(f"{where} must be a JSON object, not {type(entry).__name__}")
+    _require(entry, "quant_method", "fp8", where, "Sluice serves FP8 (block-wise e4m3) rollouts")
     unknown = sorted(set(entry) - set(KNOWN_KEYS))
     if unknown:
         raise UserError(
             f"{where} has {', '.join(unknown)}, which Sluice does not know how to honour; the "
             f"keys it reads are {', '.join(KNOWN_KEYS)}"
         )
-    _require(entry, "quant_method", "fp8", where, "Sluice serves FP8 (block-wise e4m3) rollouts")
     if "fmt" in entry:
         _require(entry, "fmt", "e4m3", where, "weights are sent as torch.float8_e4m3fn")
     _require(
@@ -248,23 +248,23 @@ def check_rollout_checkpoint(config: SluiceConfig) -> Fp8Format | None:
 
 
 def _check_twin(fp8_dir: Path, bf16_dir: Path) -> None:
+    from transformers import AutoConfig
+
     where = f"model.train_checkpoint={bf16_dir}"
-    path = bf16_dir / "config.json"
-    try:
-        twin = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(
-            f"{where}: cannot read {path} ({e}); point it at a bf16 HF directory"
-        ) from None
-    if twin.get("quantization_config") is not None:
+    if not (bf16_dir / "config.json").is_file():
+        raise UserError(f"{where} has no config.json; point it at a bf16 Hugging Face directory")
+    twin = AutoConfig.from_pretrained(bf16_dir)
+    if getattr(twin, "quantization_config", None) is not None:
         raise UserError(f"{where} is itself a quantized checkpoint; the trainers need the bf16 one")
-    rollout = json.loads((fp8_dir / "config.json").read_text())
-    differing = [k for k in SHAPE_KEYS if rollout.get(k) != twin.get(k)]
+    rollout = AutoConfig.from_pretrained(fp8_dir)
+    differing = [k for k in SHAPE_KEYS if getattr(rollout, k, None) != getattr(twin, k, None)]
     if differing:
-        shown = ", ".join(f"{k} {rollout.get(k)!r} vs {twin.get(k)!r}" for k in differing)
+        shown = ", ".join(
+            f"{k} {getattr(rollout, k, None)!r} vs {getattr(twin, k, None)!r}" for k in differing
+        )
         raise UserError(
             f"{where} is not the same model as model.hf_checkpoint={fp8_dir}: {shown} "
-            f"(FP8 vs bf16 config.json)"
+            f"(FP8 vs bf16 config)"
         )
 
 
