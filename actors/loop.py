@@ -56,6 +56,15 @@ class Driver:
             check_checkpoint_dir(config.model.hf_checkpoint)
         fp8 = check_rollout_checkpoint(config)
         self.loss_settings = LossSettings.resolve(config.algorithm, fp8 is not None)
+        if fp8 is not None:
+            s = self.loss_settings
+            tis = f"TIS on (cap {s.tis_cap:g})" if s.tis else "TIS off"
+            print(
+                f"[sluice] fp8 rollouts: weights quantized to e4m3 in {fp8.block_size[0]}x"
+                f"{fp8.block_size[1]} blocks at every sync ({fp8.source}); {tis}; ratio "
+                f"denominator: {s.old_log_probs} log-probs",
+                flush=True,
+            )
         start_from = _checkpoint_to_load(config.checkpoint.load)
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)

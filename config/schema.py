@@ -265,8 +265,8 @@ class AlgorithmConfig:
     """Truncated importance sampling: weight each token's loss by min(exp(trainer log-prob -
     rollout log-prob), tis_cap), correcting for the engines sampling from a slightly different
     policy than the trainer's (fp8 weights, other kernels). auto = on when the engines serve an
-    FP8 checkpoint. Needs old_log_probs recompute (or auto): a rollout-denominator ratio would
-    correct the same mismatch a second time."""
+    FP8 checkpoint, unless old_log_probs is rollout: that ratio already corrects the mismatch
+    (inside its clip), and TIS would correct it a second time, so `on` with it is refused."""
 
     tis_cap: float = 2.0
     """C of TIS: the largest weight a token gets (>= 1)."""

@@ -72,13 +72,16 @@ def test_tis_is_on_by_default_with_fp8_rollouts_and_off_otherwise():
     assert (off.tis, off.old_log_probs) == (False, "rollout")
     recompute = LossSettings.resolve(algorithm(old_log_probs="recompute"), fp8_rollouts=False)
     assert (recompute.tis, recompute.old_log_probs) == (False, "recompute")
+    # An explicit rollout ratio is the user's correction for the mismatch: auto adds none.
+    rollout = LossSettings.resolve(algorithm(old_log_probs="rollout"), fp8_rollouts=True)
+    assert (rollout.tis, rollout.old_log_probs) == (False, "rollout")
 
 
 def test_tis_with_the_rollout_ratio_is_refused():
     with pytest.raises(UserError, match=r"TIS would correct the same .* a second time"):
         load_config(None, {"algorithm.tis": "on", "algorithm.old_log_probs": "rollout"}).validate()
-    with pytest.raises(UserError, match=r"on by default with FP8 rollouts"):
-        LossSettings.resolve(algorithm(old_log_probs="rollout"), fp8_rollouts=True)
+    with pytest.raises(UserError, match=r"TIS would correct the same"):
+        LossSettings.resolve(algorithm(tis="on", old_log_probs="rollout"), fp8_rollouts=True)
     with pytest.raises(UserError, match=r"algorithm.tis_cap=0.5 must be >= 1"):
         load_config(None, {"algorithm.tis_cap": "0.5"}).validate()
 

@@ -39,11 +39,13 @@ class LossSettings:
 
     @classmethod
     def resolve(cls, algorithm: AlgorithmConfig, fp8_rollouts: bool) -> "LossSettings":
-        """auto TIS = on with fp8 rollouts; auto old_log_probs = recompute under TIS."""
-        tis = algorithm.tis == "on" or (algorithm.tis == "auto" and fp8_rollouts)
-        if tis and algorithm.old_log_probs == "rollout":
-            why = " (TIS is on by default with FP8 rollouts)" if algorithm.tis == "auto" else ""
-            raise UserError(TIS_WITH_ROLLOUT_RATIO + why)
+        """TIS auto = on with fp8 rollouts, unless old_log_probs is rollout (that ratio
+        corrects the mismatch already, inside its clip); old_log_probs auto = recompute under
+        TIS, else rollout. TIS on with the rollout ratio is a contradiction."""
+        a = algorithm
+        if a.tis == "on" and a.old_log_probs == "rollout":
+            raise UserError(TIS_WITH_ROLLOUT_RATIO)
+        tis = a.tis == "on" or (a.tis == "auto" and fp8_rollouts and a.old_log_probs != "rollout")
         old = algorithm.old_log_probs
         if old == "auto":
             old = "recompute" if tis else "rollout"
