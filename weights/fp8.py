@@ -48,12 +48,17 @@ def quantize_blockwise(
     weight: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(q, scale_inv)`: `weight` [rows, cols] (any float dtype, any device) as e4m3 values
-    and one fp32 scale per block, on the weight's device. The math runs in fp32."""
+    and one fp32 scale per block, on the weight's device. The division runs in fp32."""
     rows, cols = _matrix_shape(tuple(weight.shape))
-    blocks = _blocked(weight.detach().to(torch.float32), block)  # [R, br, C, bc]
-    amax = blocks.abs().amax(dim=(1, 3))
+    if not weight.is_floating_point():
+        raise ValueError(f"block-wise FP8 quantizes float weights, not {weight.dtype}")
+    # amax in the weight's own dtype is exact (|x| and max round nothing), and the division
+    # promotes to fp32 inside one kernel: no fp32 copy of the weight is made first.
+    blocks = _blocked(weight.detach(), block)  # [R, br, C, bc]
+    amax = blocks.abs().amax(dim=(1, 3)).to(torch.float32)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scaled = torch.div(blocks, scale[:, None, :, None])  # fp32 (or fp64 for an fp64 weight)
+    q = scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(q.shape[0] * q.shape[1], q.shape[2] * q.shape[3])
     if q.shape != (rows, cols):  # drop the zero padding of partial edge blocks
         q = q[:rows, :cols].contiguous()
