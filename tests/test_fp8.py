@@ -400,3 +400,20 @@ def test_a_train_actor_syncs_fp8_weights_into_a_transformers_fp8_engine(checkpoi
         engine.shutdown()
         trainer.shutdown()
         ray.shutdown()
+
+
+def test_megatron_reads_trainer_weights_from_the_bf16_twin_or_dequantized(checkpoints, tmp_path):
+    """Megatron fills its model from the trainers' checkpoint: the bf16 twin when given; from
+    the FP8 directory itself (the seed's --load case, and a KL reference model) dequantized."""
+    from training.megatron.backend import _checkpoint_reader
+
+    bf16, fp8 = checkpoints
+    name = "model.layers.0.self_attn.q_proj.weight"
+    original = SafetensorsReader(bf16).read(name)
+    twin = run_config(fp8, **{"model.train_checkpoint": str(bf16)})
+    assert torch.equal(_checkpoint_reader(twin)(name), original)
+    seed_way = run_config(fp8, **{"train.backend": "megatron", "checkpoint.load": str(tmp_path)})
+    read = _checkpoint_reader(seed_way)(name)
+    q, scales = quantize_blockwise(original, (32, 32))
+    assert torch.equal(read, dequantize_blockwise(q, scales, (32, 32)))
+    assert not torch.equal(read, original)
