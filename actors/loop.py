@@ -55,9 +55,9 @@ class Driver:
         if config.model.hf_checkpoint != BUILTIN_MODEL:
             check_checkpoint_dir(config.model.hf_checkpoint)
         fp8 = check_rollout_checkpoint(config)
-        self.loss_settings = LossSettings.resolve(config.algorithm, fp8 is not None)
+        loss = LossSettings.resolve(config.algorithm, fp8 is not None)  # refuses contradictions
         if fp8 is not None:
-            s = self.loss_settings
+            s = loss
             tis = f"TIS on (cap {s.tis_cap:g})" if s.tis else "TIS off"
             print(
                 f"[sluice] fp8 rollouts: weights quantized to e4m3 in {fp8.block_size[0]}x"

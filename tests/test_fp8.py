@@ -417,3 +417,18 @@ def test_megatron_reads_trainer_weights_from_the_bf16_twin_or_dequantized(checkp
     q, scales = quantize_blockwise(original, (32, 32))
     assert torch.equal(read, dequantize_blockwise(q, scales, (32, 32)))
     assert not torch.equal(read, original)
+
+
+def test_the_dry_run_shows_fp8_rollouts_and_refuses_them_on_cpus(checkpoints, capsys):
+    import driver
+
+    bf16, fp8 = checkpoints
+    flags = ["--dry-run", "--hf-checkpoint", str(fp8), "--model.train_checkpoint", str(bf16)]
+    assert driver.main([*flags, "--cluster", "1x8"]) == 0
+    out = capsys.readouterr().out
+    assert "# rollout weights: fp8 e4m3 in 32x32 blocks" in out
+    assert "TIS on, cap 2; ratio denominator: recompute" in out
+    assert driver.main([*flags, "--cluster", "1x0"]) == 2
+    assert "places the engines on CPUs" in capsys.readouterr().err
+    assert driver.main([*flags, "--cluster", "1x8", "--algorithm.old_log_probs", "rollout"]) == 0
+    assert "TIS off; ratio denominator: rollout" in capsys.readouterr().out
