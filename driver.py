@@ -109,12 +109,21 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
     """Print the resolved config and where every actor would go; starts nothing."""
     import yaml
 
-    from inference import check_engine_config
+    from inference import check_engine_config, check_fp8_engines
+    from models.fp8_checkpoint import check_rollout_checkpoint
     from training import check_backend_config
+    from training.loss import LossSettings
 
     check_backend_config(config)
     check_engine_config(config)
+    fp8 = check_rollout_checkpoint(config)
+    loss = LossSettings.resolve(config.algorithm, fp8 is not None)
     print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip(), end="\n\n")
+    weights = "as trained"
+    if fp8 is not None:
+        weights = f"fp8 e4m3 in {fp8.block_size[0]}x{fp8.block_size[1]} blocks ({fp8.source})"
+    tis = f"on, cap {loss.tis_cap:g}" if loss.tis else "off"
+    print(f"# rollout weights: {weights}; TIS {tis}; ratio denominator: {loss.old_log_probs}\n")
     if cluster_spec:
         cluster = parse_cluster_spec(cluster_spec)
     elif os.environ.get("RAY_ADDRESS"):
@@ -128,6 +137,7 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
 
         cluster = synthetic_cluster(1, torch.cuda.device_count(), float(os.cpu_count() or 1))
     layout = plan_layout(cluster, config)
+    check_fp8_engines(config, layout.use_gpus)
     print(layout.describe())
     from placement.multinode import apply_cpu_adam_rule
 

@@ -25,7 +25,8 @@ from config.schema import BUILTIN_MODEL
 from data.balance import balance_by_tokens
 from data.prompts import PromptStream
 from data.sources import load_train_and_eval
-from inference import check_engine_config
+from inference import check_engine_config, check_fp8_engines
+from models.fp8_checkpoint import check_rollout_checkpoint
 from models.loading import check_checkpoint_dir
 from placement.cluster import read_cluster_shape
 from placement.groups import create_placement
@@ -36,6 +37,7 @@ from tracking.metrics import MetricsWriter, step_line
 from tracking.ray_metrics import RayMetrics
 from training import check_backend_config
 from training.backend import TrainStats
+from training.loss import LossSettings
 
 SHUTDOWN_TIMEOUT_S = 60.0
 LOOP_STATE_FILE = "sluice_state.json"
@@ -54,6 +56,17 @@ class Driver:
         load_reward_fn(config.rollout.reward)
         if config.model.hf_checkpoint != BUILTIN_MODEL:
             check_checkpoint_dir(config.model.hf_checkpoint)
+        fp8 = check_rollout_checkpoint(config)
+        loss = LossSettings.resolve(config.algorithm, fp8 is not None)  # refuses contradictions
+        if fp8 is not None:
+            s = loss
+            tis = f"TIS on (cap {s.tis_cap:g})" if s.tis else "TIS off"
+            print(
+                f"[sluice] fp8 rollouts: weights quantized to e4m3 in {fp8.block_size[0]}x"
+                f"{fp8.block_size[1]} blocks at every sync ({fp8.source}); {tis}; ratio "
+                f"denominator: {s.old_log_probs} log-probs",
+                flush=True,
+            )
         start_from = _checkpoint_to_load(config.checkpoint.load)
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
@@ -62,6 +75,7 @@ class Driver:
         self.layout = plan_layout(read_cluster_shape(), config)
         if notice := apply_cpu_adam_rule(config, self.layout):
             print(f"note: {notice}", flush=True)
+        check_fp8_engines(config, self.layout.use_gpus)
         check_paths_on_nodes(config, self.layout)  # every node sees the model, data, checkpoints
         self.placement = create_placement(self.layout)
         try:

@@ -8,7 +8,13 @@ Rank 0 alone joins the weight-broadcast group with the engines. Exporting weight
 collective of the training world (a sharded backend gathers shards as it goes), so
 `broadcast_weights`, `weight_checksums`, `named_weights`, `save_hf` and the checkpoint verbs
 are called on every rank together; rank 0 does the sending or writing.
+
+With an FP8 rollout checkpoint the weights leave in its format (`weights/fp8_export.py`): the
+plan, the broadcast, the CUDA IPC export and the checksums all see the fp8 weights and their
+scales, quantized tensor by tensor as the buckets are packed.
 """
+
+from collections.abc import Iterable, Iterator
 
 import ray
 import torch
@@ -17,11 +23,13 @@ import torch.distributed as dist
 from actors.device import actor_device
 from config.schema import SluiceConfig
 from data.schema import RolloutBatchRef
+from models.fp8_checkpoint import rollout_fp8_format
 from training import create_backend
 from training.backend import TrainStats
 from weights.checksum import tensor_checksums
+from weights.fp8_export import export_for
 from weights.ipc import IpcExport
-from weights.manifest import Bucket, plan_buckets
+from weights.manifest import Bucket, TensorSpec, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
 from weights.sync import SyncStats, WeightSender
 
@@ -35,6 +43,8 @@ class TrainActor:
         self.backend = None
         self.sender: WeightSender | None = None
         self.ipc: IpcExport | None = None
+        self.fp8 = export_for(rollout_fp8_format(config.model))
+        """How weights leave for FP8 engines (None: as the backend holds them)."""
 
     def pick_master(self) -> tuple[str, int]:
         return pick_master_address_and_port()
@@ -67,7 +77,16 @@ class TrainActor:
     # Weight export (a collective; rank 0 sends).
 
     def weight_plan(self, bucket_bytes: int) -> list[Bucket]:
-        return plan_buckets(self.backend.weight_specs(), bucket_bytes)
+        return plan_buckets(self._outgoing_specs(self.backend.weight_specs()), bucket_bytes)
+
+    def _outgoing_specs(self, specs: list[TensorSpec]) -> list[TensorSpec]:
+        return self.fp8.specs(specs) if self.fp8 is not None else specs
+
+    def _outgoing(
+        self, named: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights as the engines take them (quantized lazily for FP8 engines)."""
+        return self.fp8.tensors(named) if self.fp8 is not None else iter(named)
 
     def init_weights_update_group(self, info: GroupInfo) -> None:
         self.sender = WeightSender(init_weights_update_group(info, rank=0))
@@ -83,12 +102,12 @@ class TrainActor:
             for _ in weights:  # take part in the gathers
                 pass
             return None
-        return self.sender.send(plan, weights, version)
+        return self.sender.send(plan, self._outgoing(weights), version)
 
     # Colocated SGLang engines: weights by CUDA IPC handle, one bucket per call (weights/ipc.py).
 
     def begin_ipc_export(self, serving: bool) -> None:
-        self.ipc = IpcExport(self.backend.named_weights(), serving, self.device)
+        self.ipc = IpcExport(self._outgoing(self.backend.named_weights()), serving, self.device)
 
     def ipc_bucket(self, bucket: Bucket) -> str | None:
         return self.ipc.bucket(bucket)
@@ -98,11 +117,12 @@ class TrainActor:
         self.ipc = None
 
     def weight_checksums(self) -> dict[str, str]:
-        return tensor_checksums(self.backend.named_weights())
+        """Checksums of the weights as sent (fp8 ones for FP8 engines)."""
+        return tensor_checksums(self._outgoing(self.backend.named_weights()))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of every weight (tests compare them with the engines')."""
-        return {n: t.cpu().clone() for n, t in self.backend.named_weights()}
+        """A CPU copy of every weight as sent (tests compare them with the engines')."""
+        return {n: t.cpu().clone() for n, t in self._outgoing(self.backend.named_weights())}
 
     def save_hf(self, path: str) -> None:
         self.backend.save_hf(path)

@@ -13,6 +13,11 @@ from config.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
 BUILTIN_TASK = "builtin:digits"
+TIS_WITH_ROLLOUT_RATIO = (
+    "algorithm.old_log_probs=rollout puts the engine's log-probs into the PPO ratio, and TIS "
+    "would correct the same trainer/engine mismatch a second time; set algorithm.old_log_probs "
+    "to recompute (or auto), or algorithm.tis=off"
+)
 
 
 @dataclass
@@ -20,7 +25,16 @@ class ModelConfig:
     """The policy model: where its Hugging Face checkpoint is and how it is held in memory."""
 
     hf_checkpoint: str = BUILTIN_MODEL
-    """A Hugging Face model directory, or `builtin:tiny-qwen3-moe` (built in code, random init)."""
+    """A Hugging Face model directory, or `builtin:tiny-qwen3-moe` (built in code, random init).
+    An FP8 checkpoint (its config.json has a block-wise fp8 `quantization_config`, e.g.
+    Qwen3-30B-A3B-FP8 or one made by tools/convert_hf_to_fp8.py) switches the rollouts to fp8:
+    the engines serve it and every weight sync quantizes the trainers' bf16 weights into its
+    format; the trainers then start from `checkpoint.load` or `model.train_checkpoint`."""
+
+    train_checkpoint: str | None = None
+    """With an FP8 `hf_checkpoint`: the bf16 Hugging Face directory of the same model that the
+    trainers load (config and weights). Not needed with the Megatron backend when
+    `checkpoint.load` gives the weights (the seed's way); refused with a bf16 hf_checkpoint."""
 
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype in trainers and engines (fp32 on CPU; bf16 on GPUs)."""
@@ -247,11 +261,22 @@ class AlgorithmConfig:
     kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     """KL estimator: k1 (log-ratio), k2 (squared), k3 / low_var_kl (clamped k3)."""
 
-    old_log_probs: Literal["rollout", "recompute"] = "rollout"
+    old_log_probs: Literal["auto", "rollout", "recompute"] = "auto"
     """Denominator of the importance ratio: the engine's log-probs (`rollout`, corrects for any
-    trainer/engine mismatch) or the trainer's own before the update (`recompute`; with one
-    optimizer step per rollout batch the ratio is then exactly 1 and only the mismatch is
-    reported)."""
+    trainer/engine mismatch inside the clipped ratio) or the trainer's own before the update
+    (`recompute`; with one optimizer step per rollout batch the ratio is then exactly 1 and the
+    mismatch is only reported, or corrected by TIS). auto = recompute when TIS is on, else
+    rollout."""
+
+    tis: Literal["auto", "on", "off"] = "auto"
+    """Truncated importance sampling: weight each token's loss by min(exp(trainer log-prob -
+    rollout log-prob), tis_cap), correcting for the engines sampling from a slightly different
+    policy than the trainer's (fp8 weights, other kernels). auto = on when the engines serve an
+    FP8 checkpoint, unless old_log_probs is rollout: that ratio already corrects the mismatch
+    (inside its clip), and TIS would correct it a second time, so `on` with it is refused."""
+
+    tis_cap: float = 2.0
+    """C of TIS: the largest weight a token gets (>= 1)."""
 
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     """`token_mean`: every response token of the step weighs the same (across all ranks);
@@ -405,6 +430,13 @@ class SluiceConfig:
             raise UserError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
         if a.kl_coef < 0:
             raise UserError("algorithm.kl_coef must be >= 0")
+        if a.tis_cap < 1:
+            raise UserError(
+                f"algorithm.tis_cap={a.tis_cap} must be >= 1: TIS weights are min(ratio, cap), "
+                f"and a cap below 1 would shrink every token's weight"
+            )
+        if a.tis == "on" and a.old_log_probs == "rollout":
+            raise UserError(TIS_WITH_ROLLOUT_RATIO)
         if self.weight_sync.bucket_size_mb <= 0:
             raise UserError("weight_sync.bucket_size_mb must be > 0")
         if self.weight_sync.timeout_s <= 0:

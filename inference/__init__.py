@@ -16,11 +16,20 @@ def _transformers_engine(
     config: SluiceConfig, device: "torch.device", engine_index: int, site: "EngineSite | None"
 ) -> "InferenceEngine":
     from inference.transformers_engine import TransformersEngine
+    from models.fp8_checkpoint import rollout_fp8_format
     from models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
+    fp8 = rollout_fp8_format(config.model)
+    if fp8 is not None:
+        from inference.fp8_model import build_fp8_model, check_fp8_engine_support
+
+        check_fp8_engine_support(config.model, device)
+        model = build_fp8_model(config.model, fp8, device)
+    else:
+        model = load_model(config.model, config.seed, device)
     return TransformersEngine(
-        load_model(config.model, config.seed, device),
+        model,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id
         if tokenizer.pad_token_id is not None
@@ -65,6 +74,22 @@ def check_engine_config(config: SluiceConfig) -> None:
                 "rollout.batching=continuous reports log-probs after top-p/top-k truncation, "
                 "which the trainer cannot reproduce; use rollout.batching=static with top_p/top_k"
             )
+
+
+def check_fp8_engines(config: SluiceConfig, use_gpus: bool) -> None:
+    """An FP8 rollout checkpoint served by the transformers engine needs GPUs (each engine
+    then checks its own GPU's compute capability and transformers' fp8 kernel)."""
+    from models.fp8_checkpoint import rollout_fp8_format
+
+    if config.rollout.engine != "transformers" or use_gpus:
+        return
+    if rollout_fp8_format(config.model) is not None:
+        raise UserError(
+            f"model.hf_checkpoint={config.model.hf_checkpoint} is an FP8 checkpoint, which the "
+            f"transformers engine serves with transformers' FineGrainedFP8: that needs CUDA GPUs "
+            f"of compute capability >= 8.9 (Ada, Hopper), and this cluster places the engines "
+            f"on CPUs; serve a bf16 checkpoint here, or run on such GPUs"
+        )
 
 
 def create_engine(

@@ -1,5 +1,6 @@
 """Load the policy (model + tokenizer) named by `model.hf_checkpoint`, in any process."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,3 +46,11 @@ def check_checkpoint_dir(path: str) -> Path:
             f"point it at one, or use {BUILTIN_MODEL}"
         )
     return directory
+
+
+def trainer_model(config: ModelConfig) -> ModelConfig:
+    """The model the trainers load: `model.train_checkpoint` when given (the bf16 twin of an
+    FP8 rollout checkpoint), else `model.hf_checkpoint`."""
+    if config.train_checkpoint:
+        return replace(config, hf_checkpoint=config.train_checkpoint, train_checkpoint=None)
+    return config

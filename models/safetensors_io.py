@@ -49,12 +49,22 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The stored shape of `name` from its file's header (no data read); None if absent."""
+        header = self._header(name)
+        return None if header is None else tuple(header.get_shape())
+
+    def dtype(self, name: str) -> str | None:
+        """The stored dtype of `name` as safetensors spells it (`BF16`, `F8_E4M3`, `F32`), from
+        its file's header; None if absent."""
+        header = self._header(name)
+        return None if header is None else header.get_dtype()
+
+    def _header(self, name: str):
         file = self._file_of.get(name)
         if file is None:
             return None
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        return tuple(self._handles[file].get_slice(name).get_shape())
+        return self._handles[file].get_slice(name)
 
 
 def _weight_map(directory: Path) -> dict[str, str]:

@@ -143,6 +143,7 @@ def policy_loss(
     advantages: Tensor,
     clip_low: float,
     clip_high: float,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate with asymmetric clip (DAPO's clip-higher): per-token loss [B, T].
 
@@ -154,6 +155,7 @@ def policy_loss(
     and keeps its gradient, as in PPO. `advantages` is [B, T] or broadcastable ([B, 1]).
     The log-ratio is clamped to +-20 before exp, so a token whose ratio passes e^20 (~5e8, a
     broken sample, not a policy update) gives a finite loss and no gradient instead of NaN.
+    `token_weights` [B, T] (no gradient), e.g. TIS weights, multiply each token's loss.
     The loss is not masked; pass it to `aggregate` with the loss mask.
     """
     log_ratio = (log_probs - old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -164,7 +166,40 @@ def policy_loss(
         clipped_high = (advantages > 0) & (ratio > 1 + clip_high)
         bound = ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.where(clipped_low | clipped_high, -bound * advantages, -ratio * advantages)
+    if token_weights is not None:
+        loss = loss * token_weights.detach().to(loss.dtype)
     return loss, PolicyLossStats(ratio.detach(), clipped_low, clipped_high)
+
+
+@dataclass(frozen=True)
+class TisWeights:
+    """Truncated importance-sampling weights of the tokens, detached."""
+
+    weights: Tensor
+    """min(exp(old_log_probs - rollout_log_probs), cap) [B, T]."""
+
+    truncated: Tensor
+    """bool [B, T]: the ratio exceeded the cap (its weight is the cap); under the loss mask,
+    their fraction is the TIS clip fraction."""
+
+
+def truncated_importance_weights(
+    old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float
+) -> TisWeights:
+    """TIS: w = min(pi_old_trainer(x) / pi_rollout(x), cap) per sampled token [B, T].
+
+    The engines sample from pi_rollout, which differs from the trainer's pi_old (the same
+    weights, but fp8-quantized in the engines, or other kernels); w reweights each token's
+    policy-gradient term towards the trainer's distribution, and the cap bounds the variance a
+    few tokens the engine found much less likely could add. No gradient flows through w. The
+    log-ratio is clamped to +-20 before exp, as in `policy_loss`.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    with torch.no_grad():
+        log_ratio = old_log_probs.float() - rollout_log_probs.float()
+        ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        return TisWeights(ratio.clamp(max=cap), ratio > cap)
 
 
 def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind) -> Tensor:

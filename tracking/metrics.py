@@ -29,11 +29,13 @@ class MetricsWriter:
 
 
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
-    """The one line per step that the job log shows."""
+    """The one line per step that the job log shows (with TIS on: its clip fraction too)."""
+    tis = metrics.get("mismatch/tis_clip_fraction")
     return (
         f"step {step}/{total} reward {metrics['rollout/reward_mean']:.3f} "
         f"acc {metrics['rollout/accuracy']:.3f} loss {metrics['train/loss']:+.4f} "
         f"|dlogp| {metrics['mismatch/logprob_abs_diff_mean']:.2e} "
-        f"time rollout {metrics['time/rollout']:.2f}s train {metrics['time/train']:.2f}s "
+        + (f"tis-clip {tis:.2e} " if tis is not None else "")
+        + f"time rollout {metrics['time/rollout']:.2f}s train {metrics['time/train']:.2f}s "
         f"sync {metrics['time/sync']:.2f}s"
     )

@@ -34,10 +34,11 @@ def check_backend_config(config: SluiceConfig) -> None:
             f"train.backend={t.backend!r} is not a known backend; use one of {sorted(BACKENDS)}"
         )
     if t.backend == "megatron":
+        from models.loading import trainer_model
         from training.megatron.model_config import load_hf_config, model_shape
         from training.megatron.parallel import check_megatron_config
 
-        shape = model_shape(load_hf_config(config.model))
+        shape = model_shape(load_hf_config(trainer_model(config.model)))
         check_megatron_config(t, config.model.dtype, shape)
     if t.backend == "torch":
         p = t.parallel

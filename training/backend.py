@@ -42,6 +42,9 @@ class TrainStats:
     logprob_abs_diff_max: float = 0.0
     importance_ratio_sum: float = 0.0
     rollout_kl_sum: float = 0.0
+    tis_tokens: float = 0.0
+    tis_truncated_sum: float = 0.0
+    tis_weight_sum: float = 0.0
     grad_norm: float = 0.0
     compute_seconds: float = 0.0
     gpu_peak_gb: float = 0.0
@@ -55,9 +58,15 @@ class TrainStats:
             self.gpu_peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
         self.host_rss_gb = psutil.Process().memory_info().rss / 1e9
 
-    def add_micro_batch(self, loss, policy_loss, log_probs, mb, loss_stats) -> None:
+    def add_micro_batch(self, loss, policy_loss, log_probs, mb, loss_stats, tis=None) -> None:
         """Accumulate one micro-batch: its loss terms and the trainer/engine mismatch of its
-        loss tokens (`mb` is a `training.batch.MicroBatch`, `loss_stats` from `policy_loss`)."""
+        loss tokens (`mb` is a `training.batch.MicroBatch`, `loss_stats` from `policy_loss`,
+        `tis` the `TisWeights` the loss used, if any)."""
+        if tis is not None:
+            mask = mb.loss_mask.bool()
+            self.tis_tokens += mask.sum().item()
+            self.tis_truncated_sum += (tis.truncated & mask).sum().item()
+            self.tis_weight_sum += (tis.weights * mask).sum().item()
         self.loss += loss.item()
         self.policy_loss += policy_loss.item()
         mismatch = log_prob_mismatch(log_probs.detach(), mb.rollout_log_probs, mb.loss_mask)
@@ -82,6 +91,12 @@ class TrainStats:
                 else:
                     setattr(total, f.name, getattr(total, f.name) + value)
         tokens = max(total.tokens, 1.0)
+        tis = {}
+        if total.tis_tokens:
+            tis = {
+                "mismatch/tis_clip_fraction": total.tis_truncated_sum / total.tis_tokens,
+                "mismatch/tis_weight_mean": total.tis_weight_sum / total.tis_tokens,
+            }
         return {
             "train/loss": total.loss,
             "train/policy_loss": total.policy_loss,
@@ -97,6 +112,7 @@ class TrainStats:
             "mismatch/kl_k3": total.rollout_kl_sum / tokens,
             "memory/train_gpu_peak_gb": total.gpu_peak_gb,
             "memory/train_host_rss_gb": total.host_rss_gb,
+            **tis,
         }
 
 

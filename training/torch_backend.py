@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config.schema import SluiceConfig
 from models.checkpoint_format import checkpoint_tensors
-from models.loading import load_model, load_tokenizer
-from rl.grpo import aggregate, kl_penalty, log_probs_from_logits, policy_loss
+from models.loading import load_model, load_tokenizer, trainer_model
+from rl.grpo import aggregate, kl_penalty, log_probs_from_logits
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
@@ -27,6 +27,7 @@ from training.batch import (
     rows_of,
     split_by_token_budget,
 )
+from training.loss import LossSettings, policy_term
 
 
 class TorchBackend(TrainingBackend):
@@ -34,7 +35,8 @@ class TorchBackend(TrainingBackend):
         self.config = config
         self.device = device
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.model = load_model(config.model, config.seed, device).train()
+        self.loss_settings = LossSettings.of(config)
+        self.model = load_model(trainer_model(config.model), config.seed, device).train()
         self.module = self.model
         if self.world_size > 1:
             self.module = DistributedDataParallel(
@@ -50,7 +52,9 @@ class TorchBackend(TrainingBackend):
         )
         self.reference = None
         if config.algorithm.kl_coef > 0:
-            self.reference = load_model(config.model, config.seed, device).requires_grad_(False)
+            self.reference = load_model(
+                trainer_model(config.model), config.seed, device
+            ).requires_grad_(False)
 
     def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
@@ -93,8 +97,7 @@ class TorchBackend(TrainingBackend):
         a = self.config.algorithm
         mode = a.loss_aggregation
         log_probs = self._token_log_probs(self.module, mb)
-        old = mb.rollout_log_probs if a.old_log_probs == "rollout" else log_probs.detach()
-        per_token, loss_stats = policy_loss(log_probs, old, mb.advantages, a.clip_low, a.clip_high)
+        per_token, loss_stats, tis = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
         loss = pg_loss
         if self.reference is not None:
@@ -107,7 +110,7 @@ class TorchBackend(TrainingBackend):
             stats.kl_loss += kl.item()
         # DDP averages gradients over ranks; the normalizer is already global, so undo the mean.
         (loss * self.world_size).backward()
-        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats)
+        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis)
 
     def _empty_backward(self) -> None:
         """Join the gradient all-reduce with zero gradients when this rank got no rows."""

@@ -39,9 +39,13 @@ from inference.sglang.server import EngineFailure, NodeServer, ServerProcess, wa
 from models.safetensors_io import SafetensorsReader
 from placement.planner import Layout
 from weights.errors import WeightSyncError
+from weights.fp8_export import FP8_DTYPE_NAME
 from weights.manifest import Bucket, plan_specs
 from weights.process_group import GroupInfo
 from weights.sync import SyncStats
+
+SAFETENSORS_FP8 = "F8_E4M3"
+"""How safetensors names torch.float8_e4m3fn in a file's header."""
 
 MAX_GROUP = 64
 """Most prompts one /generate request carries (a GRPO group is usually 8-16)."""
@@ -233,8 +237,9 @@ class SglangEngine(InferenceEngine):
         self.session_open = True
 
     def _check_against_checkpoint(self, plan: list[Bucket]) -> None:
-        """Every tensor of the plan must be one of the checkpoint's, with its shape (SGLang
-        would otherwise fail after the transfer, or load a tensor into the wrong place)."""
+        """Every tensor of the plan must be one of the checkpoint's, with its shape, and in
+        fp8 exactly where the checkpoint is (an FP8 checkpoint's weights; SGLang would
+        otherwise fail after the transfer, or load a tensor into the wrong place)."""
         reader = SafetensorsReader(self.config.model.hf_checkpoint)
         problems = []
         for spec in plan_specs(plan):
@@ -243,6 +248,9 @@ class SglangEngine(InferenceEngine):
                 problems.append(f"{spec.name} is not in the checkpoint")
             elif shape != tuple(spec.shape):
                 problems.append(f"{spec.name} is {list(spec.shape)}, not {list(shape)}")
+            elif (spec.dtype == FP8_DTYPE_NAME) != (reader.dtype(spec.name) == SAFETENSORS_FP8):
+                stored = reader.dtype(spec.name)
+                problems.append(f"{spec.name} is sent as {spec.dtype}, stored as {stored}")
         if problems:
             more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
             raise WeightSyncError(

@@ -18,6 +18,7 @@ The loss is the RL loss of `rl.grpo` on log-probs taken straight from the vocab-
 logits (`vocab_parallel_cross_entropy`): no rank ever gathers a full-vocabulary row.
 """
 
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from config.schema import BUILTIN_MODEL, SluiceConfig
-from models.loading import DTYPES, check_checkpoint_dir, load_tokenizer
-from rl.grpo import aggregate, kl_penalty, policy_loss
+from models.loading import DTYPES, check_checkpoint_dir, load_tokenizer, trainer_model
+from rl.grpo import aggregate, kl_penalty
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
@@ -41,6 +42,7 @@ from training.batch import (
     rows_of,
     split_by_token_budget,
 )
+from training.loss import LossSettings, policy_term
 from training.megatron.hf_weights import export_hf_weights, hf_weight_specs, load_hf_weights
 from training.megatron.model import build_gpt_model, init_model_parallel
 from training.megatron.model_config import load_hf_config, model_shape
@@ -54,7 +56,8 @@ class MegatronBackend(TrainingBackend):
 
         self.config = config
         self.device = device
-        self.hf_config = load_hf_config(config.model)
+        self.loss_settings = LossSettings.of(config)
+        self.hf_config = load_hf_config(trainer_model(config.model))
         self.shape = model_shape(self.hf_config)
         parallel = config.train.parallel
         check_megatron_config(config.train, config.model.dtype, self.shape)
@@ -109,8 +112,7 @@ class MegatronBackend(TrainingBackend):
         a = self.config.algorithm
         mode = a.loss_aggregation
         log_probs = self._token_log_probs(logits, mb)
-        old = mb.rollout_log_probs if a.old_log_probs == "rollout" else log_probs.detach()
-        per_token, loss_stats = policy_loss(log_probs, old, mb.advantages, a.clip_low, a.clip_high)
+        per_token, loss_stats, tis = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
         loss = pg_loss
         if reference is not None:
@@ -121,7 +123,7 @@ class MegatronBackend(TrainingBackend):
             if self.reports_stats:
                 stats.kl_loss += kl.item()
         if self.reports_stats:
-            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats)
+            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis)
         # megatron-core divides by the number of micro-batches and its data-parallel gradient
         # reduction averages; the normalizer is already the step's global count, so undo both.
         return loss * scale, {}
@@ -211,7 +213,10 @@ class MegatronBackend(TrainingBackend):
                 pass
             return
         write_sharded(path, weights)
-        self.hf_config.save_pretrained(path)
+        config = copy.deepcopy(self.hf_config)
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config  # read from an FP8 rollout checkpoint: these are bf16
+        config.save_pretrained(path)
         load_tokenizer(self.config.model).save_pretrained(path)
 
     # Checkpoints.
@@ -277,7 +282,11 @@ def _empty_micro_batch(multiple: int) -> MicroBatch:
 
 
 def _checkpoint_reader(config: SluiceConfig):
-    if config.model.hf_checkpoint == BUILTIN_MODEL:
+    """Reads a tensor of the trainers' checkpoint by name, in the model's dtype. From an FP8
+    rollout checkpoint (when the weights come from `checkpoint.load`, which overwrites them,
+    or for the KL reference) its fp8 weights are dequantized with their scales."""
+    model = trainer_model(config.model)
+    if model.hf_checkpoint == BUILTIN_MODEL:
         from models.checkpoint_format import checkpoint_tensors
         from models.tiny import build_tiny_model
 
@@ -285,11 +294,12 @@ def _checkpoint_reader(config: SluiceConfig):
             checkpoint_tensors(build_tiny_model(config.seed, DTYPES[config.model.dtype]))
         )
         return tensors.__getitem__
+    from models.fp8_checkpoint import read_fp8_format, tensor_reader
     from models.safetensors_io import SafetensorsReader
 
-    reader = SafetensorsReader(check_checkpoint_dir(config.model.hf_checkpoint))
-    dtype = DTYPES[config.model.dtype]
-    return lambda name: reader.read(name).to(dtype)
+    directory = check_checkpoint_dir(model.hf_checkpoint)
+    reader = SafetensorsReader(directory)
+    return tensor_reader(reader, read_fp8_format(directory), DTYPES[config.model.dtype])
 
 
 def _wrap_ddp(model, config: SluiceConfig):

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# FP8 rollouts on one GPU (H100 / H200), behind bench/RESULTS.md "FP8 rollouts": the `gpu`
+# tests of the transformers FP8 engine, then bench/bench_fp8.py (quantization vs copy
+# bandwidth, fp8 vs bf16 sync cost, fp8 vs bf16 rollout log-probs). Without uv; needs ray
+# from .whl (see bench/run_gpu.sh: ../shared/device/pack-wheels.sh), not math-verify.
+#   usage, from the repository root, carrying .whl:
+#     OUT=/some/dir [BENCH_FLAGS=--no-compile] bench/run_gpu_fp8.sh [tests bench]   (both: ~5 min)
+# Writes into $OUT: env.txt, tests.log, bench.log, bench_fp8.json.
+set -uo pipefail
+OUT=${OUT:?set OUT to an output folder}
+mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
+  python3 -c 'import torch, transformers, importlib.util as u
+print("torch", torch.__version__, "transformers", transformers.__version__,
+      "kernels", u.find_spec("kernels") is not None, "accelerate", u.find_spec("accelerate") is not None)'
+} 2>&1 | tee "$OUT/env.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+}
+run_tests() {
+  step tests 200 python3 -m pytest -p no:cacheprovider -q -rs -s tests/test_fp8_gpu.py tests/test_fp8.py
+}
+run_bench() { step bench 330 python3 -m bench.bench_fp8 --out "$OUT" ${BENCH_FLAGS:-}; }
+
+for name in "${@:-tests bench}"; do
+  for one in $name; do "run_$one"; done
+done

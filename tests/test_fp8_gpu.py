@@ -1,0 +1,149 @@
+"""The transformers FP8 engine on a GPU: transformers' FP8Linear / FP8Experts on CUDA take an
+fp8 sync, and (with transformers' fp8 kernel) generate with log-probs close to bf16's.
+
+Skipped with the reason on a machine without a CUDA GPU of compute capability >= 8.9; the
+generation test also needs transformers' finegrained-fp8 kernel (the `kernels` package, which
+fetches it from the Hugging Face Hub or its cache).
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from config import load_config
+from inference import create_engine
+from inference.engine import SamplingParams
+from inference.fp8_model import build_fp8_model, fp8_device_problem, fp8_kernel_problem
+from models.checkpoint_format import checkpoint_tensors
+from models.fp8_checkpoint import read_fp8_format
+from models.tiny import EOS, PAD, VOCAB, build_tokenizer
+from rl.grpo import log_probs_from_logits
+from tools import convert_hf_to_fp8
+from weights.fp8 import FP8_DTYPE, dequantize_blockwise
+from weights.fp8_export import Fp8Export
+from weights.manifest import manifest_of, plan_buckets
+from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
+from weights.sync import WeightReceiver, WeightSender
+
+pytestmark = pytest.mark.gpu
+
+
+def fp8_gpu() -> torch.device:
+    """cuda:0 when it can run transformers' FP8 modules, else the test is skipped."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU of compute capability >= 8.9 (transformers' FineGrainedFP8)")
+    device = torch.device("cuda", 0)
+    problem = fp8_device_problem(device)
+    if problem:
+        pytest.skip(f"needs a CUDA GPU of compute capability >= 8.9: {problem}")
+    return device
+
+
+def small_qwen3_moe() -> Qwen3MoeForCausalLM:
+    """A real Qwen3-MoE architecture whose projections tile into 128 x 128 blocks."""
+    config = Qwen3MoeConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+        pad_token_id=VOCAB.index(PAD),
+        eos_token_id=VOCAB.index(EOS),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    fp8_gpu()
+    root = tmp_path_factory.mktemp("fp8_gpu")
+    small_qwen3_moe().save_pretrained(root / "bf16")
+    build_tokenizer().save_pretrained(root / "bf16")
+    argv = ["--hf-checkpoint", str(root / "bf16"), "--save", str(root / "fp8"), "--device", "cuda"]
+    assert convert_hf_to_fp8.run(argv) == 0
+    return root / "bf16", root / "fp8"
+
+
+def sync(weights: list[tuple[str, torch.Tensor]], engine_model: torch.nn.Module, fmt) -> None:
+    """Trainer -> engine over gloo (both in this process), as a colocated pair does."""
+    export = Fp8Export(fmt)
+    plan = plan_buckets(export.specs(manifest_of(weights)), 1 << 20)
+    address, port = pick_master_address_and_port()
+    info = GroupInfo(address, port, world_size=2, backend="gloo", timeout_s=60)
+    with ThreadPoolExecutor(2) as pool:
+        sender = pool.submit(init_weights_update_group, info, 0)
+        receiver = pool.submit(init_weights_update_group, info, 1)
+        sender, receiver = WeightSender(sender.result()), receiver.result()
+        receiver = WeightReceiver(receiver, dict(checkpoint_tensors(engine_model)))
+        receiver.check(plan)
+        sent = pool.submit(sender.send, plan, export.tensors(weights), 1)
+        got = pool.submit(receiver.receive, plan, 1)
+        sent.result(timeout=120), got.result(timeout=120)
+    sender.group.close()
+    receiver.group.close()
+
+
+def test_transformers_fp8_modules_on_the_gpu_take_an_fp8_sync(dirs):
+    device = fp8_gpu()
+    _, fp8 = dirs
+    config = load_config(None, {"model.hf_checkpoint": str(fp8), "model.dtype": "bfloat16"})
+    fmt = read_fp8_format(fp8)
+    engine_model = build_fp8_model(config.model, fmt, device)
+    trained = small_qwen3_moe().to(device)
+    weights = [(n, t.contiguous()) for n, t in checkpoint_tensors(trained)]
+    sync(weights, engine_model, fmt)
+    held = dict(checkpoint_tensors(engine_model))
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    assert held[name].dtype == FP8_DTYPE and held[name].device.type == "cuda"
+    back = dequantize_blockwise(held[name], held[name + "_scale_inv"], fmt.block_size)
+    original = dict(weights)[name].float()
+    assert (back - original).abs().max() <= original.abs().max() * 2.0**-4
+    assert torch.equal(held["lm_head.weight"], dict(weights)["lm_head.weight"])
+
+
+def test_the_fp8_engine_generates_with_log_probs_close_to_bf16(dirs):
+    device = fp8_gpu()
+    problem = fp8_kernel_problem()
+    if problem:
+        pytest.skip(f"transformers' finegrained-fp8 kernel is not available here: {problem}")
+    bf16, fp8 = dirs
+    config = load_config(
+        None,
+        {
+            "model.hf_checkpoint": str(fp8),
+            "model.train_checkpoint": str(bf16),
+            "model.dtype": "bfloat16",
+        },
+    )
+    engine = create_engine(config, device)
+    trained = small_qwen3_moe().to(device).eval()
+    sync(
+        [(n, t.contiguous()) for n, t in checkpoint_tensors(trained)],
+        engine.model,
+        read_fp8_format(fp8),
+    )
+    prompts = [[3 + (i % 10), 4 + (i % 9), 13] for i in range(16)]
+    torch.manual_seed(0)
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    diffs = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        ids = torch.tensor([prompt + completion.token_ids], device=device)
+        with torch.no_grad():
+            logits = trained(input_ids=ids).logits[:, :-1]
+        lp = log_probs_from_logits(logits, ids[:, 1:], 1.0)[0, len(prompt) - 1 :]
+        diffs += (lp.cpu() - torch.tensor(completion.log_probs)).abs().tolist()
+    mean = sum(diffs) / len(diffs)
+    print(f"fp8 engine vs bf16 trainer: mean |dlogp| {mean:.4f}, max {max(diffs):.4f}")
+    assert 0 < mean < 0.1
