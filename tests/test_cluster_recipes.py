@@ -40,11 +40,13 @@ from data.sources import load_train_and_eval
 from inference import check_engine_config
 from inference.sglang.flags import CLI_PREFIX, as_argv
 from inference.sglang.launch import read_num_experts, resolve_server_args, server_launches
+from models.fp8_checkpoint import rollout_fp8_format
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.planner import plan_layout
 from rl.rewards import load_reward_fn
 from tools.conversion import read_hf_config
 from training import check_backend_config
+from training.loss import LossSettings
 
 pytestmark = pytest.mark.cluster
 
@@ -481,10 +483,10 @@ def differences(a: Any, b: Any, prefix: str = "") -> set[str]:
             R_FP8,
             {
                 "model.hf_checkpoint",
+                "algorithm.old_log_probs",
                 "checkpoint.load",
                 "checkpoint.save",
                 "logging.output_dir",
-                "logging.save_final_model",
             },
         ),
     ],
@@ -496,18 +498,20 @@ def test_copies_of_the_8gpu_recipe_differ_only_where_they_say(recipe, expected):
 
 @pytest.mark.sglang
 def test_fp8_rollout_engines_serve_fp8_while_megatron_loads_the_bf16_conversion(shared_fs):
-    """What the config expresses of "bf16 训练 fp8 推理": the engine's --model-path is the FP8
-    checkpoint, Megatron's checkpoint.load is the torch_dist conversion of the bf16 one (the
-    converter refuses the FP8 checkpoint, as the seed warns), and no reference model is built
-    from the FP8 weights. The cast of each weight update to fp8 is not there yet."""
+    """ "bf16 训练 fp8 推理" as the recipe runs it: the engine's --model-path is the FP8
+    checkpoint, whose config.json switches the weight sync to fp8 in 128 x 128 blocks and turns
+    TIS on (ratio against the trainer's recomputed log-probs); Megatron's checkpoint.load is
+    the torch_dist conversion of the bf16 one (the converter refuses the FP8 checkpoint, as the
+    seed warns)."""
     config, _ = driver.parse_args(["--config", str(R_FP8), *on_shared_fs(R_FP8, shared_fs)])
     fp8, bf16 = Path(config.model.hf_checkpoint), shared_fs / "models" / "Qwen3-30B-A3B"
-    assert json.loads((fp8 / "config.json").read_text())["quantization_config"]["fmt"] == "e4m3"
+    assert rollout_fp8_format(config.model).block_size == (128, 128)
+    settings = LossSettings.of(config)
+    assert settings.tis and settings.old_log_probs == "recompute"
+    assert settings.tis_cap == 2.0
     (args,) = launch_args(config)
     assert args.model_path == str(fp8)
     assert Path(config.checkpoint.load) == shared_fs / "models" / "Qwen3-30B-A3B_torch_dist"
     with pytest.raises(UserError, match="quant_method=fp8"):
         read_hf_config(fp8)  # tools/convert_hf_to_torch_dist.py's first step
     assert read_hf_config(bf16).num_experts == 128
-    assert config.algorithm.kl_coef == 0  # a reference model would read the FP8 weights
-    assert not config.logging.save_final_model  # its config.json would claim fp8 weights
