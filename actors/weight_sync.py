@@ -8,10 +8,10 @@ What waits for what:
    with the engine still on its old weights. Then the leader's broadcast and every engine's
    receive run concurrently; the driver waits for all of them and checks that every engine
    reports `version`. With `verify`, checksums of both sides are compared afterwards.
-   With the `ipc` transport (SGLang engines on the trainers' GPUs) there is no group: per
-   bucket, every training rank takes part in the export, the first rank of each node returns
-   a CUDA IPC handle, and the driver posts the handles to every engine and waits for all of
-   them before the next bucket.
+   With the `ipc` transport (engines on the trainers' GPUs) there is no group: per bucket,
+   every training rank takes part in the export, the serving ranks (`handle_sources`) return
+   CUDA IPC handles, and the driver hands every engine its handles and waits for all of them
+   (each has copied the bucket out) before the next bucket.
 The driver never calls `sync` while engines generate (the loop is synchronous).
 """
 
@@ -44,12 +44,12 @@ class WeightSync:
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
-        # The first training rank of each node serves CUDA IPC handles to that node's engines.
-        firsts: dict[int, int] = {}
-        for rank, slot in enumerate(layout.train_slots):
-            firsts.setdefault(slot.node_index, rank)
-        self.serving_ranks = {rank: node for node, rank in firsts.items()}
-        """{training rank: node index} of the ranks that serve handles (ipc transport)."""
+        self.handle_sources = handle_sources(layout, engine_type)
+        """Per engine, {node index: the training rank whose CUDA IPC handles it opens}."""
+        self.serving_ranks = sorted(
+            {r for sources in self.handle_sources for r in sources.values()}
+        )
+        """The training ranks that pack buckets and serve handles (ipc transport)."""
         # SGLang servers join and receive with plain collectives: no join check, warm-up or
         # per-sync handshake may run in a group that has them (see GroupInfo.checked).
         self.checked = engine_type != "sglang"
@@ -90,13 +90,14 @@ class WeightSync:
     def sync(self, version: int) -> SyncStats:
         ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])
         if self.backend == "ipc":
-            return self._sync_by_handles(version)
-        sent = self.trainers.broadcast_weights(self.plan, version)
-        received = [
-            e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
-        ]
-        stats = ray.get(sent)
-        ray.get(received)
+            stats = self._sync_by_handles(version)
+        else:
+            sent = self.trainers.broadcast_weights(self.plan, version)
+            received = [
+                e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
+            ]
+            stats = ray.get(sent)
+            ray.get(received)
         versions = ray.get([e.weight_version.remote() for e in self.engines])
         if any(v != version for v in versions):
             raise WeightSyncError(
@@ -114,12 +115,14 @@ class WeightSync:
             handles = self.trainers.ipc_bucket(bucket)
             if not bucket.nbytes:
                 continue
-            by_node = {self.serving_ranks[rank]: text for rank, text in handles.items()}
             last = bucket is sent[-1]
             ray.get(
                 [
-                    e.update_weights_from_tensor.remote(by_node, version if last else None)
-                    for e in self.engines
+                    e.update_weights_from_tensor.remote(
+                        {node: handles[rank] for node, rank in sources.items()},
+                        version if last else None,
+                    )
+                    for e, sources in zip(self.engines, self.handle_sources, strict=True)
                 ]
             )
         self.trainers.end_ipc_export()
@@ -134,15 +137,45 @@ class WeightSync:
             compare_checksums(expected, sums, where=f"engine {i}")
 
 
+def handle_sources(layout: Layout, engine_type: str) -> list[dict[int, int]]:
+    """Which training rank serves each engine its CUDA IPC handles, per node of the engine.
+
+    Every training rank holds the whole gathered bucket during an export, so any rank on the
+    engine's node could serve it. An SGLang server sees all of its node's GPUs: the first
+    training rank of each node serves that node. The transformers engine is a Ray actor that
+    sees only its own GPU, so it opens the handles of the training rank on that same GPU.
+    """
+    if not (layout.colocate and layout.use_gpus):
+        return [{} for _ in layout.engine_slots]
+    firsts: dict[int, int] = {}
+    on_gpu: dict[tuple[int, int], int] = {}
+    for rank, slot in enumerate(layout.train_slots):
+        firsts.setdefault(slot.node_index, rank)
+        on_gpu[slot.node_index, slot.bundle_index] = rank
+    sources = []
+    for engine, slots in enumerate(layout.engine_slots):
+        if engine_type == "sglang":
+            sources.append({s.node_index: firsts[s.node_index] for s in slots})
+            continue
+        (slot,) = slots  # the transformers engine spans one GPU
+        if (slot.node_index, slot.bundle_index) not in on_gpu:
+            raise UserError(
+                f"engine {engine} shares no GPU with a training rank, so it cannot take CUDA "
+                f"IPC handles: set weight_sync.backend=gloo"
+            )
+        sources.append({slot.node_index: on_gpu[slot.node_index, slot.bundle_index]})
+    return sources
+
+
 def transport_backend(config: WeightSyncConfig, layout: Layout, engine_type: str) -> str:
     """`weight_sync.backend` resolved for this layout.
 
     NCCL cannot put two ranks of one communicator on the same GPU, which is exactly what a
-    colocated trainer and engine are: colocated SGLang engines take CUDA IPC handles instead
-    (no copy at all), the in-process transformers engine a gloo broadcast through host memory.
+    colocated trainer and engine are: colocated engines take CUDA IPC handles instead (no
+    copy between processes at all). gloo, through host memory, is there for CPUs.
     """
     colocate, use_gpus = layout.colocate, layout.use_gpus
-    ipc_possible = colocate and use_gpus and engine_type == "sglang"
+    ipc_possible = colocate and use_gpus
     if config.backend == "auto":
         if ipc_possible:
             return "ipc"
@@ -154,7 +187,7 @@ def transport_backend(config: WeightSyncConfig, layout: Layout, engine_type: str
         )
     if config.backend == "ipc" and not ipc_possible:
         raise UserError(
-            "weight_sync.backend=ipc hands CUDA IPC handles to SGLang engines on the trainers' "
-            "GPUs: it needs rollout.engine=sglang, placement.colocate=true and GPUs; use auto"
+            "weight_sync.backend=ipc hands CUDA IPC handles to engines on the trainers' GPUs: "
+            "it needs placement.colocate=true and GPUs; use auto"
         )
     return config.backend

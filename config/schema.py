@@ -294,8 +294,8 @@ class WeightSyncConfig:
     """After each sync, compare per-tensor checksums on trainer and engines (slower)."""
 
     backend: Literal["auto", "nccl", "gloo", "ipc"] = "auto"
-    """Transport: `nccl` or `gloo` broadcast, or `ipc` (CUDA IPC handles, for SGLang engines on
-    the trainers' GPUs). auto = NCCL between distinct GPUs, IPC for colocated SGLang engines,
+    """Transport: `nccl` or `gloo` broadcast, or `ipc` (CUDA IPC handles, for engines on the
+    trainers' GPUs). auto = NCCL between distinct GPUs, IPC for colocated engines on GPUs,
     else gloo."""
 
     timeout_s: float = 300.0

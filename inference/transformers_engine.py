@@ -12,9 +12,11 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedM
 from inference.engine import Completion, InferenceEngine, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
 from weights.checksum import tensor_checksums
-from weights.manifest import Bucket
+from weights.errors import WeightSyncError
+from weights.ipc import open_bucket
+from weights.manifest import Bucket, check_manifest, plan_specs
 from weights.process_group import GroupInfo, init_weights_update_group
-from weights.sync import SyncStats, WeightReceiver
+from weights.sync import SyncStats, WeightReceiver, _copy_all, _specs_of
 
 
 class TransformersEngine(InferenceEngine):
@@ -35,6 +37,7 @@ class TransformersEngine(InferenceEngine):
         self.max_batch_size = max_batch_size
         self.weight_version = 0
         self._receiver: WeightReceiver | None = None
+        self._ipc_destinations: dict[str, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -128,12 +131,43 @@ class TransformersEngine(InferenceEngine):
         self._receiver = WeightReceiver(group, dict(checkpoint_tensors(self.model)))
 
     def check_weights_update(self, plan: list[Bucket]) -> None:
-        self._joined_receiver().check(plan)
+        if self._receiver is not None:
+            self._receiver.check(plan)
+        else:  # CUDA IPC handles come without a group
+            check_manifest(_specs_of(self._destinations()), plan_specs(plan))
 
     def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
         stats = self._joined_receiver().receive(plan, version)
         self.weight_version = version
         return stats
+
+    def update_weights_from_tensor(self, handles: dict[int, str], version: int | None) -> None:
+        """One bucket by CUDA IPC handle from the training rank on this engine's GPU (colocated):
+        its tensors are copied into the model before this returns, since the trainer reuses
+        the buffer for the next bucket. `version` comes with the last bucket."""
+        if len(handles) != 1:
+            raise WeightSyncError(
+                f"the transformers engine takes one CUDA IPC handle per bucket, got {len(handles)}"
+            )
+        (text,) = handles.values()
+        names_and_views = open_bucket(text)
+        destinations = self._destinations()
+        with torch.no_grad():
+            _copy_all(
+                [destinations[n].data for n, _ in names_and_views], [v for _, v in names_and_views]
+            )
+        torch.cuda.current_stream(self.device).synchronize()
+        if version is not None:
+            self.weight_version = version
+
+    def finish_weight_update(self, version: int) -> None:
+        self.weight_version = version
+
+    def _destinations(self) -> dict[str, torch.Tensor]:
+        """The model's tensors by checkpoint name (computed once: they are updated in place)."""
+        if self._ipc_destinations is None:
+            self._ipc_destinations = dict(checkpoint_tensors(self.model))
+        return self._ipc_destinations
 
     def _joined_receiver(self) -> WeightReceiver:
         if self._receiver is None:

@@ -23,6 +23,7 @@ the node's GPUs in another numbering than the trainer's).
 
 import base64
 import io
+import pickle
 from collections.abc import Iterable, Iterator
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
@@ -66,6 +67,48 @@ def serialize_bucket(buffer: torch.Tensor, bucket: Bucket) -> str:
     out = io.BytesIO()
     _HandlePickler(out).dump({"flattened_tensor": buffer, "metadata": metadata})
     return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def open_bucket(text: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a bucket that `serialize_bucket` wrote, as views of the sender's buffer
+    (opened in place through CUDA IPC: nothing is copied). For the in-process transformers
+    engine; SGLang decodes the same text with its own deserializer.
+
+    The views are valid while the sender keeps the buffer: copy them out before answering."""
+    payload = _UuidUnpickler(io.BytesIO(base64.b64decode(text))).load()
+    flat = payload["flattened_tensor"]
+    return [
+        (m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape))
+        for m in payload["metadata"]
+    ]
+
+
+class _UuidUnpickler(pickle.Unpickler):
+    """Opens CUDA tensor handles whose device is a GPU UUID (see `_HandlePickler`) on the
+    device of that UUID in this process's numbering."""
+
+    def find_class(self, module, name):
+        found = super().find_class(module, name)
+        if (module, name) != ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return found
+
+        def rebuild(*args):
+            device = args[_DEVICE_ARG]
+            if isinstance(device, str):
+                device = _device_of_uuid(device)
+            return found(*args[:_DEVICE_ARG], device, *args[_DEVICE_ARG + 1 :])
+
+        return rebuild
+
+
+def _device_of_uuid(uuid: str) -> int:
+    for index in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(index).uuid) == uuid:
+            return index
+    raise WeightSyncError(
+        f"a CUDA IPC handle points at GPU {uuid}, which this process does not see: the engine "
+        f"must share a GPU with the training rank that serves its handles"
+    )
 
 
 class IpcExport:
