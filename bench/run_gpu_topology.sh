@@ -47,6 +47,7 @@ run_loop() {
     --expert-tensor-parallel-size 1 --use-distributed-optimizer --optimizer-cpu-offload \
     --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer \
     --rollout.num_engines "$GPUS" --placement.colocate true --placement.cpus_per_bundle 1 \
+    --weight_sync.bucket_size_mb 512 \
     --num_steps "$STEPS" --logging.eval_every 0 --logging.save_final_model false \
     --logging.output_dir /tmp/topology_run --logging.progress_bar false
   cp /tmp/topology_run/metrics.jsonl "$OUT/loop_metrics.jsonl"
