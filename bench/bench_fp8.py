@@ -46,31 +46,13 @@ from inference.fp8_model import build_fp8_model, fp8_device_problem, fp8_kernel_
 from inference.transformers_engine import TransformersEngine
 from models.checkpoint_format import checkpoint_tensors
 from models.fp8_checkpoint import Fp8Format
+from models.reference import qwen3_30b_a3b_config
 from rl.grpo import log_prob_mismatch, log_probs_from_logits, truncated_importance_weights
 from weights.fp8 import dequantize_blockwise, quantize_blockwise
 from weights.fp8_export import Fp8Export
 from weights.manifest import manifest_of, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group
 from weights.sync import WeightSender, _pack, _Staging, _unpack
-
-QWEN3_30B_A3B = {
-    "vocab_size": 151936,
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "moe_intermediate_size": 768,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "max_position_embeddings": 40960,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "norm_topk_prob": True,
-}
-"""Qwen3-30B-A3B's config.json (architecture fields)."""
 
 EOS, PAD = 151645, 151643
 """Qwen3's <|im_end|> and <|endoftext|> ids (a random-init model rarely samples them)."""
@@ -80,9 +62,7 @@ BUCKET_BYTES = 64 << 20
 
 
 def qwen3_moe(layers: int, initializer_range: float = 0.02) -> transformers.Qwen3MoeConfig:
-    return transformers.Qwen3MoeConfig(
-        **{**QWEN3_30B_A3B, "num_hidden_layers": layers}, initializer_range=initializer_range
-    )
+    return qwen3_30b_a3b_config(num_hidden_layers=layers, initializer_range=initializer_range)
 
 
 def build(config: transformers.PretrainedConfig, device: torch.device, seed: int = 0):

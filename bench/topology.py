@@ -21,6 +21,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.reference import qwen3_30b_a3b_config
 from models.tiny import BOS, EOS, PAD, VOCAB, build_tokenizer
 
 VOCAB_MULTIPLE = 128  # Megatron's --make-vocab-size-divisible-by default
@@ -29,22 +30,9 @@ SEED = 7
 
 def topology_config(layers: int = 8) -> Qwen3MoeConfig:
     vocab_size = -(-len(VOCAB) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    return Qwen3MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=2048,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
+    return qwen3_30b_a3b_config(
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        norm_topk_prob=True,
-        max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+        vocab_size=vocab_size,
         pad_token_id=VOCAB.index(PAD),
         eos_token_id=VOCAB.index(EOS),
         bos_token_id=VOCAB.index(BOS),

@@ -41,6 +41,7 @@ from inference import check_engine_config
 from inference.sglang.flags import CLI_PREFIX, as_argv
 from inference.sglang.launch import read_num_experts, resolve_server_args, server_launches
 from models.fp8_checkpoint import rollout_fp8_format
+from models.reference import qwen3_30b_a3b_config
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.planner import plan_layout
 from rl.rewards import load_reward_fn
@@ -105,34 +106,6 @@ FP8_ARGS = seed_array("--hf-checkpoint /root/Qwen3-30B-A3B-FP8")  # path re-root
 
 
 # --- the cluster's shared file system, in a temp dir ----------------------------------------
-
-
-def qwen3_30b_a3b_config():
-    """Qwen3-30B-A3B's config.json, as transformers' Qwen3MoeConfig writes it."""
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        moe_intermediate_size=768,
-        num_experts=128,
-        num_experts_per_tok=8,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        architectures=["Qwen3MoeForCausalLM"],
-        dtype="bfloat16",
-    )
 
 
 FP8_QUANTIZATION = {

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig
 
 from config.errors import UserError
 from config.schema import ParallelConfig, SluiceConfig, TrainConfig
+from models.reference import qwen3_30b_a3b_config
 from models.tiny import tiny_config
 from training.megatron.model_config import model_args, model_shape
 from training.megatron.parallel import check_megatron_config
@@ -130,30 +130,6 @@ def test_cpu_adam_in_fp32_with_the_distributed_optimizer_is_refused():
     with pytest.raises(UserError, match="train in bfloat16"):
         check_megatron_config(train, "float32", model_shape(tiny_config()))
     check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
-
-
-def qwen3_30b_a3b_config() -> Qwen3MoeConfig:
-    """The published config.json of Qwen/Qwen3-30B-A3B (architecture fields)."""
-    return Qwen3MoeConfig(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,
-        attention_bias=False,
-    )
 
 
 # scripts/models/qwen3-30B-A3B.sh of the seed (slime), MODEL_ARGS, with the layer pattern

@@ -15,7 +15,7 @@ from bench.summarize_run import COLUMNS, table
 from bench.topology import topology_config
 from config.errors import UserError
 from config.schema import ParallelConfig, TrainConfig
-from tests.test_megatron import qwen3_30b_a3b_config
+from models.reference import qwen3_30b_a3b_config
 from training.megatron.model_config import model_shape
 from training.megatron.parallel import check_megatron_config
 
