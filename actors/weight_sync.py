@@ -44,7 +44,11 @@ class WeightSync:
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
-        self.handle_sources = handle_sources(layout, engine_type)
+        self.handle_sources = (
+            handle_sources(layout, engine_type)
+            if self.backend == "ipc"
+            else [{} for _ in layout.engine_slots]
+        )
         """Per engine, {node index: the training rank whose CUDA IPC handles it opens}."""
         self.serving_ranks = sorted(
             {r for sources in self.handle_sources for r in sources.values()}
@@ -145,8 +149,6 @@ def handle_sources(layout: Layout, engine_type: str) -> list[dict[int, int]]:
     training rank of each node serves that node. The transformers engine is a Ray actor that
     sees only its own GPU, so it opens the handles of the training rank on that same GPU.
     """
-    if not (layout.colocate and layout.use_gpus):
-        return [{} for _ in layout.engine_slots]
     firsts: dict[int, int] = {}
     on_gpu: dict[tuple[int, int], int] = {}
     for rank, slot in enumerate(layout.train_slots):
