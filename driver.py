@@ -29,6 +29,7 @@ if not os.environ.get("RAY_ADDRESS"):
 
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
+from config.schema import BUILTIN_MODEL
 from config.seed_flags import (
     add_seed_flags,
     alias_names,
@@ -105,6 +106,11 @@ def unknown_flag_message(unknown: list[str]) -> str:
     )
 
 
+def _model_config_readable(config: SluiceConfig) -> bool:
+    model = config.model.hf_checkpoint
+    return model == BUILTIN_MODEL or os.path.isfile(os.path.join(model, "config.json"))
+
+
 def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
     """Print the resolved config and where every actor would go; starts nothing."""
     import yaml
@@ -116,14 +122,23 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
 
     check_backend_config(config)
     check_engine_config(config)
-    fp8 = check_rollout_checkpoint(config)
+    # A cluster's model directory may not be visible where the dry run runs: then whether its
+    # rollouts are fp8 is said to be decided at start-up, as SGLang's expert count is.
+    readable = _model_config_readable(config)
+    fp8 = check_rollout_checkpoint(config) if readable else None
     loss = LossSettings.resolve(config.algorithm, fp8 is not None)
     print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip(), end="\n\n")
     weights = "as trained"
     if fp8 is not None:
         weights = f"fp8 e4m3 in {fp8.block_size[0]}x{fp8.block_size[1]} blocks ({fp8.source})"
     tis = f"on, cap {loss.tis_cap:g}" if loss.tis else "off"
-    print(f"# rollout weights: {weights}; TIS {tis}; ratio denominator: {loss.old_log_probs}\n")
+    line = f"rollout weights: {weights}; TIS {tis}; ratio denominator: {loss.old_log_probs}"
+    if not readable:
+        line = (
+            f"rollout weights: {config.model.hf_checkpoint}/config.json is not readable here; "
+            f"fp8 or not (and TIS with it) is decided from it at start-up"
+        )
+    print(f"# {line}\n")
     if cluster_spec:
         cluster = parse_cluster_spec(cluster_spec)
     elif os.environ.get("RAY_ADDRESS"):
@@ -137,7 +152,8 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
 
         cluster = synthetic_cluster(1, torch.cuda.device_count(), float(os.cpu_count() or 1))
     layout = plan_layout(cluster, config)
-    check_fp8_engines(config, layout.use_gpus)
+    if readable:
+        check_fp8_engines(config, layout.use_gpus)
     print(layout.describe())
     from placement.multinode import apply_cpu_adam_rule
 

@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from config.errors import UserError
 from config.schema import BUILTIN_MODEL, ModelConfig, SluiceConfig
-from weights.fp8 import DEFAULT_BLOCK
+
+DEFAULT_BLOCK = (128, 128)
+"""The block size of DeepSeek-V3's and the Qwen3 FP8 checkpoints (`weights.fp8` uses it too;
+kept here so reading a config imports no torch: the dry run stays fast)."""
 
 if TYPE_CHECKING:
     import torch

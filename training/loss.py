@@ -7,15 +7,17 @@ them too before any actor starts, so a contradiction fails there.
 """
 
 from dataclasses import dataclass
-from typing import Literal
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Literal
 
 from config.errors import UserError
 from config.schema import TIS_WITH_ROLLOUT_RATIO, AlgorithmConfig, SluiceConfig
 from models.fp8_checkpoint import rollout_fp8_format
-from rl.grpo import PolicyLossStats, TisWeights, policy_loss, truncated_importance_weights
-from training.batch import MicroBatch
+
+if TYPE_CHECKING:  # LossSettings imports no torch: the dry run resolves it and stays fast
+    from torch import Tensor
+
+    from rl.grpo import PolicyLossStats, TisWeights
+    from training.batch import MicroBatch
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,16 @@ class LossSettings:
 
 
 def policy_term(
-    log_probs: Tensor, mb: MicroBatch, settings: LossSettings
-) -> tuple[Tensor, PolicyLossStats, TisWeights | None]:
+    log_probs: "Tensor", mb: "MicroBatch", settings: LossSettings
+) -> tuple["Tensor", "PolicyLossStats", "TisWeights | None"]:
     """Per-token policy loss [B, T] of a micro-batch (unmasked; `aggregate` it), its PPO
     statistics and, with TIS, the weights used.
 
     The trainer's old log-probs are this forward's own, detached: a rollout batch takes one
     optimizer step, so they are the log-probs before the update.
     """
+    from rl.grpo import policy_loss, truncated_importance_weights
+
     own = log_probs.detach()
     old = mb.rollout_log_probs if settings.old_log_probs == "rollout" else own
     tis = None

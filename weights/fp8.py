@@ -24,6 +24,8 @@ an inf or NaN gives NaN scales, as the model it came from would give NaN outputs
 
 import torch
 
+from models.fp8_checkpoint import DEFAULT_BLOCK
+
 FP8_DTYPE = torch.float8_e4m3fn
 """The fp8 format of the weights: 4 exponent bits, 3 mantissa bits, no infinities."""
 
@@ -32,9 +34,6 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 
 SCALE_DTYPE = torch.float32
 """The dtype of `weight_scale_inv` (one scale per block)."""
-
-DEFAULT_BLOCK = (128, 128)
-"""The block size of DeepSeek-V3's and the Qwen3 FP8 checkpoints."""
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
