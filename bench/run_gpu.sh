@@ -12,11 +12,7 @@
 # rl/rewards.py imports math_verify at module level, so the driver needs .whl-extra there.
 set -uo pipefail
 OUT=${OUT:?set OUT to an output folder}
-mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-  .whl/megatron_core-*.whl .whl-extra/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source bench/gpu_env.sh && gpu_env .whl/megatron_core-*.whl .whl-extra/*.whl
 
 {
   date -u

@@ -8,9 +8,7 @@
 # Writes into $OUT: env.txt, tests.log, bench.log, bench_fp8.json.
 set -uo pipefail
 OUT=${OUT:?set OUT to an output folder}
-mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source bench/gpu_env.sh && gpu_env
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv

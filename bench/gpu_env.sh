@@ -1,0 +1,14 @@
+# Sourced by bench/run_gpu*.sh on the GPU machine, which has neither uv nor ray. `gpu_env
+# [WHEEL ...]` unpacks ray (.whl/site.tar.xz, from ../shared/device/pack-wheels.sh) into
+# /tmp/site, installs the wheels given beside it, and sets what every process there needs
+# (NVLink multicast off, as ../shared/device/README.md asks; no uv runtime environments).
+# A function, so the wheels are its own arguments, never the calling script's.
+gpu_env() {
+  mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+  if [ $# -gt 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$@" || exit 1
+  fi
+  export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+    PYTHONUNBUFFERED=1
+}
