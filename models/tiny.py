@@ -4,6 +4,8 @@ Nothing is downloaded. Every process that asks for the built-in model builds it 
 seed, so trainers and engines start from identical weights without sharing a file system.
 """
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -53,3 +55,11 @@ def build_tiny_model(seed: int, dtype: torch.dtype = torch.float32) -> Qwen3MoeF
         torch.manual_seed(seed)
         model = Qwen3MoeForCausalLM(tiny_config())
     return model.to(dtype)
+
+
+def save_tiny_model(directory: str | Path, seed: int) -> Path:
+    """The built-in model of `seed` (float32) and its tokenizer as a Hugging Face directory,
+    for the tools and engines that read one (checkpoint converters, SGLang's model path)."""
+    build_tiny_model(seed).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return Path(directory)

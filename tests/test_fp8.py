@@ -29,7 +29,7 @@ from models.fp8_checkpoint import (
     tensor_reader,
 )
 from models.safetensors_io import SafetensorsReader
-from models.tiny import EOS, PAD, VOCAB, build_tiny_model, build_tokenizer
+from models.tiny import EOS, PAD, VOCAB, build_tiny_model, save_tiny_model
 from tools import convert_hf_to_fp8
 from weights.fp8 import (
     FP8_DTYPE,
@@ -244,8 +244,7 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     transformers FP8 engine needs the block rows to divide moe_intermediate_size = 64)."""
     root = tmp_path_factory.mktemp("fp8")
     bf16, fp8 = root / "tiny", root / "tiny-FP8"
-    build_tiny_model(SEED).save_pretrained(bf16)
-    build_tokenizer().save_pretrained(bf16)
+    save_tiny_model(bf16, SEED)
     assert (
         convert_hf_to_fp8.run(
             [

@@ -19,7 +19,7 @@ import torch
 from inference.sglang import requests as bodies
 from models.checkpoint_format import checkpoint_tensors
 from models.fp8_checkpoint import read_fp8_format
-from models.tiny import build_tiny_model, build_tokenizer
+from models.tiny import build_tiny_model, save_tiny_model
 from tests.test_sglang_engine import RECEIVER, free_port, join_group, make_engine, sha256
 from tests.test_sglang_requests import validate
 from tools import convert_hf_to_fp8
@@ -42,8 +42,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sglang_fp8")
-    build_tiny_model(seed=0).save_pretrained(root / "tiny")
-    build_tokenizer().save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny", 0)
     argv = ["--hf-checkpoint", str(root / "tiny"), "--save", str(root / "tiny-FP8")]
     assert convert_hf_to_fp8.run(argv) == 0
     return root / "tiny-FP8"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from models.checkpoint_format import checkpoint_tensors
 from models.fp8_checkpoint import read_fp8_format
 from models.safetensors_io import SINGLE_FILE
-from models.tiny import build_tiny_model, build_tokenizer
+from models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 from weights.fp8_export import Fp8Export
 from weights.manifest import manifest_of
 
@@ -41,8 +41,7 @@ def run(*args, tool: Path = TOOL) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("hf") / "tiny"
-    build_tiny_model(SEED).save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    save_tiny_model(directory, SEED)
     return directory
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from config.errors import UserError
 from models.checkpoint_format import checkpoint_tensors
 from models.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsReader, write_sharded
-from models.tiny import build_tiny_model, build_tokenizer
+from models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 from training.megatron.checkpoint import (
     TRACKER_FILE,
     checkpoint_dir,
@@ -80,8 +80,7 @@ def _torchrun(nproc: int, *command, check: bool = True) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("hf") / "tiny"
-    build_tiny_model(SEED).save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    save_tiny_model(directory, SEED)
     return directory
 
 

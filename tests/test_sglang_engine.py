@@ -21,7 +21,7 @@ import driver
 from inference.sglang.engine import EngineSite, SglangEngine, _runs
 from inference.sglang.server import EngineFailure
 from models.checkpoint_format import checkpoint_tensors
-from models.tiny import build_tiny_model, build_tokenizer
+from models.tiny import build_tiny_model, save_tiny_model
 from placement.planner import ClusterShape, NodeShape, plan_layout
 from weights.errors import WeightSyncError
 from weights.ipc import IpcExport
@@ -39,8 +39,7 @@ STAND_IN = [sys.executable, str(Path(__file__).with_name("stand_in_server.py"))]
 def model_dir(tmp_path_factory):
     """A Hugging Face directory of the tiny Qwen3-MoE: what the server would have loaded."""
     directory = tmp_path_factory.mktemp("model")
-    build_tiny_model(seed=0).save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    save_tiny_model(directory, 0)
     return directory
 
 

@@ -16,7 +16,7 @@ from config import load_config
 from config.errors import UserError
 from config.schema import AlgorithmConfig
 from data.schema import build_rollout_batch
-from models.tiny import build_tiny_model, build_tokenizer
+from models.tiny import save_tiny_model
 from rl.grpo import policy_loss, truncated_importance_weights
 from training.backend import TrainStats
 from training.loss import LossSettings
@@ -92,8 +92,7 @@ def dirs(tmp_path_factory) -> tuple[Path, Path]:
     config.json declares FP8 (all that the trainers read of it)."""
     root = tmp_path_factory.mktemp("tis")
     bf16, fp8 = root / "tiny", root / "tiny-FP8"
-    build_tiny_model(3).save_pretrained(bf16)
-    build_tokenizer().save_pretrained(bf16)
+    save_tiny_model(bf16, 3)
     fp8.mkdir()
     config = json.loads((bf16 / "config.json").read_text())
     (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": FP8_ENTRY}))
