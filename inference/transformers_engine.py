@@ -37,7 +37,7 @@ class TransformersEngine(InferenceEngine):
         self.max_batch_size = max_batch_size
         self.weight_version = 0
         self._receiver: WeightReceiver | None = None
-        self._ipc_destinations: dict[str, torch.Tensor] | None = None
+        self._destination_tensors: dict[str, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +128,7 @@ class TransformersEngine(InferenceEngine):
 
     def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:
         group = init_weights_update_group(info, rank_offset)
-        self._receiver = WeightReceiver(group, dict(checkpoint_tensors(self.model)))
+        self._receiver = WeightReceiver(group, self._destinations())
 
     def check_weights_update(self, plan: list[Bucket]) -> None:
         if self._receiver is not None:
@@ -165,9 +165,9 @@ class TransformersEngine(InferenceEngine):
 
     def _destinations(self) -> dict[str, torch.Tensor]:
         """The model's tensors by checkpoint name (computed once: they are updated in place)."""
-        if self._ipc_destinations is None:
-            self._ipc_destinations = dict(checkpoint_tensors(self.model))
-        return self._ipc_destinations
+        if self._destination_tensors is None:
+            self._destination_tensors = dict(checkpoint_tensors(self.model))
+        return self._destination_tensors
 
     def _joined_receiver(self) -> WeightReceiver:
         if self._receiver is None:
