@@ -15,12 +15,12 @@
     engine model for fp8); `d2d_copy_s` times a copy of the same bytes (the transfer at HBM
     speed), and `projected_s` adds sender + bytes / `--link-gbps` + receiver: a projection for
     two GPUs, not a measurement.
-(c) `mismatch`: rollouts of the transformers engine in bf16 and in fp8 (transformers'
-    FineGrainedFP8 modules holding the same weights, quantized as the sync quantizes them),
-    each scored by the bf16 model as the trainer scores them: |log-prob difference|, importance
-    ratio, KL, and the fraction of tokens TIS would truncate at cap 2. Without transformers'
-    fp8 kernel the fp8 engine cannot run; it reports why, and `fp8_weights_bf16_compute` (the
-    dequantized fp8 weights in a bf16 model: the weight rounding alone) is measured instead.
+(c) `mismatch`: rollouts of the transformers engine in bf16 and in fp8 (its `Fp8Linear` /
+    `Fp8Experts` holding the same weights, quantized as the sync quantizes them, multiplying
+    with cuBLAS's block fp8 GEMM), each scored by the bf16 model as the trainer scores them:
+    |log-prob difference|, importance ratio, KL, and the fraction of tokens TIS would truncate
+    at cap 2. `fp8_weights_bf16_compute` (the dequantized fp8 weights in a bf16 model: the
+    weight rounding alone, without the activations') is measured beside them.
     The models are random-init (nothing is downloaded), so the figures show magnitudes only.
 
 Prints one JSON summary (and writes it to DIR/bench_fp8.json); a part that fails records its
@@ -256,7 +256,7 @@ def bench_mismatch(device: torch.device, layers: int, prompts: int, new_tokens: 
         return TransformersEngine(model, eos_token_id=EOS, pad_token_id=PAD, max_batch_size=64)
 
     out["bf16_engine"] = _score(engine(trainer), trainer, batch, params, device)
-    problem = fp8_kernel_problem()
+    problem = fp8_kernel_problem(device)
     if problem is None:
         with tempfile.TemporaryDirectory() as scratch:
             config.save_pretrained(scratch)
@@ -269,7 +269,7 @@ def bench_mismatch(device: torch.device, layers: int, prompts: int, new_tokens: 
         out["fp8_engine"] = _score(engine(fp8_model), trainer, batch, params, device)
         del fp8_model, dests
     else:
-        out["fp8_engine"] = {"error": f"transformers' fp8 kernel is not available: {problem}"}
+        out["fp8_engine"] = {"error": f"the block fp8 GEMM does not run here: {problem}"}
     emulated = build(config, device)
     with torch.no_grad():
         held = dict(checkpoint_tensors(emulated))
@@ -349,7 +349,7 @@ def main() -> None:
         "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "fp8_engine_problem": fp8_device_problem(device) or fp8_kernel_problem(),
+        "fp8_engine_problem": fp8_device_problem(device) or fp8_kernel_problem(device),
     }
     parts = {
         "quantize": lambda: bench_quantize(device, not args.no_compile),

@@ -10,6 +10,7 @@ if TYPE_CHECKING:  # torch and transformers load only when an engine is built
 
     from inference.engine import InferenceEngine
     from inference.sglang.engine import EngineSite
+    from models.fp8_checkpoint import Fp8Format
 
 
 def _transformers_engine(
@@ -24,7 +25,7 @@ def _transformers_engine(
     if fp8 is not None:
         from inference.fp8_model import build_fp8_model, check_fp8_engine_support
 
-        check_fp8_engine_support(config.model, device)
+        check_fp8_engine_support(config.model, fp8, device)
         model = build_fp8_model(config.model, fp8, device)
     else:
         model = load_model(config.model, config.seed, device)
@@ -78,17 +79,38 @@ def check_engine_config(config: SluiceConfig) -> None:
 
 def check_fp8_engines(config: SluiceConfig, use_gpus: bool) -> None:
     """An FP8 rollout checkpoint served by the transformers engine needs GPUs (each engine
-    then checks its own GPU's compute capability and transformers' fp8 kernel)."""
+    then checks its own GPU's compute capability and fp8 GEMM) and 128 x 128 blocks."""
     from models.fp8_checkpoint import rollout_fp8_format
 
-    if config.rollout.engine != "transformers" or use_gpus:
+    if config.rollout.engine != "transformers":
         return
-    if rollout_fp8_format(config.model) is not None:
+    fp8 = rollout_fp8_format(config.model)
+    if fp8 is None:
+        return
+    if not use_gpus:
         raise UserError(
             f"model.hf_checkpoint={config.model.hf_checkpoint} is an FP8 checkpoint, which the "
-            f"transformers engine serves with transformers' FineGrainedFP8: that needs CUDA GPUs "
-            f"of compute capability >= 8.9 (Ada, Hopper), and this cluster places the engines "
-            f"on CPUs; serve a bf16 checkpoint here, or run on such GPUs"
+            f"transformers engine serves with cuBLAS's block-scaled fp8 GEMM: that needs CUDA GPUs "
+            f"of compute capability >= 9.0 (Hopper), and this cluster places the engines on "
+            f"CPUs; serve a bf16 checkpoint here, or run on such GPUs"
+        )
+    check_fp8_block_size(fp8)
+
+
+TRANSFORMERS_FP8_BLOCK = (128, 128)
+"""The only weight blocks cuBLAS's block-scaled fp8 GEMM (the transformers engine's) takes."""
+
+
+def check_fp8_block_size(fp8: "Fp8Format") -> None:
+    """UserError unless the checkpoint's blocks are the 128 x 128 the transformers engine's
+    fp8 GEMM takes."""
+    if tuple(fp8.block_size) != TRANSFORMERS_FP8_BLOCK:
+        raise UserError(
+            f"{fp8.source}: quantization_config.weight_block_size is {list(fp8.block_size)}; "
+            f"the transformers engine's fp8 GEMM (cuBLAS) takes only [128, 128] (Qwen3's); "
+            f"convert the checkpoint with tools/convert_hf_to_fp8.py --weight-block-size 128 128,"
+            f" or "
+            f"use rollout.engine sglang"
         )
 
 

@@ -49,17 +49,32 @@ def tiny_config(vocab_size: int = len(VOCAB)) -> Qwen3MoeConfig:
     )
 
 
-def build_tiny_model(seed: int, dtype: torch.dtype = torch.float32) -> Qwen3MoeForCausalLM:
-    """Random-init tiny Qwen3-MoE; the same seed gives bit-identical weights in every process."""
+def fp8_gemm_config() -> Qwen3MoeConfig:
+    """The tiny model widened until every projection tiles into 128 x 128 blocks (hidden 256,
+    expert width 128, 4 experts; 1.2M params): the smallest Qwen3-MoE whose FP8 checkpoint the
+    transformers engine's cuBLAS fp8 GEMM can serve."""
+    config = tiny_config()
+    config.update(
+        {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 128}
+        | {"head_dim": 64, "num_experts": 4}
+    )
+    return config
+
+
+def build_tiny_model(
+    seed: int, dtype: torch.dtype = torch.float32, config: Qwen3MoeConfig | None = None
+) -> Qwen3MoeForCausalLM:
+    """Random-init tiny Qwen3-MoE (of `config`, the built-in one by default); the same seed
+    gives bit-identical weights in every process."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3MoeForCausalLM(tiny_config())
+        model = Qwen3MoeForCausalLM(config or tiny_config())
     return model.to(dtype)
 
 
-def save_tiny_model(directory: str | Path, seed: int) -> Path:
+def save_tiny_model(directory: str | Path, seed: int, config: Qwen3MoeConfig | None = None) -> Path:
     """The built-in model of `seed` (float32) and its tokenizer as a Hugging Face directory,
     for the tools and engines that read one (checkpoint converters, SGLang's model path)."""
-    build_tiny_model(seed).save_pretrained(directory)
+    build_tiny_model(seed, config=config).save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
     return Path(directory)

@@ -14,11 +14,19 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from transformers import Qwen3MoeForCausalLM
 
 from actors.train_actor import TrainActor
 from config import load_config
 from config.errors import UserError
-from inference.fp8_model import build_fp8_model, check_fp8_engine_support
+from inference import check_fp8_block_size
+from inference.fp8_layers import Fp8Experts, Fp8Linear, emulated_block_fp8_matmul
+from inference.fp8_model import (
+    build_fp8_model,
+    check_fp8_engine_support,
+    check_gemm_shapes,
+    quantize_modules,
+)
 from inference.transformers_engine import TransformersEngine
 from models.checkpoint_format import checkpoint_tensors
 from models.fp8_checkpoint import (
@@ -29,7 +37,7 @@ from models.fp8_checkpoint import (
     tensor_reader,
 )
 from models.safetensors_io import SafetensorsReader
-from models.tiny import EOS, PAD, VOCAB, build_tiny_model, save_tiny_model
+from models.tiny import EOS, PAD, VOCAB, build_tiny_model, save_tiny_model, tiny_config
 from tools import convert_hf_to_fp8
 from weights.fp8 import (
     FP8_DTYPE,
@@ -56,6 +64,9 @@ QWEN3_FP8_CONFIG = {
 """The quantization_config of Qwen3-30B-A3B-FP8."""
 
 SEED = 5
+
+CPU_MATMUL = emulated_block_fp8_matmul
+"""The engine's fp8 arithmetic in fp32: what its modules multiply with on a CPU, here."""
 
 
 def element_errors(weight: torch.Tensor, block=BLOCK) -> torch.Tensor:
@@ -298,14 +309,28 @@ def test_an_fp8_rollout_checkpoint_needs_the_trainers_bf16_weights(checkpoints, 
 
 def test_the_transformers_fp8_engine_refuses_a_cpu_naming_what_it_needs(checkpoints):
     _, fp8 = checkpoints
-    with pytest.raises(UserError, match=r"compute capability >= 8\.9.*runs on cpu"):
-        check_fp8_engine_support(run_config(fp8).model, torch.device("cpu"))
+    fmt = read_fp8_format(fp8)
+    with pytest.raises(UserError, match=r"compute capability >= 9\.0.*runs on cpu"):
+        check_fp8_engine_support(run_config(fp8).model, fmt, torch.device("cpu"))
+
+
+def test_the_transformers_fp8_engine_needs_128_blocks_and_aligned_matrices(checkpoints):
+    _, fp8 = checkpoints  # 32 x 32 blocks
+    with pytest.raises(UserError, match=r"weight_block_size is \[32, 32\].*only \[128, 128\]"):
+        check_fp8_block_size(read_fp8_format(fp8))
+    # 128 x 128 blocks, but the tiny model's 64-wide projections are no whole blocks.
+    config = tiny_config()
+    config.moe_intermediate_size = 128
+    wide = Qwen3MoeForCausalLM(config)
+    quantize_modules(wide, Fp8Format(), emulated_block_fp8_matmul)
+    with pytest.raises(UserError, match=r"q_proj.weight is 64 x 64.*multiple of 128"):
+        check_gemm_shapes(wide, Fp8Format())
 
 
 def test_transformers_fp8_modules_need_block_rows_dividing_the_expert_size(tmp_path):
     build_tiny_model(SEED).config.save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"block rows \(128.*moe_intermediate_size \(64\)"):
-        build_fp8_model(run_config(tmp_path).model, Fp8Format(), torch.device("cpu"))
+        build_fp8_model(run_config(tmp_path).model, Fp8Format(), torch.device("cpu"), CPU_MATMUL)
 
 
 # ---- the fp8 stream and a real sync -----------------------------------------------------
@@ -337,11 +362,9 @@ def test_the_export_carries_fp8_dtypes_and_scales_in_the_plan(checkpoints):
 def test_a_transformers_fp8_engine_model_has_the_checkpoints_manifest(checkpoints):
     _, fp8 = checkpoints
     fmt = read_fp8_format(fp8)
-    model = build_fp8_model(run_config(fp8).model, fmt, torch.device("cpu"))
-    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
-
-    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, FP8Linear | FP8Experts)}
-    assert kinds and model.lm_head.weight.dtype == torch.float32
+    model = build_fp8_model(run_config(fp8).model, fmt, torch.device("cpu"), CPU_MATMUL)
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, Fp8Linear | Fp8Experts)}
+    assert kinds == {"Fp8Linear", "Fp8Experts"} and model.lm_head.weight.dtype == torch.float32
     reader = SafetensorsReader(fp8)
     check_manifest(
         manifest_of(checkpoint_tensors(model)),
@@ -349,9 +372,45 @@ def test_a_transformers_fp8_engine_model_has_the_checkpoints_manifest(checkpoint
     )
 
 
+def test_the_fp8_engine_model_computes_the_model_of_its_dequantized_weights(checkpoints):
+    """Fp8Linear / Fp8Experts wired into the model: with activations left unrounded they give
+    the logits of the float model holding the dequantized weights; with the engine's
+    arithmetic (activations rounded to e4m3 per 1 x block) they stay close to them."""
+    _, fp8 = checkpoints
+    fmt = read_fp8_format(fp8)
+    trained = build_tiny_model(SEED)
+    reference = build_tiny_model(SEED)
+    with torch.no_grad():
+        held = dict(checkpoint_tensors(reference))
+        sent = dict(Fp8Export(fmt).tensors(checkpoint_tensors(trained)))
+        for name in held:
+            if fmt.quantizes(name):
+                held[name].copy_(
+                    dequantize_blockwise(sent[name], sent[name + "_scale_inv"], fmt.block_size)
+                )
+
+    def unrounded(x, weight, scale_inv, block):
+        return x @ dequantize_blockwise(weight, scale_inv, block).t()
+
+    ids = torch.tensor([[3, 5, 7, 13, 4, 9, 9, 2], [12, 11, 3, 3, 6, 13, 8, 5]])
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        logits = {}
+        for label, matmul in (("unrounded", unrounded), ("engine", CPU_MATMUL)):
+            model = build_fp8_model(run_config(fp8).model, fmt, torch.device("cpu"), matmul)
+            dests = dict(checkpoint_tensors(model))
+            for name, tensor in sent.items():
+                dests[name].copy_(tensor)
+            logits[label] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits["unrounded"], want, rtol=1e-5, atol=1e-5)
+    error = (logits["engine"] - want).abs().mean() / want.abs().mean()
+    print(f"fp8 activations: mean |logit error| {error:.4f} of mean |logit|")
+    assert 0 < error < 0.05
+
+
 def test_a_train_actor_syncs_fp8_weights_into_a_transformers_fp8_engine(checkpoints):
     """TrainActor (torch backend on the bf16 twin) -> gloo -> TransformersEngine holding
-    transformers' FP8Linear / FP8Experts: the engine's fp8 weights and scales equal the
+    `Fp8Linear` / `Fp8Experts`: the engine's fp8 weights and scales equal the
     trainer's quantized ones bit for bit, before and after the trainer's weights change."""
     bf16, fp8 = checkpoints
     config = run_config(fp8, **{"model.train_checkpoint": str(bf16)})
@@ -362,7 +421,7 @@ def test_a_train_actor_syncs_fp8_weights_into_a_transformers_fp8_engine(checkpoi
     trainer.init_process_group(address, port)
     fmt = read_fp8_format(fp8)
     engine = TransformersEngine(
-        build_fp8_model(config.model, fmt, torch.device("cpu")),
+        build_fp8_model(config.model, fmt, torch.device("cpu"), CPU_MATMUL),
         eos_token_id=VOCAB.index(EOS),
         pad_token_id=VOCAB.index(PAD),
     )
@@ -424,16 +483,22 @@ def test_megatron_reads_trainer_weights_from_the_bf16_twin_or_dequantized(checkp
     assert not torch.equal(read, original)
 
 
-def test_the_dry_run_shows_fp8_rollouts_and_refuses_them_on_cpus(checkpoints, capsys):
+def test_the_dry_run_shows_fp8_rollouts_and_refuses_what_the_engines_cannot_serve(
+    checkpoints, capsys
+):
     import driver
 
-    bf16, fp8 = checkpoints
+    bf16, fp8 = checkpoints  # 32 x 32 blocks
     flags = ["--dry-run", "--hf-checkpoint", str(fp8), "--model.train_checkpoint", str(bf16)]
-    assert driver.main([*flags, "--cluster", "1x8"]) == 0
+    sglang = ["--cluster", "1x8", "--rollout.engine", "sglang"]
+    assert driver.main([*flags, *sglang]) == 0
     out = capsys.readouterr().out
     assert "# rollout weights: fp8 e4m3 in 32x32 blocks" in out
     assert "TIS on, cap 2; ratio denominator: recompute" in out
+    assert driver.main([*flags, *sglang, "--algorithm.old_log_probs", "rollout"]) == 0
+    assert "TIS off; ratio denominator: rollout" in capsys.readouterr().out
+    # The transformers engine: fp8 needs GPUs, and on them cuBLAS's 128 x 128 blocks.
     assert driver.main([*flags, "--cluster", "1x0"]) == 2
     assert "places the engines on CPUs" in capsys.readouterr().err
-    assert driver.main([*flags, "--cluster", "1x8", "--algorithm.old_log_probs", "rollout"]) == 0
-    assert "TIS off; ratio denominator: rollout" in capsys.readouterr().out
+    assert driver.main([*flags, "--cluster", "1x8"]) == 2
+    assert "weight_block_size is [32, 32]" in capsys.readouterr().err

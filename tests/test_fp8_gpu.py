@@ -1,27 +1,27 @@
-"""The transformers FP8 engine on a GPU: transformers' FP8Linear / FP8Experts on CUDA take an
-fp8 sync, and (with transformers' fp8 kernel) generate with log-probs close to bf16's.
+"""The transformers FP8 engine on a GPU: cuBLAS's block fp8 GEMM against the same arithmetic
+in fp32, on the shapes that need padding; `Fp8Linear` / `Fp8Experts` on CUDA take an fp8 sync
+and generate with log-probs close to bf16's.
 
-Skipped with the reason on a machine without a CUDA GPU of compute capability >= 8.9; the
-generation test also needs transformers' finegrained-fp8 kernel (the `kernels` package, which
-fetches it from the Hugging Face Hub or its cache).
+Skipped with the reason on a machine without a CUDA GPU of compute capability >= 9.0.
 """
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3MoeForCausalLM
 
 from config import load_config
 from inference import create_engine
 from inference.engine import SamplingParams
+from inference.fp8_layers import block_fp8_matmul, emulated_block_fp8_matmul
 from inference.fp8_model import build_fp8_model, fp8_device_problem, fp8_kernel_problem
 from models.checkpoint_format import checkpoint_tensors
 from models.fp8_checkpoint import read_fp8_format
-from models.tiny import EOS, PAD, VOCAB, build_tokenizer
+from models.tiny import build_tiny_model, build_tokenizer, fp8_gemm_config
 from rl.grpo import log_probs_from_logits
 from tools import convert_hf_to_fp8
-from weights.fp8 import FP8_DTYPE, dequantize_blockwise
+from weights.fp8 import FP8_DTYPE, dequantize_blockwise, quantize_blockwise
 from weights.fp8_export import Fp8Export
 from weights.manifest import manifest_of, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
@@ -31,38 +31,43 @@ pytestmark = pytest.mark.gpu
 
 
 def fp8_gpu() -> torch.device:
-    """cuda:0 when it can run transformers' FP8 modules, else the test is skipped."""
+    """cuda:0 when it can run the block fp8 GEMM, else the test is skipped."""
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU of compute capability >= 8.9 (transformers' FineGrainedFP8)")
+        pytest.skip("needs a CUDA GPU of compute capability >= 9.0 (cuBLAS's block fp8 GEMM)")
     device = torch.device("cuda", 0)
     problem = fp8_device_problem(device)
     if problem:
-        pytest.skip(f"needs a CUDA GPU of compute capability >= 8.9: {problem}")
+        pytest.skip(f"needs a CUDA GPU of compute capability >= 9.0: {problem}")
     return device
 
 
 def small_qwen3_moe() -> Qwen3MoeForCausalLM:
-    """A real Qwen3-MoE architecture whose projections tile into 128 x 128 blocks."""
-    config = Qwen3MoeConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=256,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-        pad_token_id=VOCAB.index(PAD),
-        eos_token_id=VOCAB.index(EOS),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    """A real Qwen3-MoE whose projections tile into 128 x 128 blocks, with logits far enough
+    from uniform (init std 0.1) that rounding shows in the log-probs."""
+    config = fp8_gemm_config()
+    config.initializer_range = 0.1
+    return build_tiny_model(0, torch.bfloat16, config)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 333])
+@pytest.mark.parametrize(("out", "width"), [(256, 256), (2048, 768), (1536, 2048)])
+def test_the_block_fp8_gemm_computes_its_arithmetic_on_shapes_it_pads(rows, out, width):
+    """cuBLAS's block fp8 GEMM against the same quantize-dequantize-multiply in fp32. Rows that
+    are no multiple of 4 and widths that are no multiple of 4 blocks (768: Qwen3-30B-A3B's
+    expert width) are padded, which cuBLAS needs: unpadded, it refused the rows and returned
+    wrong numbers for the widths (measured on an H200)."""
+    device = fp8_gpu()
+    assert fp8_kernel_problem(device) is None
+    generator = torch.Generator(device).manual_seed(rows + out + width)
+    x = torch.randn(rows, width, device=device, generator=generator).to(torch.bfloat16)
+    w = torch.randn(out, width, device=device, generator=generator) * 0.02
+    weight, scales = quantize_blockwise(w, (128, 128))
+    got = block_fp8_matmul(x, weight, scales, (128, 128)).float()
+    want = emulated_block_fp8_matmul(x.float(), weight, scales, (128, 128))
+    assert got.shape == (rows, out)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2.0**-7  # bf16 output
+    exact = x.float() @ w.t()  # and both are the unquantized product, up to fp8 rounding
+    assert ((want - exact).norm() / exact.norm()).item() < 0.1
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +100,7 @@ def sync(weights: list[tuple[str, torch.Tensor]], engine_model: torch.nn.Module,
     receiver.group.close()
 
 
-def test_transformers_fp8_modules_on_the_gpu_take_an_fp8_sync(dirs):
+def test_the_fp8_engine_modules_on_the_gpu_take_an_fp8_sync(dirs):
     device = fp8_gpu()
     _, fp8 = dirs
     config = load_config(None, {"model.hf_checkpoint": str(fp8), "model.dtype": "bfloat16"})
@@ -115,9 +120,6 @@ def test_transformers_fp8_modules_on_the_gpu_take_an_fp8_sync(dirs):
 
 def test_the_fp8_engine_generates_with_log_probs_close_to_bf16(dirs):
     device = fp8_gpu()
-    problem = fp8_kernel_problem()
-    if problem:
-        pytest.skip(f"transformers' finegrained-fp8 kernel is not available here: {problem}")
     bf16, fp8 = dirs
     config = load_config(
         None,
