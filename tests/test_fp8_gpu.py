@@ -119,6 +119,10 @@ def test_the_fp8_engine_modules_on_the_gpu_take_an_fp8_sync(dirs):
 
 
 def test_the_fp8_engine_generates_with_log_probs_close_to_bf16(dirs):
+    """The fp8 engine's log-probs against the bf16 trainer's, and against the bf16 model that
+    holds the same fp8-rounded weights: the engine is nearer the latter (its difference there
+    is the activations' rounding alone), and near the trainer in the magnitude the fp8 bench
+    measured for the weights' rounding (0.17 at Qwen3-30B-A3B's widths)."""
     device = fp8_gpu()
     bf16, fp8 = dirs
     config = load_config(
@@ -129,23 +133,33 @@ def test_the_fp8_engine_generates_with_log_probs_close_to_bf16(dirs):
             "model.dtype": "bfloat16",
         },
     )
+    fmt = read_fp8_format(fp8)
     engine = create_engine(config, device)
     trained = small_qwen3_moe().to(device).eval()
-    sync(
-        [(n, t.contiguous()) for n, t in checkpoint_tensors(trained)],
-        engine.model,
-        read_fp8_format(fp8),
-    )
+    weights = [(n, t.contiguous()) for n, t in checkpoint_tensors(trained)]
+    sync(weights, engine.model, fmt)
+    rounded = small_qwen3_moe().to(device).eval()
+    with torch.no_grad():
+        held = dict(checkpoint_tensors(rounded))
+        for name, tensor in weights:
+            if fmt.quantizes(name):
+                q, scales = quantize_blockwise(tensor, fmt.block_size)
+                held[name].copy_(dequantize_blockwise(q, scales, fmt.block_size))
     prompts = [[3 + (i % 10), 4 + (i % 9), 13] for i in range(16)]
     torch.manual_seed(0)
     completions = engine.generate(prompts, SamplingParams(max_new_tokens=8))
-    diffs = []
+    diffs = {"trainer": [], "rounded": []}
     for prompt, completion in zip(prompts, completions, strict=True):
         ids = torch.tensor([prompt + completion.token_ids], device=device)
-        with torch.no_grad():
-            logits = trained(input_ids=ids).logits[:, :-1]
-        lp = log_probs_from_logits(logits, ids[:, 1:], 1.0)[0, len(prompt) - 1 :]
-        diffs += (lp.cpu() - torch.tensor(completion.log_probs)).abs().tolist()
-    mean = sum(diffs) / len(diffs)
-    print(f"fp8 engine vs bf16 trainer: mean |dlogp| {mean:.4f}, max {max(diffs):.4f}")
-    assert 0 < mean < 0.1
+        served = torch.tensor(completion.log_probs)
+        for label, model in (("trainer", trained), ("rounded", rounded)):
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[:, :-1]
+            lp = log_probs_from_logits(logits, ids[:, 1:], 1.0)[0, len(prompt) - 1 :]
+            diffs[label] += (lp.cpu() - served).abs().tolist()
+    mean = {label: sum(d) / len(d) for label, d in diffs.items()}
+    print(
+        f"fp8 engine: mean |dlogp| vs bf16 trainer {mean['trainer']:.4f} (max "
+        f"{max(diffs['trainer']):.4f}), vs the fp8-rounded weights in bf16 {mean['rounded']:.4f}"
+    )
+    assert 0 < mean["rounded"] < mean["trainer"] < 0.3
