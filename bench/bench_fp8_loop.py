@@ -49,13 +49,13 @@ def run_job(label: str, flags: list[str], out: Path, steps: int) -> dict:
     common += ["--train.num_workers", "1", "--rollout.num_engines", "1"]
     common += ["--placement.colocate", "true", "--weight_sync.verify", "true"]
     common += ["--placement.cpus_per_bundle", "1", "--logging.progress_bar", "false"]
-    common += ["--logging.output_dir", str(out / label)]
+    common += ["--logging.output_dir", str(out / "runs" / label)]
     start = time.perf_counter()
     subprocess.run([sys.executable, "driver.py", *flags, *common], cwd=REPO, env=env, check=True)
     wall = time.perf_counter() - start
-    lines = (out / label / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "runs" / label / "metrics.jsonl").read_text().splitlines()
     steps_seen = [m for m in map(json.loads, lines) if "time/sync" in m]
-    summary = json.loads((out / label / "summary.json").read_text())
+    summary = json.loads((out / "runs" / label / "summary.json").read_text())
     later = steps_seen[1:]  # the first step carries start-up costs
     result = {k: statistics.fmean(m[k] for m in later) for k in KEYS if all(k in m for m in later)}
     result |= {
