@@ -5,7 +5,8 @@
 (a) `quantize`: `weights.fp8.quantize_blockwise` (read bf16, write e4m3 + scales) in GB/s of
     bytes read and written, against a plain device-to-device copy of the same bf16 tensor
     timed in the same run (the card's usable memory bandwidth), on one large matrix and on one
-    MoE layer's 384 expert matrices quantized one by one as the sync does.
+    MoE layer's 384 expert matrices: one by one, and through the sync's export, which
+    quantizes each run of same-shape experts in one batch.
 (b) `sync`: the weight sync of a model built from Qwen3-30B-A3B's config (its real sizes: 128
     experts, hidden 2048, vocab 151936; `--layers` of its 48 layers), bf16 against fp8, in the
     same run. One GPU cannot host both ends of an NCCL broadcast (NCCL refuses two ranks on one
@@ -110,7 +111,7 @@ def bench_quantize(device: torch.device, compile_too: bool) -> dict:
     out["large_8192x8192"]["quantize/copy_bandwidth"] = (
         out["large_8192x8192"]["quantize_GBps"] / out["large_8192x8192"]["copy_GBps"]
     )
-    # One MoE layer's experts, one tensor at a time (what a sync does with 19k tensors).
+    # One MoE layer's experts, one tensor at a time (what a sync did with its 19k tensors).
     experts = [
         torch.randn(*shape, device=device, dtype=torch.bfloat16)
         for _ in range(128)
@@ -127,6 +128,22 @@ def bench_quantize(device: torch.device, compile_too: bool) -> dict:
         "quantize_GBps": expert_bytes / each_s / 1e9,
         "copy_s": copy_each_s,
         "copy_GBps": 2 * sum(t.nbytes for t in experts) / copy_each_s / 1e9,
+    }
+    # The same tensors in the sync's order (every expert's gate and up, then the downs)
+    # through the sync's fp8 export, which quantizes each run of one shape together.
+    prefix = "model.layers.0.mlp.experts"
+    named = [
+        (f"{prefix}.{e}.{p}.weight", experts[3 * e + i])
+        for e in range(128)
+        for i, p in enumerate(("gate_proj", "up_proj"))
+    ]
+    named += [(f"{prefix}.{e}.down_proj.weight", experts[3 * e + 2]) for e in range(128)]
+    export = Fp8Export(Fp8Format())
+    batched_s = cuda_seconds(lambda: list(export.tensors(named)), repeats=5)
+    out["one_layer_of_experts_384_tensors"] |= {
+        "export_batched_s": batched_s,
+        "export_batched_GBps": expert_bytes / batched_s / 1e9,
+        "one_by_one/batched_s": each_s / batched_s,
     }
     if compile_too:
         try:

@@ -45,6 +45,7 @@ from weights.fp8 import (
     block_errors,
     dequantize_blockwise,
     quantize_blockwise,
+    quantize_blockwise_batch,
     scale_shape,
 )
 from weights.fp8_export import Fp8Export
@@ -149,6 +150,51 @@ def test_the_largest_value_of_each_block_is_exact_and_shapes_are_checked():
         dequantize_blockwise(q, scales[:1], BLOCK)
     with pytest.raises(ValueError, match="non-empty matrices"):
         quantize_blockwise(torch.randn(4, 4, 4))
+
+
+def test_a_batch_of_expert_matrices_quantizes_bit_for_bit_as_one_by_one():
+    g = torch.Generator().manual_seed(SEED)
+    experts = [(torch.randn(256, 128, generator=g) * 0.02).to(torch.bfloat16) for _ in range(6)]
+    experts[2][:128, :128] = 0  # a zero block keeps scale 1 in a batch too
+    batched = quantize_blockwise_batch(experts, BLOCK)
+    for weight, (q, scales) in zip(experts, batched, strict=True):
+        alone_q, alone_scales = quantize_blockwise(weight, BLOCK)
+        assert torch.equal(q.view(torch.uint8), alone_q.view(torch.uint8))
+        assert torch.equal(scales, alone_scales)
+    with pytest.raises(ValueError, match="whole blocks"):
+        quantize_blockwise_batch([torch.ones(100, 128)] * 2, BLOCK)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        quantize_blockwise_batch([torch.ones(128, 128), torch.ones(128, 256)], BLOCK)
+
+
+def test_the_export_quantizes_runs_of_experts_together_and_keeps_the_order(monkeypatch):
+    """The sync's fp8 stream batches each run of same-shape expert matrices, and is the
+    one-by-one stream bit for bit, in the same order (bf16 tensors in between included)."""
+    import weights.fp8_export as export_module
+
+    fmt = Fp8Format((32, 32))
+    weights = list(checkpoint_tensors(build_tiny_model(SEED, torch.bfloat16)))
+    batches = []
+
+    def spy(tensors, block):
+        batches.append(len(tensors))
+        return quantize_blockwise_batch(tensors, block)
+
+    monkeypatch.setattr(export_module, "quantize_blockwise_batch", spy)
+    streamed = list(Fp8Export(fmt).tensors(weights))
+    one_by_one = []
+    for name, tensor in weights:
+        if fmt.quantizes(name):
+            q, scales = quantize_blockwise(tensor, fmt.block_size)
+            one_by_one += [(name, q), (name + "_scale_inv", scales)]
+        else:
+            one_by_one.append((name, tensor))
+    assert [n for n, _ in streamed] == [n for n, _ in one_by_one]
+    for (name, got), (_, want) in zip(streamed, one_by_one, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got.float(), want.float()), name
+    # Per layer: k_proj and v_proj (32 x 64) together, then the 8 experts' gate, up and down
+    # projections (all 64 x 64 in the tiny model) in one batch; q_proj and o_proj go alone.
+    assert batches == [2, 24, 2, 24]
 
 
 def test_transformers_own_dequantization_reads_our_scales_the_same_way():

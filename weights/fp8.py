@@ -22,6 +22,8 @@ Non-finite weights are not checked for (that would cost a host sync per tensor):
 an inf or NaN gives NaN scales, as the model it came from would give NaN outputs.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from models.fp8_checkpoint import DEFAULT_BLOCK
@@ -62,6 +64,29 @@ def quantize_blockwise(
     if q.shape != (rows, cols):  # drop the zero padding of partial edge blocks
         q = q[:rows, :cols].contiguous()
     return q, scale
+
+
+def quantize_blockwise_batch(
+    weights: Sequence[torch.Tensor], block: tuple[int, int] = DEFAULT_BLOCK
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`quantize_blockwise` of each of `weights` (same shape, dtype and device, whole blocks),
+    bit for bit, in one pass: a fixed number of kernels for the whole batch instead of one
+    set per matrix. An MoE layer's 384 expert matrices are each too small to keep a GPU busy,
+    so quantizing them one by one is bound by kernel launches (bench/RESULTS.md)."""
+    first = weights[0]
+    rows, cols = _matrix_shape(tuple(first.shape))
+    block_rows, block_cols = _check_block(block)
+    if rows % block_rows or cols % block_cols:
+        raise ValueError(f"a batch needs whole blocks: {rows} x {cols} in {block} blocks")
+    if any(w.shape != first.shape or w.dtype != first.dtype for w in weights):
+        raise ValueError("a batch of weights must share one shape and dtype")
+    stacked = torch.stack([w.detach() for w in weights])
+    blocks = stacked.view(len(weights), rows // block_rows, block_rows, -1, block_cols)
+    amax = blocks.abs().amax(dim=(2, 4)).to(torch.float32)  # exact, as in quantize_blockwise
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scaled = torch.div(blocks, scale[:, :, None, :, None])
+    q = scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(len(weights), rows, cols)
+    return list(zip(q.unbind(0), scale.unbind(0), strict=True))
 
 
 def dequantize_blockwise(

@@ -7,9 +7,11 @@ passes through untouched. `specs` does the same to the specs, so the bucket plan
 every engine's manifest check, and SGLang's request bodies) carries the fp8 dtypes and the
 scale tensors before any byte moves.
 
-Quantization happens per tensor as the sender pulls it into a bucket (`WeightSender.send`
-packs each bucket from the stream): at most one bucket's quantized tensors exist at a time,
-never a second copy of the model.
+Quantization happens as the sender pulls tensors into a bucket (`WeightSender.send` packs
+each bucket from the stream), never on a second copy of the model: a run of consecutive
+weights of one shape (an MoE layer's experts) is quantized together, up to `BATCH_BYTES` of
+input at a time, because one by one its small matrices are bound by kernel launches; any
+other weight is quantized alone. Both give the same bits.
 """
 
 from collections.abc import Iterable, Iterator
@@ -18,11 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from models.fp8_checkpoint import Fp8Format, scale_name
-from weights.fp8 import FP8_DTYPE, SCALE_DTYPE, quantize_blockwise, scale_shape
+from weights.fp8 import (
+    FP8_DTYPE,
+    SCALE_DTYPE,
+    quantize_blockwise,
+    quantize_blockwise_batch,
+    scale_shape,
+)
 from weights.manifest import TensorSpec, dtype_name
 
 FP8_DTYPE_NAME = dtype_name(FP8_DTYPE)
 """`float8_e4m3fn`, as manifests and SGLang's request bodies spell it."""
+
+BATCH_BYTES = 64 << 20
+"""The most input quantized in one batch (weight_sync.bucket_size_mb's default): the batch's
+stacked copy and fp32 intermediate stay a few buckets' worth."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,45 @@ class Fp8Export:
         self, named_tensors: Iterable[tuple[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Each quantized weight followed by its scales; every other tensor as it comes."""
+        batch: list[tuple[str, torch.Tensor]] = []
         for name, tensor in named_tensors:
-            if not self.format.quantizes(name):
+            quantized = self.format.quantizes(name)
+            if batch and not (quantized and self._joins(batch, tensor)):
+                yield from self._quantized(batch)  # before `tensor`: the specs' order
+                batch = []
+            if quantized:
+                batch.append((name, tensor))
+            else:
                 yield name, tensor
-                continue
-            with torch.no_grad():
-                q, scale_inv = quantize_blockwise(tensor, self.format.block_size)
+        yield from self._quantized(batch)
+
+    def _joins(self, batch: list[tuple[str, torch.Tensor]], tensor: torch.Tensor) -> bool:
+        """Whether `tensor` can be quantized with `batch` (same shape, dtype and device, whole
+        blocks, the batch under `BATCH_BYTES`)."""
+        first = batch[0][1]
+        rows, cols = self.format.block_size
+        return (
+            tensor.shape == first.shape
+            and tensor.dtype == first.dtype
+            and tensor.device == first.device
+            and tensor.dim() == 2
+            and tensor.shape[0] % rows == 0
+            and tensor.shape[1] % cols == 0
+            and (len(batch) + 1) * first.nbytes <= BATCH_BYTES
+        )
+
+    def _quantized(
+        self, batch: list[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if not batch:
+            return
+        block = self.format.block_size
+        with torch.no_grad():
+            if len(batch) == 1:
+                results = [quantize_blockwise(batch[0][1], block)]
+            else:
+                results = quantize_blockwise_batch([t for _, t in batch], block)
+        for (name, _), (q, scale_inv) in zip(batch, results, strict=True):
             yield name, q
             yield scale_name(name), scale_inv
 
