@@ -276,7 +276,11 @@ class AlgorithmConfig:
     (inside its clip), and TIS would correct it a second time, so `on` with it is refused."""
 
     tis_cap: float = 2.0
-    """C of TIS: the largest weight a token gets (>= 1)."""
+    """C of TIS: the largest weight a token gets (>= 1; slime's --tis-clip)."""
+
+    tis_floor: float = 0.0
+    """The smallest weight a token gets (in [0, 1]; slime's --tis-clip-low): 0 truncates
+    only from above, as the TIS paper does."""
 
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     """`token_mean`: every response token of the step weighs the same (across all ranks);
@@ -434,6 +438,11 @@ class SluiceConfig:
             raise UserError(
                 f"algorithm.tis_cap={a.tis_cap} must be >= 1: TIS weights are min(ratio, cap), "
                 f"and a cap below 1 would shrink every token's weight"
+            )
+        if not 0 <= a.tis_floor <= 1:
+            raise UserError(
+                f"algorithm.tis_floor={a.tis_floor} must be in [0, 1]: TIS weights are "
+                f"clamp(ratio, floor, cap), and a floor above 1 would raise every token's weight"
             )
         if a.tis == "on" and a.old_log_probs == "rollout":
             raise UserError(TIS_WITH_ROLLOUT_RATIO)

@@ -27,6 +27,14 @@ class SeedFlag:
     switch: bool = False
     """A boolean switch: present = true, no value needed (Megatron's `store_true`)."""
 
+    values: tuple[tuple[str, str], ...] = ()
+    """(flag value, key value) pairs, for a switch whose key is no boolean: `--use-tis`
+    (true) sets algorithm.tis to `on`."""
+
+    def key_value(self, raw: str) -> str:
+        """The value for the key of what the user gave the flag."""
+        return dict(self.values).get(raw.lower(), raw) if self.values else raw
+
 
 SEED_FLAGS: dict[str, SeedFlag] = {
     "--tensor-model-parallel-size": SeedFlag("train.parallel.tensor"),
@@ -55,6 +63,9 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--n-samples-per-prompt": SeedFlag("rollout.samples_per_prompt"),
     "--rollout-max-response-len": SeedFlag("rollout.max_new_tokens"),
     "--rollout-temperature": SeedFlag("rollout.temperature"),
+    "--use-tis": SeedFlag("algorithm.tis", switch=True, values=(("true", "on"), ("false", "off"))),
+    "--tis-clip": SeedFlag("algorithm.tis_cap"),
+    "--tis-clip-low": SeedFlag("algorithm.tis_floor"),
     # slime's `--seed` needs no entry: our top-level key `seed` is already the flag `--seed`.
 }
 
@@ -86,7 +97,7 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
                 nargs="?",
                 const=_SWITCH_ON,
                 metavar="BOOL",
-                help=f"= --{alias.key} true",
+                help=f"= --{alias.key} {alias.key_value(_SWITCH_ON)}",
             )
         else:
             group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=f"= --{alias.key}")
@@ -108,7 +119,7 @@ def merge_aliases(keyed: dict[str, Any], aliased: dict[str, str]) -> dict[str, A
     for flag, raw in aliased.items():
         key = SEED_FLAGS[flag].key
         # Read as the key's type now, so an error names the flag the user typed.
-        value = typed_value(key, raw, where=f"command line {flag}")
+        value = typed_value(key, SEED_FLAGS[flag].key_value(raw), where=f"command line {flag}")
         if key in keyed and typed_value(key, keyed[key]) != value:
             raise UserError(
                 f"command line: {_spelled(flag, raw)} and --{key} {keyed[key]} both set {key}, "

@@ -176,30 +176,33 @@ class TisWeights:
     """Truncated importance-sampling weights of the tokens, detached."""
 
     weights: Tensor
-    """min(exp(old_log_probs - rollout_log_probs), cap) [B, T]."""
+    """clamp(exp(old_log_probs - rollout_log_probs), floor, cap) [B, T]."""
 
     truncated: Tensor
-    """bool [B, T]: the ratio exceeded the cap (its weight is the cap); under the loss mask,
-    their fraction is the TIS clip fraction."""
+    """bool [B, T]: the ratio was outside [floor, cap] (its weight is the bound); under the
+    loss mask, their fraction is the TIS clip fraction."""
 
 
 def truncated_importance_weights(
-    old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float
+    old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float, floor: float = 0.0
 ) -> TisWeights:
-    """TIS: w = min(pi_old_trainer(x) / pi_rollout(x), cap) per sampled token [B, T].
+    """TIS: w = clamp(pi_old_trainer(x) / pi_rollout(x), floor, cap) per sampled token [B, T].
 
     The engines sample from pi_rollout, which differs from the trainer's pi_old (the same
     weights, but fp8-quantized in the engines, or other kernels); w reweights each token's
     policy-gradient term towards the trainer's distribution, and the cap bounds the variance a
-    few tokens the engine found much less likely could add. No gradient flows through w. The
-    log-ratio is clamped to +-20 before exp, as in `policy_loss`.
+    few tokens the engine found much less likely could add; a floor above 0 (slime's
+    --tis-clip-low) keeps tokens the engine over-sampled from vanishing. No gradient flows
+    through w. The log-ratio is clamped to +-20 before exp, as in `policy_loss`.
     """
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"floor must be in [0, 1], got {floor}")
     with torch.no_grad():
         log_ratio = old_log_probs.float() - rollout_log_probs.float()
         ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-        return TisWeights(ratio.clamp(max=cap), ratio > cap)
+        return TisWeights(ratio.clamp(min=floor, max=cap), (ratio > cap) | (ratio < floor))
 
 
 def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind) -> Tensor:

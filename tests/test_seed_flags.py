@@ -95,6 +95,10 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         (["--rollout-temperature", "0.8"], "rollout.temperature", 0.8),
         (["--rollout-num-gpus-per-engine", "8"], "rollout.gpus_per_engine", 8),
         (["--lr=3e-4"], "train.lr", 3e-4),
+        (["--use-tis"], "algorithm.tis", "on"),
+        (["--use-tis", "false"], "algorithm.tis", "off"),
+        (["--tis-clip", "1.5"], "algorithm.tis_cap", 1.5),
+        (["--tis-clip-low", "0.1"], "algorithm.tis_floor", 0.1),
     ],
 )
 def test_each_value_flag_sets_its_key(argv, key, expected):
@@ -181,7 +185,8 @@ def test_every_alias_names_a_key_and_no_alias_shadows_one():
     for flag, alias in SEED_FLAGS.items():
         assert alias.key in keys, flag
         assert flag not in flags_of_keys, flag
-        assert alias.switch == (alias.key in bools), flag
+        # A switch sets a boolean key, or maps true/false onto the key's own values.
+        assert alias.switch == (alias.key in bools or bool(alias.values)), flag
     assert not set(NOT_ALIASED) & set(SEED_FLAGS)
 
 

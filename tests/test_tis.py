@@ -45,6 +45,20 @@ def test_weights_are_the_ratio_capped_and_carry_no_gradient():
         truncated_importance_weights(old, rollout, cap=0.5)
 
 
+def test_a_floor_raises_the_smallest_weights_and_counts_as_truncation():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    rollout = torch.tensor([[-1.0, -3.0, -0.2, -0.5]])  # ratios 1, e, e^-0.3, e^-2.5
+    tis = truncated_importance_weights(old, rollout, cap=2.0, floor=0.5)
+    assert tis.weights[0].tolist() == pytest.approx([1.0, 2.0, math.exp(-0.3), 0.5], rel=1e-6)
+    assert tis.truncated.tolist() == [[False, True, False, True]]
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1\]"):
+        truncated_importance_weights(old, rollout, cap=2.0, floor=1.5)
+    with pytest.raises(UserError, match=r"algorithm.tis_floor=1.5 must be in \[0, 1\]"):
+        load_config(None, {"algorithm.tis_floor": 1.5})
+    settings = LossSettings.resolve(algorithm(tis="on", tis_floor=0.25), fp8_rollouts=False)
+    assert (settings.tis, settings.tis_floor) == (True, 0.25)
+
+
 def test_policy_loss_scales_each_tokens_loss_and_gradient_by_its_weight():
     log_probs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     advantages = torch.tensor([[1.0]])

@@ -33,6 +33,9 @@ class LossSettings:
     tis_cap: float
     """The cap of the TIS weights."""
 
+    tis_floor: float
+    """The floor of the TIS weights."""
+
     clip_low: float
     """Lower clip of the PPO ratio."""
 
@@ -51,7 +54,7 @@ class LossSettings:
         old = algorithm.old_log_probs
         if old == "auto":
             old = "recompute" if tis else "rollout"
-        return cls(old, tis, algorithm.tis_cap, algorithm.clip_low, algorithm.clip_high)
+        return cls(old, tis, a.tis_cap, a.tis_floor, algorithm.clip_low, algorithm.clip_high)
 
     @classmethod
     def of(cls, config: SluiceConfig) -> "LossSettings":
@@ -74,7 +77,9 @@ def policy_term(
     old = mb.rollout_log_probs if settings.old_log_probs == "rollout" else own
     tis = None
     if settings.tis:
-        tis = truncated_importance_weights(own, mb.rollout_log_probs, settings.tis_cap)
+        tis = truncated_importance_weights(
+            own, mb.rollout_log_probs, settings.tis_cap, settings.tis_floor
+        )
     per_token, stats = policy_loss(
         log_probs,
         old,
