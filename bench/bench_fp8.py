@@ -24,6 +24,10 @@
     weight rounding alone, without the activations') is measured beside them.
     The models are random-init (nothing is downloaded), so the figures show magnitudes only.
 
+(d) `gemm`: the engine's fp8 matmul (`block_fp8_matmul`: activation quantization, padding,
+    cuBLAS's block-scaled GEMM) and cuBLAS's GEMM alone in TFLOP/s, against a bf16 matmul of
+    the same shape in the same run, on Qwen3-30B-A3B's matrix shapes.
+
 Prints one JSON summary (and writes it to DIR/bench_fp8.json); a part that fails records its
 error and the others still run.
 """
@@ -43,6 +47,7 @@ import transformers
 
 from config.schema import ModelConfig
 from inference.engine import SamplingParams
+from inference.fp8_layers import block_fp8_matmul, quantize_activations
 from inference.fp8_model import build_fp8_model, fp8_device_problem, fp8_kernel_problem
 from inference.transformers_engine import TransformersEngine
 from models.checkpoint_format import checkpoint_tensors
@@ -323,6 +328,47 @@ def _score(engine, trainer, prompts, params, device) -> dict:
     return stats
 
 
+# ---- (d) the engine's fp8 GEMM against bf16 ----------------------------------------------
+
+GEMM_SHAPES = {
+    "square_4096": (4096, 4096, 4096),
+    "expert_gate_up_512_tokens": (512, 1536, 2048),
+    "expert_down_512_tokens": (512, 2048, 768),  # K = 768: padded to 1024 for cuBLAS
+    "decode_64_tokens_q_proj": (64, 4096, 2048),
+}
+"""(M tokens, N outputs, K inputs) of Qwen3-30B-A3B's matrices, and one large square."""
+
+
+def bench_gemm(device: torch.device) -> dict:
+    """`block_fp8_matmul` (activation quantization, padding and cuBLAS's block fp8 GEMM: what
+    the engine's modules run) and the GEMM alone, against a bf16 matmul of the same shape."""
+    block = (128, 128)
+    out = {}
+    for label, (m, n, k) in GEMM_SHAPES.items():
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        weight, scales = quantize_blockwise(w, block)
+        flops = 2 * m * n * k
+        bf16_s = cuda_seconds(lambda x=x, w=w: x @ w.t(), repeats=20)
+        fp8_s = cuda_seconds(
+            lambda x=x, q=weight, s=scales: block_fp8_matmul(x, q, s, block), repeats=20
+        )
+        row = {"bf16_TFLOPs": flops / bf16_s / 1e12, "fp8_module_TFLOPs": flops / fp8_s / 1e12}
+        if k % 512 == 0 and m % 4 == 0:  # no padding: time cuBLAS's GEMM by itself
+            xq, xs = quantize_activations(x, 128)
+            xs = xs.t().contiguous().t()
+            gemm_s = cuda_seconds(
+                lambda a=xq, sa=xs, q=weight, s=scales: torch._scaled_mm(
+                    a, q.t(), scale_a=sa, scale_b=s.t(), out_dtype=torch.bfloat16
+                ),
+                repeats=20,
+            )
+            row["fp8_gemm_only_TFLOPs"] = flops / gemm_s / 1e12
+        row["fp8_module/bf16_time"] = fp8_s / bf16_s
+        out[label] = row
+    return out
+
+
 # ---- the summary ------------------------------------------------------------------------
 
 
@@ -353,7 +399,7 @@ def main() -> None:
     )
     parser.add_argument("--no-compile", action="store_true", help="(a): skip torch.compile")
     parser.add_argument(
-        "--parts", nargs="+", default=["quantize", "sync", "mismatch"], help="what to run"
+        "--parts", nargs="+", default=["quantize", "gemm", "sync", "mismatch"], help="what to run"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -370,6 +416,7 @@ def main() -> None:
     }
     parts = {
         "quantize": lambda: bench_quantize(device, not args.no_compile),
+        "gemm": lambda: bench_gemm(device),
         "sync": lambda: bench_sync(device, args.layers, args.link_gbps, args.repeats),
         "mismatch": lambda: bench_mismatch(
             device, args.mismatch_layers, args.samples, args.new_tokens
