@@ -54,18 +54,21 @@ def fp8_device_problem(device: torch.device) -> str | None:
     return None
 
 
-def fp8_kernel_problem(device: torch.device) -> str | None:
-    """Why this torch's block fp8 GEMM does not work on `device`, or None when it does: one
-    small product, checked against the same arithmetic in fp32."""
+def fp8_kernel_problem(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why this torch's block fp8 GEMM does not work on `device` for activations of `dtype`,
+    or None when it does: one small product, checked against the same arithmetic in fp32."""
     block = (CUBLAS_BLOCK, CUBLAS_BLOCK)
     generator = torch.Generator(device).manual_seed(0)
-    x = torch.randn(4, 512, device=device, generator=generator, dtype=torch.bfloat16)
+    x = torch.randn(4, 512, device=device, generator=generator).to(dtype)
     w = torch.randn(256, 512, device=device, generator=generator)
     weight, scales = quantize_blockwise(w, block)
     try:
         got = block_fp8_matmul(x, weight, scales, block).float()
     except (RuntimeError, TypeError) as e:  # an older torch or CUDA: unsupported scaling
-        return f"torch {torch.__version__} (CUDA {torch.version.cuda}): {type(e).__name__}: {e}"
+        return (
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}), {dtype} activations: "
+            f"{type(e).__name__}: {e}"
+        )
     want = emulated_block_fp8_matmul(x, weight, scales, block).float()
     error = ((got - want).abs().max() / want.abs().max()).item()
     if not error < 0.02:  # bf16 rounding of the output is 2^-8
@@ -81,7 +84,7 @@ def check_fp8_engine_support(model: ModelConfig, fp8: Fp8Format, device: torch.d
         f"of compute capability >= 9.0 (Hopper: H100, H200) and torch >= 2.9 built with "
         f"CUDA >= 12.9"
     )
-    problem = fp8_device_problem(device) or fp8_kernel_problem(device)
+    problem = fp8_device_problem(device) or fp8_kernel_problem(device, DTYPES[model.dtype])
     if problem:
         raise UserError(
             f"{need}, but {problem}; run the engines on such GPUs, use rollout.engine sglang, "
