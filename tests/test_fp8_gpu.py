@@ -49,22 +49,25 @@ def small_qwen3_moe() -> Qwen3MoeForCausalLM:
     return build_tiny_model(0, torch.bfloat16, config)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 7, 64, 333])
 @pytest.mark.parametrize(("out", "width"), [(256, 256), (2048, 768), (1536, 2048)])
-def test_the_block_fp8_gemm_computes_its_arithmetic_on_shapes_it_pads(rows, out, width):
+def test_the_block_fp8_gemm_computes_its_arithmetic_on_shapes_it_pads(rows, out, width, dtype):
     """cuBLAS's block fp8 GEMM against the same quantize-dequantize-multiply in fp32. Rows that
     are no multiple of 4 and widths that are no multiple of 4 blocks (768: Qwen3-30B-A3B's
     expert width) are padded, which cuBLAS needs: unpadded, it refused the rows and returned
     wrong numbers for the widths (measured on an H200)."""
     device = fp8_gpu()
-    assert fp8_kernel_problem(device) is None
+    assert fp8_kernel_problem(device, dtype) is None
     generator = torch.Generator(device).manual_seed(rows + out + width)
-    x = torch.randn(rows, width, device=device, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, width, device=device, generator=generator).to(dtype)
     w = torch.randn(out, width, device=device, generator=generator) * 0.02
     weight, scales = quantize_blockwise(w, (128, 128))
     got = block_fp8_matmul(x, weight, scales, (128, 128)).float()
     want = emulated_block_fp8_matmul(x.float(), weight, scales, (128, 128))
-    assert got.shape == (rows, out)
+    assert (
+        got.shape == (rows, out) and block_fp8_matmul(x, weight, scales, (128, 128)).dtype == dtype
+    )
     assert ((got - want).abs().max() / want.abs().max()).item() < 2.0**-7  # bf16 output
     exact = x.float() @ w.t()  # and both are the unquantized product, up to fp8 rounding
     assert ((want - exact).norm() / exact.norm()).item() < 0.1
