@@ -1,10 +1,11 @@
 """The command line as a user meets it: every kind of bad input ends with one `error:` line on
 stderr, exit code 2 and no traceback; `--dry-run` and `--help` work without starting Ray.
 
-How the cases run. `driver.py` imports torch, transformers and Ray before it parses a single
-argument (about 17 s of CPU), so a fresh `python driver.py` per case would cost minutes on a
-2-core machine. The cases that stop before Ray therefore run in one helper interpreter that
-pays for those imports once and then forks a child per case: the child runs `driver.py` as
+How the cases run. Once its arguments parse, `driver.py` imports the loop, and with it torch,
+transformers and Ray (about 20 s of CPU), before it checks the data files, so a fresh
+`python driver.py` per case would cost minutes on a 2-core machine. The cases that stop before
+Ray therefore run in one helper interpreter that pays for those imports once and then forks a
+child per case: the child runs `driver.py` as
 `__main__` with its own argv, stdout, stderr and exit status, as `python driver.py ...` does
 once its imports are done. Set SLUICE_TEST_CLI_FRESH=1 to run each of them as its own
 `python driver.py ...` instead. The non-number reward case always runs fresh: it starts a
@@ -44,7 +45,8 @@ SMALL = [arg for key, value in SMALL_RUN.items() for arg in (f"--{key}", value)]
 FORK_RUNNER = r"""
 import json, os, runpy, signal, sys, tempfile, time, traceback
 
-import driver  # the expensive imports, once; every child below inherits them
+import actors.loop  # the expensive imports (torch, transformers, Ray), once: every child
+import driver  # below inherits them
 
 def run_child(argv):
     os.setsid()
