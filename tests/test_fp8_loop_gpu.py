@@ -2,12 +2,14 @@
 
 `tools/convert_hf_to_fp8.py` makes the FP8 rollout checkpoint of a bf16 Qwen3-MoE (the tiny
 model widened to 128-aligned matrices, `models.tiny.fp8_gemm_config`), and `driver.py` trains
-the bf16 twin while the colocated transformers engine samples from fp8 weights, quantized at
-every sync and taken by CUDA IPC, multiplying with cuBLAS's block fp8 GEMM; TIS is on by
-default. `weight_sync.verify` compares bit-exact checksums of the fp8 weights on both sides
-after every sync. The figures against a bf16 rollout run are bench/bench_fp8_loop.py's.
+the bf16 twin (with the torch backend, and with Megatron as the seed does) while the colocated
+transformers engine samples from fp8 weights, quantized at every sync and taken by CUDA IPC,
+multiplying with cuBLAS's block fp8 GEMM; TIS is on by default. `weight_sync.verify` compares
+bit-exact checksums of the fp8 weights on both sides after every sync. The figures against a
+bf16 rollout run are bench/bench_fp8_loop.py's.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,14 +34,17 @@ pytestmark = [
 ]
 
 
-def test_bf16_training_with_fp8_rollouts_through_the_transformers_engine(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "megatron"])
+def test_bf16_training_with_fp8_rollouts_through_the_transformers_engine(tmp_path, backend):
+    if backend == "megatron" and importlib.util.find_spec("megatron.core") is None:
+        pytest.skip("the Megatron backend needs megatron-core (uv sync installs it)")
     bf16, fp8, out = tmp_path / "bf16", tmp_path / "fp8", tmp_path / "run"
     save_tiny_model(bf16, 0, fp8_gemm_config())
     assert convert_hf_to_fp8.run(["--hf-checkpoint", str(bf16), "--save", str(fp8)]) == 0
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     env.pop("RAY_ADDRESS", None)
     flags = ["--hf-checkpoint", str(fp8), "--model.train_checkpoint", str(bf16)]
-    flags += ["--model.dtype", "bfloat16", "--num_steps", str(STEPS)]
+    flags += ["--train.backend", backend, "--model.dtype", "bfloat16", "--num_steps", str(STEPS)]
     flags += ["--train.num_workers", "1", "--rollout.num_engines", "1"]
     flags += ["--placement.colocate", "true", "--weight_sync.verify", "true"]
     flags += ["--placement.cpus_per_bundle", "1", "--logging.progress_bar", "false"]
