@@ -108,9 +108,8 @@ def check_fp8_block_size(fp8: "Fp8Format") -> None:
         raise UserError(
             f"{fp8.source}: quantization_config.weight_block_size is {list(fp8.block_size)}; "
             f"the transformers engine's fp8 GEMM (cuBLAS) takes only [128, 128] (Qwen3's); "
-            f"convert the checkpoint with tools/convert_hf_to_fp8.py --weight-block-size 128 128,"
-            f" or "
-            f"use rollout.engine sglang"
+            f"convert the checkpoint again with tools/convert_hf_to_fp8.py (128 x 128 by "
+            f"default), or use rollout.engine sglang"
         )
 
 

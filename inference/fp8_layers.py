@@ -117,15 +117,18 @@ class Fp8Linear(nn.Module):
     """nn.Linear with an fp8 weight [out, in] and its block scales `weight_scale_inv`."""
 
     def __init__(
-        self, in_features: int, out_features: int, block: tuple[int, int], bias: bool, matmul
+        self,
+        in_features: int,
+        out_features: int,
+        block: tuple[int, int],
+        bias: bool,
+        matmul: Matmul,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.block, self.matmul = (
-            in_features,
-            out_features,
-            block,
-            matmul,
-        )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block = block
+        self.matmul = matmul
         self.weight = _fp8_parameter(out_features, in_features)
         self.weight_scale_inv = _scale_parameter(
             _blocks(out_features, block[0]), _blocks(in_features, block[1])
@@ -157,15 +160,13 @@ class Fp8Experts(nn.Module):
         intermediate_dim: int,
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         block: tuple[int, int],
-        matmul,
+        matmul: Matmul,
     ):
         super().__init__()
-        self.num_experts, self.hidden_dim, self.intermediate_dim = (
-            num_experts,
-            hidden_dim,
-            intermediate_dim,
-        )
-        self.act_fn, self.block, self.matmul = act_fn, block, matmul
+        self.num_experts = num_experts
+        self.act_fn = act_fn
+        self.block = block
+        self.matmul = matmul
         rows, cols = block
         self.gate_up_proj = _fp8_parameter(num_experts, 2 * intermediate_dim, hidden_dim)
         self.gate_up_proj_scale_inv = _scale_parameter(
