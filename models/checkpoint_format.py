@@ -6,10 +6,11 @@ writes and what SGLang loads. transformers 5 fuses the experts of an MoE layer i
 `experts.{e}.gate_proj / up_proj / down_proj.weight` per expert. The tensors yielded here are
 views of the model's parameters, so a receiver writes into them in place.
 
-A model built with transformers' FineGrainedFP8 (an FP8 rollout engine) holds fp8 weights and
-their block scales: `FP8Linear` modules keep checkpoint names (`q_proj.weight`,
-`q_proj.weight_scale_inv`); `FP8Experts` fuse the scales as they fuse the weights
-(`experts.gate_up_proj_scale_inv` [E, 2 x blocks(I), blocks(H)]), split here per expert into
+A model of the transformers FP8 engine (`inference/fp8_layers.py`, with transformers' own
+FineGrainedFP8 names and layouts) holds fp8 weights and their block scales: `Fp8Linear`
+modules keep checkpoint names (`q_proj.weight`, `q_proj.weight_scale_inv`); `Fp8Experts` fuse
+the scales as they fuse the weights (`experts.gate_up_proj_scale_inv` [E, 2 x blocks(I),
+blocks(H)]), split here per expert into
 `experts.{e}.gate_proj.weight_scale_inv` (the first half of the block rows) and
 `up_proj.weight_scale_inv` (the second half), which is exact when the block rows divide I.
 """
