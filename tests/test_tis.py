@@ -138,6 +138,17 @@ SHIFTS = [[1.0, -0.5], [0.0, 1.0, -0.5], [1.0]]
 """log pi_trainer - log pi_rollout per token: e^1 > cap 2 (truncated), e^-0.5, 1."""
 
 
+def train_on_shifted_rollouts(backend: TorchBackend):
+    """One step on `rows()` whose rollout log-probs are the backend's own minus SHIFTS:
+    (its stats, the rows' advantages, the number of tokens)."""
+    batch, advantages = rows()
+    own = backend.compute_log_probs([batch])
+    shifted = [(lp - torch.tensor(s)).tolist() for lp, s in zip(own, SHIFTS, strict=True)]
+    batch, _ = rows(shifted)
+    tokens = sum(len(s) for s in SHIFTS)
+    return backend.train([batch], normalizer=tokens), advantages, tokens
+
+
 def test_the_loss_is_weighted_by_tis_and_reports_its_clip_fraction(dirs):
     bf16, fp8 = dirs
     config = load_config(
@@ -150,12 +161,7 @@ def test_the_loss_is_weighted_by_tis_and_reports_its_clip_fraction(dirs):
     )
     backend = TorchBackend(config, torch.device("cpu"))
     assert backend.loss_settings.tis and backend.loss_settings.old_log_probs == "recompute"
-    batch, advantages = rows()
-    own = backend.compute_log_probs([batch])
-    shifted = [(lp - torch.tensor(s)).tolist() for lp, s in zip(own, SHIFTS, strict=True)]
-    batch, _ = rows(shifted)
-    tokens = sum(len(s) for s in SHIFTS)
-    stats = backend.train([batch], normalizer=tokens)
+    stats, advantages, tokens = train_on_shifted_rollouts(backend)
 
     weights = [[min(math.exp(d), 2.0) for d in s] for s in SHIFTS]
     # ratio = pi / pi_old_trainer = 1 exactly, so each token's loss is -A x w
@@ -180,12 +186,7 @@ def test_without_fp8_the_loss_is_unweighted_and_reports_no_tis(dirs):
     )
     backend = TorchBackend(config, torch.device("cpu"))
     assert not backend.loss_settings.tis
-    batch, advantages = rows()
-    own = backend.compute_log_probs([batch])
-    shifted = [(lp - torch.tensor(s)).tolist() for lp, s in zip(own, SHIFTS, strict=True)]
-    batch, _ = rows(shifted)
-    tokens = sum(len(s) for s in SHIFTS)
-    stats = backend.train([batch], normalizer=tokens)
+    stats, advantages, tokens = train_on_shifted_rollouts(backend)
     expected = -sum(a * len(s) for a, s in zip(advantages, SHIFTS, strict=True)) / tokens
     assert stats.policy_loss == pytest.approx(expected, rel=1e-5)
     assert "mismatch/tis_clip_fraction" not in TrainStats.reduce([stats])
