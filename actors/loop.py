@@ -59,12 +59,11 @@ class Driver:
         fp8 = check_rollout_checkpoint(config)
         loss = LossSettings.resolve(config.algorithm, fp8 is not None)  # refuses contradictions
         if fp8 is not None:
-            s = loss
-            tis = f"TIS on (cap {s.tis_cap:g})" if s.tis else "TIS off"
+            tis = f"TIS on (cap {loss.tis_cap:g})" if loss.tis else "TIS off"
             print(
                 f"[sluice] fp8 rollouts: weights quantized to e4m3 in {fp8.block_size[0]}x"
                 f"{fp8.block_size[1]} blocks at every sync ({fp8.source}); {tis}; ratio "
-                f"denominator: {s.old_log_probs} log-probs",
+                f"denominator: {loss.old_log_probs} log-probs",
                 flush=True,
             )
         start_from = _checkpoint_to_load(config.checkpoint.load)

@@ -11,7 +11,7 @@ are called on every rank together; rank 0 does the sending or writing.
 
 With an FP8 rollout checkpoint the weights leave in its format (`weights/fp8_export.py`): the
 plan, the broadcast, the CUDA IPC export and the checksums all see the fp8 weights and their
-scales, quantized tensor by tensor as the buckets are packed.
+scales, quantized as the buckets are packed (runs of same-shape experts in one batch).
 """
 
 from collections.abc import Iterable, Iterator
