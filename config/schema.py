@@ -205,6 +205,14 @@ class TrainConfig:
     """Token budget of one forward/backward (padded tokens count); bounds activation memory
     (`--max-tokens-per-gpu`)."""
 
+    layer_spec: Literal["torch", "local"] = "torch"
+    """Megatron: the expert and attention modules, without Transformer Engine. `torch`: all
+    local experts in two grouped GEMMs (torch's grouped_mm on Hopper GPUs in bf16; a loop over
+    experts elsewhere) and attention through scaled_dot_product_attention (flash on Hopper).
+    `local`: megatron-core's local spec (SequentialMLP, one GEMM per expert; unfused
+    attention), for comparison. `--moe-grouped-gemm` sets `torch`, `--moe-grouped-gemm false`
+    sets `local`."""
+
     use_distributed_optimizer: bool = True
     """Megatron: shard optimizer state over data-parallel ranks (`--use-distributed-optimizer`)."""
 

@@ -48,6 +48,9 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--optimizer-cpu-offload": SeedFlag("train.optimizer_cpu_offload", switch=True),
     "--overlap-cpu-optimizer-d2h-h2d": SeedFlag("train.overlap_cpu_optimizer_d2h_h2d", switch=True),
     "--use-precision-aware-optimizer": SeedFlag("train.use_precision_aware_optimizer", switch=True),
+    "--moe-grouped-gemm": SeedFlag(
+        "train.layer_spec", switch=True, values=(("true", "torch"), ("false", "local"))
+    ),
     "--lr": SeedFlag("train.lr"),
     "--adam-beta1": SeedFlag("train.adam_beta1"),
     "--adam-beta2": SeedFlag("train.adam_beta2"),

@@ -61,6 +61,8 @@ def layout_config(name: str, world: int) -> SluiceConfig:
             config.model.dtype = "bfloat16"
         elif part == "kl":
             config.algorithm.kl_coef = 0.1
+        elif part == "local":  # megatron-core's local spec instead of our torch spec
+            config.train.layer_spec = "local"
     config.train.parallel = p
     return config
 

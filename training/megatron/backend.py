@@ -84,7 +84,9 @@ class MegatronBackend(TrainingBackend):
 
     def _build_model_with_hf_weights(self) -> Any:
         c = self.config
-        model = build_gpt_model(self.hf_config, c.train.parallel, c.model.dtype, self.device)
+        model = build_gpt_model(
+            self.hf_config, c.train.parallel, c.model.dtype, self.device, c.train.layer_spec
+        )
         load_hf_weights(model, _checkpoint_reader(c), self.shape, model.config)
         return model
 

@@ -311,12 +311,32 @@ def _split_rank(ranks: Ranks, unit: WeightUnit) -> tuple[int, int]:
     return 0, 1
 
 
+STACKED_EXPERT_WEIGHTS = {"gate_up_weight": "linear_fc1", "down_weight": "linear_fc2"}
+"""`GroupedExperts`' stacked parameters, by the per-expert linear each slice is."""
+
+
+def local_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's parameters by megatron-core name, the stacked expert parameters of
+    `GroupedExperts` as one view per expert under SequentialMLP's names
+    (`...experts.local_experts.{j}.linear_fc1.weight`), so one table serves both specs."""
+    tensors = {}
+    for name, param in model.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in STACKED_EXPERT_WEIGHTS and prefix.endswith("experts"):
+            linear = STACKED_EXPERT_WEIGHTS[leaf]
+            for j, view in enumerate(param.unbind(0)):
+                tensors[f"{prefix}.local_experts.{j}.{linear}.weight"] = view
+        else:
+            tensors[name] = param
+    return tensors
+
+
 def load_hf_weights(
     model: torch.nn.Module, read: Callable[[str], torch.Tensor], shape: ModelShape, config
 ) -> None:
     """Overwrite this rank's parameters with its shards of the checkpoint tensors `read(name)`."""
     ranks = Ranks.current(config)
-    params = dict(model.named_parameters())
+    params = local_tensors(model)
     seen = set()
     for unit in weight_units(shape, ranks.ep_size):
         if not ranks.owns(unit):
@@ -349,7 +369,7 @@ def export_hf_weights(
     from megatron.core import parallel_state as ps
 
     ranks = Ranks.current(config)
-    params = dict(model.named_parameters())
+    params = local_tensors(model)
     groups = {
         "tp": ps.get_tensor_model_parallel_group(),
         "etp": ps.get_expert_tensor_parallel_group(),

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from training.megatron.grouped_experts import GroupedExperts
+from training.megatron.sdpa_attention import SdpaAttention
+
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the hidden size, usable under sequence parallelism."""
@@ -38,16 +41,39 @@ class HeadRMSNorm(RMSNorm):
         del self.weight.sequence_parallel
 
 
-def decoder_block_spec(config: Any) -> Any:
-    """megatron-core's local GPT block spec with our norms swapped in."""
+LAYER_SPECS = ("torch", "local")
+"""`torch`: experts as two grouped GEMMs (`GroupedExperts`) and attention through SDPA
+(`SdpaAttention`), the fast spec without Transformer Engine. `local`: megatron-core's local
+spec as it comes (SequentialMLP, one small GEMM per expert; unfused DotProductAttention), kept
+for comparison. Both take our RMSNorms."""
+
+
+def decoder_block_spec(config: Any, layer_spec: str = "torch") -> Any:
+    """megatron-core's local GPT block spec with our norms, and with `layer_spec="torch"` our
+    grouped experts and SDPA attention swapped in."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    if layer_spec not in LAYER_SPECS:
+        raise ValueError(f"layer_spec={layer_spec!r}; expected one of {LAYER_SPECS}")
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
     for layer in block.layer_specs:
         sub = layer.submodules
         sub.input_layernorm = RMSNorm
         sub.pre_mlp_layernorm = RMSNorm
-        sub.self_attention.submodules.q_layernorm = HeadRMSNorm
-        sub.self_attention.submodules.k_layernorm = HeadRMSNorm
+        attention = sub.self_attention.submodules
+        attention.q_layernorm = HeadRMSNorm
+        attention.k_layernorm = HeadRMSNorm
+        if layer_spec == "torch":
+            attention.core_attention = SdpaAttention
+            _use_grouped_experts(sub.mlp)
     block.layer_norm = RMSNorm
     return block
+
+
+def _use_grouped_experts(mlp_builder: Any) -> None:
+    """Swap SequentialMLP for GroupedExperts in an MoE layer's builder (dense MLPs stay)."""
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+
+    submodules = getattr(mlp_builder, "keywords", {}).get("submodules")
+    if isinstance(submodules, MoESubmodules):
+        submodules.experts = GroupedExperts

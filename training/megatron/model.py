@@ -23,8 +23,15 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_gpt_model(hf_config: Any, parallel: ParallelConfig, dtype: str, device: torch.device):
-    """This rank's part of the model, uninitialised (weights are loaded from a checkpoint)."""
+def build_gpt_model(
+    hf_config: Any,
+    parallel: ParallelConfig,
+    dtype: str,
+    device: torch.device,
+    layer_spec: str = "torch",
+):
+    """This rank's part of the model, uninitialised (weights are loaded from a checkpoint).
+    `layer_spec` picks the expert and attention modules (`layers.LAYER_SPECS`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -34,7 +41,7 @@ def build_gpt_model(hf_config: Any, parallel: ParallelConfig, dtype: str, device
     shape = model_shape(hf_config)
     model = GPTModel(
         config,
-        decoder_block_spec(config),
+        decoder_block_spec(config, layer_spec),
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

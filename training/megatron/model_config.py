@@ -133,9 +133,9 @@ def model_args(hf: Any) -> list[str]:
 def transformer_config(hf: Any, layout: ParallelConfig, dtype: str) -> Any:
     """megatron-core's `TransformerConfig` for this model and parallel layout.
 
-    Transformer Engine is not assumed: experts run as megatron-core's SequentialMLP (so
-    `--moe-grouped-gemm` and `--moe-permute-fusion` of the seed's flags take no effect), norms
-    are our sequence-parallel-aware RMSNorm, attention is megatron-core's local implementation.
+    Transformer Engine is not assumed: the expert and attention modules come from our layer
+    spec (`layers.decoder_block_spec`), so megatron-core's own grouped-GEMM and permute-fusion
+    switches, which need Transformer Engine, stay off here.
     """
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -1,0 +1,71 @@
+"""Core attention through torch's `scaled_dot_product_attention`, without Transformer Engine.
+
+A drop-in for megatron-core's `DotProductAttention` (the local spec's unfused attention, which
+materialises [batch, heads, seq, seq] scores and repeats K/V for GQA). SDPA picks flash
+attention on Hopper for bf16, causal masking and grouped K/V heads without copies; on the CPU
+it runs its math kernel, so the tests take the same code path.
+
+Layouts are megatron-core's: query [sq, b, heads, d], key/value [sk, b, groups, d] with this
+rank's heads under tensor parallelism (sequence parallelism has already gathered the full
+sequence before the QKV projection); the output is [sq, b, heads x d].
+
+Rows are right-padded by the trainer and attention is causal, so padding never reaches a real
+token and no mask tensor is needed; any other mask is refused rather than ignored.
+"""
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class SdpaAttention(torch.nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ):
+        super().__init__()
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"SdpaAttention supports causal masks only, not {attn_mask_type}")
+        if config.context_parallel_size != 1:
+            raise ValueError("SdpaAttention does not implement context parallelism")
+        if config.window_size is not None or config.softmax_type != "vanilla":
+            raise ValueError("SdpaAttention supports full-window vanilla softmax attention only")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError("SdpaAttention does not implement attention dropout (RL uses none)")
+        self.config = config
+        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: Any = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None or attention_bias is not None or packed_seq_params:
+            raise ValueError("SdpaAttention takes no attention mask, bias or packed sequences")
+        # [s, b, n, d] -> [b, n, s, d], the layout SDPA reads.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        sq, b = query.shape[:2]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        return {}  # no parameters
