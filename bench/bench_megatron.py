@@ -68,7 +68,7 @@ from training.backend import TrainStats
 
 SEED = 7
 GIB = 1 << 30
-LAYOUT_PARTS = "tpN, ppN, epN, dpN (a check: N = world / (tp x pp)), sp, cpuadam"
+LAYOUT_PARTS = "tpN, ppN, epN, dpN (a check: N = world / (tp x pp)), sp, cpuadam, local"
 MARKER = "bench_config.json"  # config of the random checkpoint, to reuse it when unchanged
 
 
@@ -218,11 +218,14 @@ class Layout:
     name: str
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cpu_adam: bool = False
+    layer_spec: str = "torch"
+    """`local`: megatron-core's local spec (SequentialMLP, unfused attention), for comparison."""
 
 
 def parse_layout(name: str, world: int) -> Layout:
-    """`tp2-sp`, `ep2`, `dp2-cpuadam`, ...; a wrong part or data-parallel size is an error."""
-    p, cpu_adam, dp = ParallelConfig(), False, None
+    """`tp2-sp`, `ep2`, `dp2-cpuadam`, `ep1-local`, ...; a wrong part or data-parallel size is
+    an error."""
+    p, cpu_adam, dp, layer_spec = ParallelConfig(), False, None, "torch"
     sizes = {"tp": "tensor", "pp": "pipeline", "ep": "expert"}
     for part in name.split("-"):
         kind = part.rstrip("0123456789")
@@ -235,13 +238,15 @@ def parse_layout(name: str, world: int) -> Layout:
             p.sequence = True
         elif part == "cpuadam":
             cpu_adam = True
+        elif part == "local":
+            layer_spec = "local"
         else:
             raise ValueError(f"layout {name!r}: unknown part {part!r}; parts: {LAYOUT_PARTS}")
     if dp is not None and dp * p.tensor * p.pipeline != world:
         raise ValueError(
             f"layout {name!r}: dp{dp} x tp{p.tensor} x pp{p.pipeline} != world size {world}"
         )
-    return Layout(name, p, cpu_adam)
+    return Layout(name, p, cpu_adam, layer_spec)
 
 
 def default_layouts(world: int) -> list[str]:
@@ -260,6 +265,7 @@ def sluice_config(layout: Layout, world: int, sizes: Sizes, on_gpu: bool) -> Slu
     t.num_workers = world
     t.max_tokens_per_micro_batch = sizes.micro_tokens
     t.parallel = layout.parallel
+    t.layer_spec = layout.layer_spec
     if layout.cpu_adam:
         t.optimizer_cpu_offload = True
         t.overlap_cpu_optimizer_d2h_h2d = True
@@ -418,6 +424,7 @@ def measure_export(backend, sizes: Sizes, pair: Pair | None, device) -> dict[str
     export_s, nbytes = repeated(device, gather_only, sizes.export_repeats)
     out: dict[str, Any] = {"export_GB": nbytes / 1e9, "export_s": export_s}
     out["export_GB/s"] = nbytes / export_s / 1e9
+    out |= measure_packing(backend, sizes, device, nbytes)
     if pair is None:  # one rank: nobody to send to
         return out
     bucket = flat = None
@@ -439,7 +446,56 @@ def measure_export(backend, sizes: Sizes, pair: Pair | None, device) -> dict[str
     return out
 
 
-def run_layout(layout: Layout, sizes: Sizes, batches, facts, pair, device) -> dict[str, Any]:
+def measure_packing(backend, sizes: Sizes, device, nbytes: int) -> dict[str, Any]:
+    """The export packed into the weight sync's buckets (`weights.sync.packed_buckets`, what
+    the sender does before each broadcast) against one device-to-device copy of as many bytes:
+    `pack/copy` is the packing's share of the copy's rate (1.0 = as fast as a plain copy)."""
+    from weights.manifest import plan_buckets
+    from weights.sync import packed_buckets
+
+    plan = plan_buckets(backend.weight_specs(), sizes.bucket_bytes)
+
+    def pack() -> None:
+        for _ in packed_buckets(plan, backend.named_weights(), device):
+            pass
+
+    pack_s, _ = repeated(device, pack, sizes.export_repeats)
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_s, _ = repeated(device, partial(target.copy_, source), sizes.export_repeats)
+    del source, target
+    return {
+        "pack_s": pack_s,
+        "copy_s": copy_s,
+        "pack_GB/s": nbytes / pack_s / 1e9,
+        "copy_GB/s": nbytes / copy_s / 1e9,
+        "pack/copy": copy_s / pack_s,
+    }
+
+
+def profile_step(backend, sizes: Sizes, batches, device, path: Path) -> None:
+    """One optimizer step under torch's profiler; the kernels and ops by total device time go
+    to `path` (rank 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    share = batches[backend.data_parallel_rank :: backend.data_parallel_size]
+    normalizer = float(sum(b.column("loss_mask").flatten().to_numpy().sum() for b in batches))
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        backend.train(share, normalizer)
+        sync(device)
+    if dist.get_rank() == 0:
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+        path.write_text(table)
+        print(table[:6000], flush=True)
+
+
+def run_layout(
+    layout: Layout, sizes: Sizes, batches, facts, pair, device, profile_dir: Path | None = None
+) -> dict[str, Any]:
     """Build, train, measure and tear down one layout; errors are returned, not raised."""
     from megatron.core import parallel_state
 
@@ -454,6 +510,9 @@ def run_layout(layout: Layout, sizes: Sizes, batches, facts, pair, device) -> di
     try:
         result["build_s"], backend = timed(device, partial(MegatronBackend, config, device))
         result |= measure_steps(backend, sizes, batches, device, facts)
+        if profile_dir is not None:
+            path = profile_dir / f"profile_{layout.name}.txt"
+            profile_step(backend, sizes, batches, device, path)
         if device.type == "cuda":
             result["peak_gpu_GiB"] = gathered(torch.cuda.max_memory_allocated(device) / GIB)
         host = gathered(host_memory_gib())
@@ -485,7 +544,8 @@ def table_row(name: str, r: dict[str, Any], matrix_flops: float) -> dict[str, An
         row["gpu_GiB"] = max(r["peak_gpu_GiB"])
     if "host_rss_GiB" in r:
         row["rss_GiB"] = max(r["host_rss_GiB"])
-    for key in ("export_GB", "export_GB/s", "sync_GB/s", "raw_GB/s", "sync/raw", "export/raw"):
+    keys = ("export_GB", "export_GB/s", "pack/copy", "sync_GB/s", "raw_GB/s", "sync/raw")
+    for key in (*keys, "export/raw"):
         if key in r:
             row[key] = r[key]
     row["error"] = "yes" if "error" in r else ""
@@ -529,6 +589,9 @@ def parse_args() -> argparse.Namespace:
         help="1b: 16 layers, 32 experts; topology: Qwen3-30B-A3B's widths (bench/topology.py)",
     )
     parser.add_argument("--layers", type=int, default=8, help="layers of --model topology")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one step per layout (profile_*.txt)"
+    )
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     names = args.layouts.split(",") if args.layouts else default_layouts(world)
@@ -607,7 +670,8 @@ def main() -> None:
     batches = rollout_batches(sizes, hf_config.vocab_size)
     rows = []
     for layout in args.parsed_layouts:
-        result = run_layout(layout, sizes, batches, facts, pair, device)
+        profile_dir = Path(args.out) if args.profile else None
+        result = run_layout(layout, sizes, batches, facts, pair, device, profile_dir)
         report["layouts"][layout.name] = result
         rows.append(table_row(layout.name, result, matrix_flops))
         if rank == 0:

@@ -79,16 +79,31 @@ class WeightSender:
         start = time.perf_counter()
         if self.group.info.checked:
             _handshake(self.group, plan, version, None)
-        tensors = iter(named_tensors)
-        staging = _Staging(self.group.device)
-        with torch.no_grad():
-            for bucket in plan:
-                packed = _pack(bucket, _take(tensors, bucket), staging, self.group.device)
-                if packed.numel():
-                    self.group.broadcast(packed)
-        if next(tensors, None) is not None:
-            raise WeightSyncError("the sender was given more tensors than its plan holds")
+        for packed in packed_buckets(plan, named_tensors, self.group.device):
+            self.group.broadcast(packed)
         return _finish(self.group, plan, version, start)
+
+
+def packed_buckets(
+    plan: Sequence[Bucket],
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    device: torch.device,
+) -> Iterator[torch.Tensor]:
+    """Each non-empty bucket of `plan` as one flat byte tensor on `device`, packed from the
+    stream `named_tensors` (checked against the plan as it is read).
+
+    A yielded buffer is reused for a later bucket: finish with it (or enqueue everything that
+    reads it, on the current stream) before taking the next one.
+    """
+    tensors = iter(named_tensors)
+    staging = _Staging(device)
+    with torch.no_grad():
+        for bucket in plan:
+            packed = _pack(bucket, _take(tensors, bucket), staging, device)
+            if packed.numel():
+                yield packed
+    if next(tensors, None) is not None:
+        raise WeightSyncError("the sender was given more tensors than its plan holds")
 
 
 class WeightReceiver:

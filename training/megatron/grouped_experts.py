@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 class GroupedExperts(torch.nn.Module):
     """Drop-in for megatron-core's SequentialMLP in an MoE layer spec (SwiGLU, no bias)."""
 
@@ -90,9 +89,7 @@ class GroupedExperts(torch.nn.Module):
             return grouped_mm(act, self.down_weight.transpose(1, 2), ends), None
         counts = tokens_per_expert.tolist()
         outputs = []
-        for e, (x, p) in enumerate(
-            zip(hidden.split(counts), probs.split(counts), strict=True)
-        ):
+        for e, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts), strict=True)):
             act = _weighted_swiglu(F.linear(x, self.gate_up_weight[e]), p)
             outputs.append(F.linear(act, self.down_weight[e]))
         return torch.cat(outputs) if outputs else hidden.new_zeros(0, hidden.shape[1]), None
