@@ -24,6 +24,7 @@ and SGLang's alike. A group with SGLang members must be `checked=False` (see `Gr
 
 import datetime
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -128,10 +129,16 @@ class BroadcastGroup:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Send `tensor` from rank `src` into every other member's `tensor` (same size)."""
+        self.start_broadcast(tensor, src)()
+
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Callable[[], None]:
+        """Start `broadcast` and return its wait: until the wait returns (NCCL: until work
+        queued after it on the current stream), `tensor` must be neither freed nor written."""
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        self._wait(self._backend.broadcast([tensor], opts), "broadcast")
+        work = self._backend.broadcast([tensor], opts)
+        return lambda: self._wait(work, "broadcast")
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` over all members, in place on each."""

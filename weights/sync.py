@@ -22,6 +22,7 @@ The engine must not generate while it receives (SGLang: `/pause_generation` firs
 """
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,8 +31,11 @@ import torch
 from weights.errors import WeightSyncError
 from weights.manifest import Bucket, TensorSpec, check_manifest, plan_fingerprint, plan_specs
 from weights.process_group import BroadcastGroup
+from weights.runs import StreamItem, TensorRun
 
 SENDER_RANK = 0
+IN_FLIGHT = 2
+"""Buckets the sender has on the wire or packed at once (double buffering)."""
 
 
 @dataclass(frozen=True)
@@ -72,37 +76,49 @@ class WeightSender:
     ) -> SyncStats:
         """Broadcast `named_tensors` (in plan order, e.g. a lazy gather) bucket by bucket.
 
-        Each bucket is packed into one reusable byte buffer (the only extra memory held), then
-        broadcast; a bucket of one contiguous tensor already on the group's device is sent in
-        place. Returns when every bucket has left (NCCL: when the GPU is done).
+        `named_tensors` may hold `TensorRun`s (an MoE layer's experts), packed as one piece.
+        Each bucket is packed into one of two reusable byte buffers (the only extra memory
+        held), then its broadcast is started; bucket k+1 is packed while bucket k is on the
+        wire, and bucket k's broadcast is waited for before its buffer takes bucket k+2. A
+        bucket of one contiguous tensor already on the group's device is sent in place.
+        Returns when every bucket has left (NCCL: when the GPU is done).
         """
         start = time.perf_counter()
         if self.group.info.checked:
             _handshake(self.group, plan, version, None)
-        for packed in packed_buckets(plan, named_tensors, self.group.device):
-            self.group.broadcast(packed)
+        in_flight: deque = deque()
+        for packed in packed_buckets(plan, named_tensors, self.group.device, IN_FLIGHT):
+            in_flight.append(self.group.start_broadcast(packed))
+            if len(in_flight) == IN_FLIGHT:
+                in_flight.popleft()()  # its buffer is packed again next
+        for wait in in_flight:
+            wait()
         return _finish(self.group, plan, version, start)
 
 
 def packed_buckets(
     plan: Sequence[Bucket],
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    stream: Iterable[StreamItem],
     device: torch.device,
+    buffers: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Each non-empty bucket of `plan` as one flat byte tensor on `device`, packed from the
-    stream `named_tensors` (checked against the plan as it is read).
+    """Each non-empty bucket of `plan` as one flat byte tensor on `device`, packed from
+    `stream` ((name, tensor) pairs and `TensorRun`s, checked against the plan as read).
 
-    A yielded buffer is reused for a later bucket: finish with it (or enqueue everything that
-    reads it, on the current stream) before taking the next one.
+    Packing is one `torch.cat` per bucket into a staging buffer, or nothing when the bucket is
+    one contiguous tensor (or run slice) already on `device`. `buffers` staging buffers are
+    used in turn: a yielded buffer is packed again `buffers` buckets later, so the caller must
+    be done with it (or have ordered its uses before, on the current stream) by then.
     """
-    tensors = iter(named_tensors)
-    staging = _Staging(device)
+    reader = _StreamReader(stream)
+    stagings = [_Staging(device) for _ in range(buffers)]
     with torch.no_grad():
-        for bucket in plan:
-            packed = _pack(bucket, _take(tensors, bucket), staging, device)
+        for index, bucket in enumerate(plan):
+            staging = stagings[index % buffers]
+            packed = _pack(bucket, reader.take(bucket.specs), staging, device)
             if packed.numel():
                 yield packed
-    if next(tensors, None) is not None:
+    if not reader.exhausted():
         raise WeightSyncError("the sender was given more tensors than its plan holds")
 
 
@@ -201,21 +217,66 @@ def _handshake(
         )
 
 
-def _take(tensors: Iterator[tuple[str, torch.Tensor]], bucket: Bucket) -> list[torch.Tensor]:
-    """The next tensors of the sender's stream, checked against the bucket's specs."""
-    out = []
-    for spec in bucket.specs:
-        item = next(tensors, None)
-        if item is None:
-            raise WeightSyncError(f"the sender's tensors ran out before {spec.name!r} of its plan")
-        name, tensor = item
-        if name != spec.name or tensor.dtype != spec.torch_dtype or tensor.shape != spec.shape:
-            raise WeightSyncError(
-                f"the sender's tensor {name!r} {TensorSpec.of(name, tensor).describe()} is not "
-                f"the plan's {spec.name!r} {spec.describe()}: plan from the tensors you send"
-            )
-        out.append(tensor)
-    return out
+class _StreamReader:
+    """Hands out the stream's tensors bucket by bucket, cutting runs at bucket edges."""
+
+    def __init__(self, stream: Iterable[StreamItem]):
+        self._items = iter(stream)
+        self._run: TensorRun | None = None
+        self._offset = 0  # rows of `_run` already handed out
+
+    def take(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+        """The next tensors of the stream, as many as `specs` (a run slice counts for its
+        rows), each checked against its spec."""
+        out = []
+        i = 0
+        while i < len(specs):
+            if self._run is None:
+                item = next(self._items, None)
+                if item is None:
+                    raise WeightSyncError(
+                        f"the sender's tensors ran out before {specs[i].name!r} of its plan"
+                    )
+                if not isinstance(item, TensorRun):
+                    _check_tensor(*item, specs[i])
+                    out.append(item[1])
+                    i += 1
+                    continue
+                self._run, self._offset = item, 0
+            run, start = self._run, self._offset
+            count = min(len(run) - start, len(specs) - i)
+            rows = run.stacked[start : start + count]
+            _check_run(run.names[start : start + count], rows, specs[i : i + count])
+            out.append(rows)
+            i += count
+            self._offset += count
+            if self._offset == len(run):
+                self._run = None
+        return out
+
+    def exhausted(self) -> bool:
+        return self._run is None and next(self._items, None) is None
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> None:
+    if name != spec.name or tensor.dtype != spec.torch_dtype or tensor.shape != spec.shape:
+        raise WeightSyncError(
+            f"the sender's tensor {name!r} {TensorSpec.of(name, tensor).describe()} is not "
+            f"the plan's {spec.name!r} {spec.describe()}: plan from the tensors you send"
+        )
+
+
+def _check_run(names: tuple[str, ...], rows: torch.Tensor, specs: Sequence[TensorSpec]) -> None:
+    """Checked as a whole (one comparison of names, one of dtype), per tensor on a mismatch."""
+    shape = rows.shape[1:]
+    if (
+        names == tuple(spec.name for spec in specs)
+        and rows.dtype == specs[0].torch_dtype
+        and all(spec.shape == shape for spec in specs)
+    ):
+        return
+    for name, tensor, spec in zip(names, rows.unbind(0), specs, strict=True):
+        _check_tensor(name, tensor, spec)
 
 
 def _pack(

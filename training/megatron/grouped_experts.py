@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.megatron.fused import fused_weighted_swiglu
+
 
 class GroupedExperts(torch.nn.Module):
     """Drop-in for megatron-core's SequentialMLP in an MoE layer spec (SwiGLU, no bias)."""
@@ -85,12 +87,12 @@ class GroupedExperts(torch.nn.Module):
             # grouped_mm reads the group ends from the device: no host sync.
             ends = torch.cumsum(tokens_per_expert.to(hidden.device), 0, dtype=torch.int32)
             gate_up = grouped_mm(hidden, self.gate_up_weight.transpose(1, 2), ends)
-            act = _weighted_swiglu(gate_up, probs)
+            act = fused_weighted_swiglu(gate_up, probs)
             return grouped_mm(act, self.down_weight.transpose(1, 2), ends), None
         counts = tokens_per_expert.tolist()
         outputs = []
         for e, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts), strict=True)):
-            act = _weighted_swiglu(F.linear(x, self.gate_up_weight[e]), p)
+            act = fused_weighted_swiglu(F.linear(x, self.gate_up_weight[e]), p)
             outputs.append(F.linear(act, self.down_weight[e]))
         return torch.cat(outputs) if outputs else hidden.new_zeros(0, hidden.shape[1]), None
 
@@ -163,10 +165,3 @@ def _expert_parameter(shape, split_dim, config, device, expert_pgs) -> torch.nn.
     set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split_dim, stride=1)
     param.allreduce = not expert_pgs
     return param
-
-
-def _weighted_swiglu(gate_up: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """silu(gate) x up, scaled by each row's routing weight (in fp32, as SequentialMLP)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = F.silu(gate) * up
-    return (act * probs.unsqueeze(-1)).to(gate_up.dtype)

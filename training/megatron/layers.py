@@ -7,12 +7,15 @@ rounds exactly like the Hugging Face Qwen3 norm (fp32 statistics, cast back, the
 so trainer and engine log-probs agree in bf16 as far as the norm goes.
 """
 
+import functools
 from typing import Any
 
 import torch
 
+from training.megatron.fused import fused_rms_norm
 from training.megatron.grouped_experts import GroupedExperts
 from training.megatron.sdpa_attention import SdpaAttention
+from training.megatron.token_permutation import moe_layer_class
 
 
 class RMSNorm(torch.nn.Module):
@@ -26,10 +29,7 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        dtype = hidden.dtype
-        h = hidden.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return fused_rms_norm(hidden, self.weight, self.eps)
 
 
 class HeadRMSNorm(RMSNorm):
@@ -65,15 +65,18 @@ def decoder_block_spec(config: Any, layer_spec: str = "torch") -> Any:
         attention.k_layernorm = HeadRMSNorm
         if layer_spec == "torch":
             attention.core_attention = SdpaAttention
-            _use_grouped_experts(sub.mlp)
+            _use_grouped_experts(sub)
     block.layer_norm = RMSNorm
     return block
 
 
-def _use_grouped_experts(mlp_builder: Any) -> None:
-    """Swap SequentialMLP for GroupedExperts in an MoE layer's builder (dense MLPs stay)."""
+def _use_grouped_experts(layer: Any) -> None:
+    """In an MoE layer's spec: GroupedExperts for SequentialMLP, and megatron-core's MoE layer
+    with the gather-only token permutation (`token_permutation`); dense MLPs stay."""
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
-    submodules = getattr(mlp_builder, "keywords", {}).get("submodules")
+    mlp = layer.mlp
+    submodules = getattr(mlp, "keywords", {}).get("submodules")
     if isinstance(submodules, MoESubmodules):
         submodules.experts = GroupedExperts
+        layer.mlp = functools.partial(moe_layer_class(), *mlp.args, **mlp.keywords)
