@@ -31,6 +31,7 @@ from weights.fp8_export import export_for
 from weights.ipc import IpcExport
 from weights.manifest import Bucket, TensorSpec, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
+from weights.runs import pairs
 from weights.sync import SyncStats, WeightSender
 
 
@@ -97,12 +98,14 @@ class TrainActor:
             self.sender = None
 
     def broadcast_weights(self, plan: list[Bucket], version: int) -> SyncStats | None:
-        weights = self.backend.named_weights()
+        weights = self.backend.weight_stream()
         if self.sender is None:
             for _ in weights:  # take part in the gathers
                 pass
             return None
-        return self.sender.send(plan, self._outgoing(weights), version)
+        if self.fp8 is not None:  # quantized tensor by tensor (batched within fp8_export)
+            return self.sender.send(plan, self.fp8.tensors(pairs(weights)), version)
+        return self.sender.send(plan, weights, version)
 
     # Colocated SGLang engines: weights by CUDA IPC handle, one bucket per call (weights/ipc.py).
 

@@ -8,11 +8,14 @@ One torchrun world measures, in this order:
    optimizer steps of one fixed synthetic batch (64 rows x 1024 tokens, responses about half
    of each row, `train.max_tokens_per_micro_batch` 16384), giving seconds per step, tokens/s,
    MFU, peak GPU memory and host RSS per rank;
-3. the weight export of that layout: iterating `backend.named_weights()` to the end (the
-   gathers alone), the same export with its tensors packed into 64 MiB buckets broadcast from
-   rank 0 to rank 1 (what a weight sync to one engine costs), and, as the floor, one raw
-   broadcast of the same number of bytes as a single tensor between the same two ranks.
-   `sync/raw` and `export/raw` are time ratios against that floor (1.0 = as fast as raw).
+3. the weight export of that layout: iterating `backend.weight_stream()` to the end (the
+   gathers alone); the same export packed into the sync's 64 MiB buckets
+   (`weights.sync.packed_buckets`) against one device-to-device copy of as many bytes
+   (`pack/copy`, 1.0 = as fast as the copy); with 2+ ranks, the export sent by the trainer's
+   `WeightSender` from rank 0 to rank 1 (what a weight sync to one engine costs), and, as the
+   floor, one raw broadcast of the same number of bytes as a single tensor between the same
+   two ranks. `sync/raw` and `export/raw` are time ratios against that floor (1.0 = as fast
+   as raw).
 
 Each timing is the slowest rank's, taken after an all-reduce that lines the ranks up; step and
 export timings are medians over the timed repetitions. Each rank gets its share of the host's
@@ -65,6 +68,8 @@ from data.schema import build_rollout_batch
 from models.checkpoint_format import checkpoint_tensors
 from models.safetensors_io import write_sharded
 from training.backend import TrainStats
+from weights.manifest import plan_buckets
+from weights.runs import TensorRun
 
 SEED = 7
 GIB = 1 << 30
@@ -366,6 +371,8 @@ class Pair:
     group: Any
     member: bool
     sender: bool
+    backend: str
+    """`nccl` or `gloo`, the world's."""
 
 
 def measure_steps(backend, sizes: Sizes, batches, device, facts: ModelFacts) -> dict[str, Any]:
@@ -394,46 +401,39 @@ def measure_steps(backend, sizes: Sizes, batches, device, facts: ModelFacts) -> 
     }
 
 
-def export_and_broadcast(backend, pair: Pair, bucket: torch.Tensor | None) -> int:
-    """Export every tensor; ranks 0 and 1 send them through 64 MiB bucket broadcasts."""
-    fill = sent = 0
-    for _, tensor in backend.named_weights():
-        if not pair.member:
-            continue
-        flat = tensor.contiguous().view(-1).view(torch.uint8)
-        size = flat.numel()
-        if fill and fill + size > bucket.numel():
-            dist.broadcast(bucket[:fill], src=0, group=pair.group)
-            fill = 0
-        if size > bucket.numel():  # larger than a bucket: sent alone
-            dist.broadcast(flat if pair.sender else torch.empty_like(flat), src=0, group=pair.group)
-        else:
-            if pair.sender:
-                bucket[fill : fill + size].copy_(flat)
-            fill += size
-        sent += size
-    if fill:
-        dist.broadcast(bucket[:fill], src=0, group=pair.group)
-    return sent
+def export_and_broadcast(backend, pair: Pair, plan, device) -> None:
+    """The weight sync to one engine: rank 0 sends the export with the trainer's own
+    `WeightSender` (runs, double-buffered buckets); rank 1 packs the same buckets from its own
+    copy of the full tensors and receives into them, so both walk the gathers in step."""
+    from weights.process_group import BroadcastGroup, GroupInfo
+    from weights.sync import WeightSender, packed_buckets
+
+    stream = backend.weight_stream()
+    if pair.sender:
+        info = GroupInfo("bench", 0, 2, backend=pair.backend, checked=False)
+        WeightSender(BroadcastGroup(info, 0, None, pair.group)).send(plan, stream, version=0)
+    elif pair.member:
+        for packed in packed_buckets(plan, stream, device):
+            dist.broadcast(packed, src=0, group=pair.group)
+    else:
+        for _ in stream:  # take part in the gathers
+            pass
 
 
 def measure_export(backend, sizes: Sizes, pair: Pair | None, device) -> dict[str, Any]:
     def gather_only() -> int:
-        return sum(t.numel() * t.element_size() for _, t in backend.named_weights())
+        return sum(item_bytes(item) for item in backend.weight_stream())
 
     export_s, nbytes = repeated(device, gather_only, sizes.export_repeats)
     out: dict[str, Any] = {"export_GB": nbytes / 1e9, "export_s": export_s}
     out["export_GB/s"] = nbytes / export_s / 1e9
-    out |= measure_packing(backend, sizes, device, nbytes)
+    plan = plan_buckets(backend.weight_specs(), sizes.bucket_bytes)
+    out |= measure_packing(backend, plan, sizes, device, nbytes)
     if pair is None:  # one rank: nobody to send to
         return out
-    bucket = flat = None
-    if pair.member:
-        bucket = torch.empty(sizes.bucket_bytes, dtype=torch.uint8, device=device)
-        flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    send = partial(export_and_broadcast, backend, pair, bucket)
+    send = partial(export_and_broadcast, backend, pair, plan, device)
     sync_s, _ = repeated(device, send, sizes.export_repeats)
-    bucket = None
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=device) if pair.member else None
 
     def raw() -> None:
         if pair.member:
@@ -446,17 +446,19 @@ def measure_export(backend, sizes: Sizes, pair: Pair | None, device) -> dict[str
     return out
 
 
-def measure_packing(backend, sizes: Sizes, device, nbytes: int) -> dict[str, Any]:
+def item_bytes(item: Any) -> int:
+    tensor = item.stacked if isinstance(item, TensorRun) else item[1]
+    return tensor.numel() * tensor.element_size()
+
+
+def measure_packing(backend, plan, sizes: Sizes, device, nbytes: int) -> dict[str, Any]:
     """The export packed into the weight sync's buckets (`weights.sync.packed_buckets`, what
     the sender does before each broadcast) against one device-to-device copy of as many bytes:
     `pack/copy` is the packing's share of the copy's rate (1.0 = as fast as a plain copy)."""
-    from weights.manifest import plan_buckets
-    from weights.sync import packed_buckets
-
-    plan = plan_buckets(backend.weight_specs(), sizes.bucket_bytes)
+    from weights.sync import IN_FLIGHT, packed_buckets
 
     def pack() -> None:
-        for _ in packed_buckets(plan, backend.named_weights(), device):
+        for _ in packed_buckets(plan, backend.weight_stream(), device, IN_FLIGHT):
             pass
 
     pack_s, _ = repeated(device, pack, sizes.export_repeats)
@@ -590,7 +592,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--layers", type=int, default=8, help="layers of --model topology")
     parser.add_argument(
-        "--profile", action="store_true", help="profile one step per layout (profile_*.txt)"
+        "--profile",
+        default="",
+        help="comma-separated layouts to profile one step of (writes profile_LAYOUT.txt)",
     )
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -623,7 +627,7 @@ def main() -> None:
     pair = None
     if world > 1:
         group = dist.new_group([0, 1])
-        pair = Pair(group, member=rank < 2, sender=rank == 0)
+        pair = Pair(group, rank < 2, rank == 0, dist.get_backend())
     say = print if rank == 0 else (lambda *a, **k: None)
 
     hf_config = model_config(sizes.tiny, args.model, args.layers)
@@ -670,7 +674,7 @@ def main() -> None:
     batches = rollout_batches(sizes, hf_config.vocab_size)
     rows = []
     for layout in args.parsed_layouts:
-        profile_dir = Path(args.out) if args.profile else None
+        profile_dir = Path(args.out) if layout.name in args.profile.split(",") else None
         result = run_layout(layout, sizes, batches, facts, pair, device, profile_dir)
         report["layouts"][layout.name] = result
         rows.append(table_row(layout.name, result, matrix_flops))

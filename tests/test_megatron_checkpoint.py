@@ -219,6 +219,14 @@ def test_resumed_training_continues_bit_for_bit(tmp_path):
         assert has_optimizer_state(latest(tmp_path / variant))
 
 
+def test_checkpoints_load_across_layer_specs(tmp_path):
+    """torch spec (stacked experts) <-> local spec (SequentialMLP), at EP2: same weights."""
+    worker = ROOT / "tests" / "megatron" / "checkpoint_resume.py"
+    done = _torchrun(2, worker, tmp_path, "cross-spec")
+    loaded = [line for line in done.stdout.splitlines() if line.startswith("loaded")]
+    assert loaded == ["loaded torch->local", "loaded local->torch"]
+
+
 # Atomic switch-over.
 
 

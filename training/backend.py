@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from rl.grpo import log_prob_mismatch
 from weights.manifest import TensorSpec, manifest_of
+from weights.runs import StreamItem
 
 # Reduced by the slowest / largest rank; every other field is summed.
 MAX_OVER_RANKS = (
@@ -137,6 +138,12 @@ class TrainingBackend(ABC):
 
         A collective: every rank iterates it to the end (a sharded backend gathers as it goes);
         only rank 0 sends what it yields."""
+
+    def weight_stream(self) -> Iterator[StreamItem]:
+        """`named_weights` with runs of same-shape tensors that lie back to back (an MoE
+        layer's experts) as `TensorRun`s, so the sync packs each run in one copy. A collective,
+        like `named_weights`; by default, the pairs themselves."""
+        return self.named_weights()
 
     def weight_specs(self) -> list[TensorSpec]:
         """Names, dtypes and shapes of `named_weights`, without gathering anything."""

@@ -11,6 +11,11 @@ other weights, loads the latest checkpoint. Both then take the same third step a
 bit for bit, which only happens when the Adam moments, step count and fp32 main weights were
 all restored. Rank 0
 prints `resumed VARIANT` per success.
+
+The variant `cross-spec` checks the two layer specs' checkpoints instead, at EP2 (each rank
+holds half the experts): weights saved from a model of one spec (`torch`: stacked experts;
+`local`: SequentialMLP) load into a model of the other, which then exports exactly the saved
+model's Hugging Face tensors. Rank 0 prints `loaded torch->local` and `loaded local->torch`.
 """
 
 import sys
@@ -113,12 +118,54 @@ def check_resume(root: Path, name: str) -> None:
         print(f"resumed {name}", flush=True)
 
 
+def check_cross_spec(root: Path) -> None:
+    from megatron.core import parallel_state
+
+    from training.megatron.hf_weights import export_hf_weights
+    from weights.runs import pairs
+
+    parallel_state.destroy_model_parallel()
+    expert_parallel = ParallelConfig(expert=2)
+    init_model_parallel(expert_parallel, seed=0)
+    hf = tiny_config()
+    shape = model_shape(hf)
+
+    def model(spec: str, seed: int):
+        built = build_gpt_model(hf, expert_parallel, "float32", torch.device("cpu"), spec)
+        weights = dict(checkpoint_tensors(build_tiny_model(seed)))
+        load_hf_weights(built, weights.__getitem__, shape, built.config)
+        return built
+
+    def exported(built) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in pairs(export_hf_weights(built, shape, built.config))}
+
+    for saved_spec, loaded_spec in (("torch", "local"), ("local", "torch")):
+        saved = model(saved_spec, seed=1)
+        directory = root / f"{saved_spec}-to-{loaded_spec}"
+        save_torch_dist(directory, saved)
+        loaded = model(loaded_spec, seed=2)
+        load_torch_dist(directory, loaded)
+        expected, got = exported(saved), exported(loaded)
+        if expected.keys() != got.keys():
+            raise AssertionError(f"{saved_spec}->{loaded_spec}: other tensor names")
+        for name, tensor in expected.items():
+            if not torch.equal(got[name], tensor):
+                raise AssertionError(f"{saved_spec}->{loaded_spec}: {name} differs")
+        if dist.get_rank() == 0:
+            print(f"loaded {saved_spec}->{loaded_spec}", flush=True)
+    parallel_state.destroy_model_parallel()
+    init_model_parallel(ParallelConfig(), seed=0)
+
+
 def main() -> None:
     root, names = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")
     init_model_parallel(ParallelConfig(), seed=0)
     for name in names:
-        check_resume(root / name, name)
+        if name == "cross-spec":
+            check_cross_spec(root / name)
+        else:
+            check_resume(root / name, name)
     dist.destroy_process_group()
 
 

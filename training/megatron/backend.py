@@ -48,6 +48,7 @@ from training.megatron.model import build_gpt_model, init_model_parallel
 from training.megatron.model_config import load_hf_config, model_shape
 from training.megatron.parallel import check_megatron_config
 from weights.manifest import TensorSpec
+from weights.runs import StreamItem, pairs
 
 
 class MegatronBackend(TrainingBackend):
@@ -200,10 +201,14 @@ class MegatronBackend(TrainingBackend):
             self.shape, self.config.train.parallel.expert, DTYPES[self.config.model.dtype]
         )
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weight_stream(self) -> Iterator[StreamItem]:
         """A collective: every rank must iterate it to the end (shards are gathered)."""
         module = self.model.module
         return export_hf_weights(module, self.shape, module.config)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """A collective: every rank must iterate it to the end (shards are gathered)."""
+        return pairs(self.weight_stream())
 
     def save_hf(self, path: str) -> None:
         """A collective; rank 0 writes the Hugging Face directory."""

@@ -102,48 +102,74 @@ class GroupedExperts(torch.nn.Module):
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict[str, Any]:
-        """SequentialMLP's checkpoint keys and global shapes for our stacked parameters."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        """SequentialMLP's checkpoint entries for our stacked parameters: the same keys, global
+        shapes and offsets, and its (empty) per-expert `_extra_state` objects."""
+        from megatron.core.dist_checkpointing.mapping import (
+            ShardedObject,
+            ShardedTensor,
+            ShardedTensorFactory,
+        )
 
         if (metadata or {}).get("singleton_local_shards"):
             raise NotImplementedError("GroupedExperts saves with singleton_local_shards=False")
-        # `prefix` ends in "experts."; SequentialMLP's keys are "<prefix>linear_fc1.weight"
-        # with the global expert index as a leading axis.
+        # `prefix` is this module's ("...mlp.experts."); SequentialMLP's keys add "experts."
+        # and put the global expert index on a leading axis.
+        key = f"{prefix}experts."
         ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
         etp_rank, etp_size = self.tp_group.rank(), self.tp_group.size()
         prepended = len(sharded_offsets)
         replica_id = (0, 0, self.dp_group.rank())
         expert_axis = (prepended, ep_rank, ep_size)
 
-        def tensor(key, data, *axes):
+        def tensor(name, data, *axes):
             return ShardedTensor.from_rank_offsets(
-                key, data, *sharded_offsets, expert_axis, *axes, replica_id=replica_id
+                name,
+                data,
+                *sharded_offsets,
+                expert_axis,
+                *axes,
+                replica_id=replica_id,
+                prepend_axis_num=prepended,
             )
 
-        fc1_key = f"{prefix}linear_fc1.weight"
-        row_axis = prepended + 1
-
-        def build_fc1(key, data, replica, flattened_range):
+        def build_fc1(name, data, replica, flattened_range):
             # Gate rows of ETP rank r sit at fragment r of 2 x ETP, up rows at ETP + r.
             gate, up = data.chunk(2, dim=1)
+            row_axis = prepended + 1
             return [
-                tensor(key, gate, (row_axis, etp_rank, 2 * etp_size)),
-                tensor(key, up, (row_axis, etp_size + etp_rank, 2 * etp_size)),
+                tensor(name, gate, (row_axis, etp_rank, 2 * etp_size)),
+                tensor(name, up, (row_axis, etp_size + etp_rank, 2 * etp_size)),
             ]
 
         def merge_fc1(parts):
             return torch.cat(parts, dim=1)
 
-        return {
+        state: dict[str, Any] = {
             f"{prefix}gate_up_weight": ShardedTensorFactory(
-                fc1_key, self.gate_up_weight, build_fc1, merge_fc1, replica_id
+                f"{key}linear_fc1.weight", self.gate_up_weight, build_fc1, merge_fc1, replica_id
             ),
             f"{prefix}down_weight": tensor(
-                f"{prefix}linear_fc2.weight",
-                self.down_weight,
-                (prepended + 2, etp_rank, etp_size),
+                f"{key}linear_fc2.weight", self.down_weight, (prepended + 2, etp_rank, etp_size)
             ),
         }
+        experts = ep_size * self.num_local_experts
+        for local in range(self.num_local_experts):
+            offset = (ep_rank * self.num_local_experts + local,)
+            for linear in ("linear_fc1", "linear_fc2"):
+                state[f"{prefix}{EXTRA_STATE}{linear}.{local}"] = ShardedObject(
+                    f"{key}{linear}._extra_state", None, (experts,), offset, replica_id
+                )
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The `_extra_state` placeholders above come back from a load; they hold nothing.
+        for name in [k for k in state_dict if k.startswith(prefix + EXTRA_STATE)]:
+            del state_dict[name]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+EXTRA_STATE = "extra_state_of_"
+"""Prefix of the state-dict keys of SequentialMLP's per-expert `_extra_state` entries."""
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from training.megatron.model_config import ModelShape
 from weights.manifest import TensorSpec
+from weights.runs import TensorRun
 
 Cut = Literal["replicated", "rows", "columns", "qkv", "gate_up"]
 Group = Literal["none", "tp", "etp"]
@@ -184,25 +185,59 @@ def expert_names(unit: WeightUnit, expert: int) -> tuple[str, ...]:
     return tuple(n.replace("{e}", str(expert)) for n in unit.hf_names)
 
 
+@dataclass(frozen=True)
+class ExpertRun:
+    """One MoE layer's experts of one linear, exported as a single `TensorRun`: `fc1` is
+    gate_0, up_0, gate_1, up_1, ... (the memory order of `GroupedExperts.gate_up_weight`),
+    `fc2` is down_0, down_1, ...; experts in global order."""
+
+    layer: int
+    linear: Literal["fc1", "fc2"]
+    stage = "layer"  # (for `Ranks`, like a WeightUnit's)
+    megatron_name = "decoder.layers.{layer}.mlp.experts."
+    """The prefix of the layer's expert parameters."""
+
+    def names(self, shape: ModelShape) -> tuple[str, ...]:
+        hf = f"model.layers.{self.layer}.mlp.experts."
+        parts = ("gate_proj", "up_proj") if self.linear == "fc1" else ("down_proj",)
+        return tuple(f"{hf}{e}.{p}.weight" for e in range(shape.num_experts) for p in parts)
+
+    def tensor_shape(self, shape: ModelShape) -> tuple[int, int]:
+        f, h = shape.moe_ffn_hidden_size, shape.hidden_size
+        return (f, h) if self.linear == "fc1" else (h, f)
+
+
+ExportItem = WeightUnit | ExpertRun
+
+
+def export_items(shape: ModelShape, expert_parallel: int) -> list[ExportItem]:
+    """`weight_units` in export order, each MoE layer's per-expert units replaced by its two
+    `ExpertRun`s (where its first expert unit stood)."""
+    items: list[ExportItem] = []
+    for unit in weight_units(shape, expert_parallel):
+        if unit.expert_slot is None:
+            items.append(unit)
+        elif unit.expert_slot == 0 and unit.megatron_name.endswith("linear_fc1.weight"):
+            items += [ExpertRun(unit.layer, "fc1"), ExpertRun(unit.layer, "fc2")]
+    return items
+
+
 def hf_weight_specs(
     shape: ModelShape, expert_parallel: int, dtype: torch.dtype
 ) -> list[TensorSpec]:
     """Name, dtype and shape of every exported tensor, in `export_hf_weights` order."""
+    dtype_name = str(dtype).removeprefix("torch.")
     specs = []
-    for unit in weight_units(shape, expert_parallel):
-        for names in _hf_name_groups(unit, shape, expert_parallel):
+    for item in export_items(shape, expert_parallel):
+        if isinstance(item, ExpertRun):
+            tensor_shape = item.tensor_shape(shape)
+            specs += [TensorSpec(n, dtype_name, tensor_shape) for n in item.names(shape)]
+        else:
             specs += [
-                TensorSpec(n, str(dtype).removeprefix("torch."), tuple(sh))
-                for n, sh in zip(names, unit.hf_shapes, strict=True)
+                TensorSpec(n, dtype_name, tuple(sh))
+                for n, sh in zip(item.hf_names, item.hf_shapes, strict=True)
             ]
     return specs
-
-
-def _hf_name_groups(unit: WeightUnit, shape: ModelShape, ep: int) -> list[tuple[str, ...]]:
-    if unit.expert_slot is None:
-        return [unit.hf_names]
-    per_rank = shape.num_experts // ep
-    return [expert_names(unit, k * per_rank + unit.expert_slot) for k in range(ep)]
 
 
 # The cuts, both ways.
@@ -289,12 +324,12 @@ class Ranks:
             return self.pp == self.pp_size - 1
         return self.layer_offset <= unit.layer < self.layer_offset + self.num_local_layers
 
-    def local_name(self, unit: WeightUnit) -> str:
+    def local_name(self, unit: "WeightUnit | ExpertRun") -> str:
         if unit.layer is None:
             return unit.megatron_name
         return unit.megatron_name.format(layer=unit.layer - self.layer_offset)
 
-    def owner_stage(self, unit: WeightUnit, num_layers: int) -> int:
+    def owner_stage(self, unit: "WeightUnit | ExpertRun", num_layers: int) -> int:
         if unit.stage == "first":
             return 0
         if unit.stage == "last":
@@ -364,64 +399,109 @@ def load_hf_weights(
 
 def export_hf_weights(
     model: torch.nn.Module, shape: ModelShape, config
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every checkpoint tensor, full, on every rank (a collective: all ranks must iterate)."""
+) -> Iterator[tuple[str, torch.Tensor] | TensorRun]:
+    """Every checkpoint tensor, full, on every rank (a collective: all ranks must iterate).
+
+    Yields (name, tensor) pairs, and for each MoE layer two `TensorRun`s of all its experts
+    (`ExpertRun`): those are gathered in one all-gather per group (ETP, then EP) for the whole
+    layer, and on one rank they are the parameter itself, no copy.
+    """
     from megatron.core import parallel_state as ps
 
     ranks = Ranks.current(config)
-    params = local_tensors(model)
+    params = dict(model.named_parameters())
+    views = local_tensors(model)
     groups = {
         "tp": ps.get_tensor_model_parallel_group(),
         "etp": ps.get_expert_tensor_parallel_group(),
+        "ep": ps.get_expert_model_parallel_group(),
+        "pp": ps.get_pipeline_model_parallel_group(),
     }
-    ep_group = ps.get_expert_model_parallel_group()
-    pp_group = ps.get_pipeline_model_parallel_group()
-    for unit in weight_units(shape, ranks.ep_size):
-        owner = ranks.owner_stage(unit, shape.num_layers)
+    for item in export_items(shape, ranks.ep_size):
+        owner = ranks.owner_stage(item, shape.num_layers)
+        if isinstance(item, ExpertRun):
+            stacked = None
+            if ranks.pp == owner:
+                local = _local_expert_stack(params, views, ranks.local_name(item), item.linear)
+                stacked = _gather_expert_stack(local, item.linear, ranks, groups)
+            if ranks.pp_size > 1:
+                stacked = _broadcast_expert_stack(item, stacked, owner, groups, shape, views)
+            rows = stacked.shape[0] * (2 if item.linear == "fc1" else 1)
+            yield TensorRun(item.names(shape), stacked.view(rows, *item.tensor_shape(shape)))
+            continue
+        tensors = None
         if ranks.pp == owner:
-            tensors = _gather_unit(
-                unit, params[ranks.local_name(unit)].detach(), ranks, groups, ep_group, shape
-            )
-        else:
-            tensors = None
+            local = views[ranks.local_name(item)].detach()
+            tensors = _gather_unit(item, local, ranks, groups, shape)
         if ranks.pp_size > 1:
-            tensors = _broadcast_from_stage(unit, tensors, owner, pp_group, shape, ranks, params)
+            tensors = _broadcast_from_stage(item, tensors, owner, groups["pp"], views)
         yield from tensors
 
 
-def _gather_unit(unit, local, ranks, groups, ep_group, shape) -> list[tuple[str, torch.Tensor]]:
-    rank, size = _split_rank(ranks, unit)
+def _local_expert_stack(params, views, prefix: str, linear: str) -> torch.Tensor:
+    """This rank's experts of one linear as [local experts, out, in]: `GroupedExperts`'
+    parameter itself, or SequentialMLP's per-expert weights stacked (a copy)."""
+    stacked = params.get(prefix + ("gate_up_weight" if linear == "fc1" else "down_weight"))
+    if stacked is not None:
+        return stacked.detach()
+    per_expert = []
+    while (name := f"{prefix}local_experts.{len(per_expert)}.linear_{linear}.weight") in views:
+        per_expert.append(views[name].detach())
+    return torch.stack(per_expert)
+
+
+def _gather_expert_stack(local: torch.Tensor, linear: str, ranks, groups) -> torch.Tensor:
+    """All experts of the layer, full: [experts, 2f, h] (gate then up rows of each expert)
+    for fc1, [experts, h, f] for fc2. One all-gather over ETP, then one over EP."""
+    full = local
+    if ranks.etp_size > 1:
+        shards = _all_gather_stacked(local, groups["etp"], ranks.etp_size)  # [etp, E_l, ...]
+        if linear == "fc1":  # each shard is [gate rows; up rows] of its slice of f
+            gate, up = shards.chunk(2, dim=2)
+            full = torch.cat([torch.cat(list(gate), 1), torch.cat(list(up), 1)], 1)
+        else:  # split along f (the last dim)
+            full = torch.cat(list(shards), dim=2)
+    if ranks.ep_size > 1:
+        full = _all_gather_stacked(full, groups["ep"], ranks.ep_size).flatten(0, 1)
+    return full.contiguous()
+
+
+def _all_gather_stacked(local: torch.Tensor, group, size: int) -> torch.Tensor:
+    # [size x rows, ...], the layout gloo requires (NCCL takes either), seen as [size, rows, ...].
+    out = torch.empty(
+        (size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device
+    )
+    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    return out.view(size, *local.shape)
+
+
+def _broadcast_expert_stack(item, stacked, owner, groups, shape, views) -> torch.Tensor:
+    if stacked is None:
+        sample = next(iter(views.values()))
+        out, into = item.tensor_shape(shape)
+        rows = (2 * out if item.linear == "fc1" else out, into)
+        stacked = torch.empty((shape.num_experts, *rows), dtype=sample.dtype, device=sample.device)
+    source = dist.get_process_group_ranks(groups["pp"])[owner]
+    dist.broadcast(stacked, src=source, group=groups["pp"])
+    return stacked
+
+
+def _gather_unit(unit, local, ranks, groups, shape) -> list[tuple[str, torch.Tensor]]:
+    _, size = _split_rank(ranks, unit)
     shards = [local]
     if size > 1:
         shards = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(shards, local.contiguous(), group=groups[unit.group])
-    full = unshard(unit, shards, shape)
-    if unit.expert_slot is None:
-        return list(zip(unit.hf_names, full, strict=True))
-    per_rank = shape.num_experts // ranks.ep_size
-    out = []
-    for part_index, tensor in enumerate(full):
-        gathered = [tensor]
-        if ranks.ep_size > 1:
-            gathered = [torch.empty_like(tensor) for _ in range(ranks.ep_size)]
-            dist.all_gather(gathered, tensor.contiguous(), group=ep_group)
-        for k, t in enumerate(gathered):
-            out.append((k, part_index, t))
-    del rank
-    ordered = sorted(out, key=lambda x: (x[0], x[1]))
-    return [(expert_names(unit, k * per_rank + unit.expert_slot)[p], t) for k, p, t in ordered]
+    return list(zip(unit.hf_names, unshard(unit, shards, shape), strict=True))
 
 
-def _broadcast_from_stage(unit, tensors, owner, pp_group, shape, ranks, params):
-    dtype = next(iter(params.values())).dtype
-    device = next(iter(params.values())).device
+def _broadcast_from_stage(unit, tensors, owner, pp_group, views):
+    sample = next(iter(views.values()))
     source = dist.get_process_group_ranks(pp_group)[owner]
-    names = [n for names in _hf_name_groups(unit, shape, ranks.ep_size) for n in names]
-    shapes = list(unit.hf_shapes) * (len(names) // len(unit.hf_shapes))
     if tensors is None:
         tensors = [
-            (n, torch.empty(s, dtype=dtype, device=device))
-            for n, s in zip(names, shapes, strict=True)
+            (n, torch.empty(s, dtype=sample.dtype, device=sample.device))
+            for n, s in zip(unit.hf_names, unit.hf_shapes, strict=True)
         ]
     for _, t in tensors:
         dist.broadcast(t, src=source, group=pp_group)
