@@ -71,7 +71,8 @@ def test_grouped_experts_equal_a_loop_over_experts_in_fp32(world):
     w1 = experts.gate_up_weight.detach().float().requires_grad_()
     w2 = experts.down_weight.detach().float().requires_grad_()
     rows = []
-    for e, (part, p) in enumerate(zip(x.split(counts.tolist()), probs.split(counts.tolist()))):
+    split = counts.tolist()
+    for e, (part, p) in enumerate(zip(x.split(split), probs.split(split), strict=True)):
         gate, up = (part @ w1[e].T).chunk(2, dim=-1)
         rows.append((torch.nn.functional.silu(gate) * up * p[:, None]) @ w2[e].T)
     expected = torch.cat(rows)
