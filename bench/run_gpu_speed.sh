@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 for tokens in 16384 32768; do
   step ceiling 120 python3 .whl-extra/moe_ceiling.py --layers "$LAYERS" --tokens "$tokens"
 done
-[ -n "${TESTS:-}" ] && step tests 300 python3 -m pytest -p no:cacheprovider -q -rs $TESTS
+[ -n "${TESTS:-}" ] && step tests 300 python3 -m pytest -p no:cacheprovider -p no:warnings -q -rs $TESTS
 step bench "${BENCH_LIMIT:-420}" python3 -m torch.distributed.run --nproc-per-node "$GPUS" \
   bench/bench_megatron.py --model topology --layers "$LAYERS" --layouts "$LAYOUTS" \
   --steps "${STEPS:-4}" --warmup 2 --profile "${PROFILE:-}" --out "$OUT"

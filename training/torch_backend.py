@@ -91,7 +91,7 @@ class TorchBackend(TrainingBackend):
                 self._micro_step(pad_micro_batch(rows, indices).to(self.device), normalizer, stats)
         stats.grad_norm = self._clip_and_step()
         stats.compute_seconds = time.perf_counter() - start
-        return stats
+        return stats.flush()
 
     def _micro_step(self, mb: MicroBatch, normalizer: float, stats: TrainStats) -> None:
         a = self.config.algorithm
@@ -107,10 +107,10 @@ class TorchBackend(TrainingBackend):
                 kl_penalty(log_probs, ref_log_probs, a.kl_type), mb.loss_mask, mode, normalizer
             )
             loss = loss + a.kl_coef * kl
-            stats.kl_loss += kl.item()
         # DDP averages gradients over ranks; the normalizer is already global, so undo the mean.
         (loss * self.world_size).backward()
-        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis)
+        kl_loss = kl if self.reference is not None else None
+        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis, kl_loss)
 
     def _empty_backward(self) -> None:
         """Join the gradient all-reduce with zero gradients when this rank got no rows."""

@@ -109,7 +109,7 @@ class MegatronBackend(TrainingBackend):
         _, grad_norm, _ = self.optimizer.step()
         stats.grad_norm = float(grad_norm or 0.0)
         stats.compute_seconds = time.perf_counter() - start
-        return stats
+        return stats.flush()
 
     def _loss(self, mb, reference, logits, *, normalizer, scale, stats):
         a = self.config.algorithm
@@ -117,16 +117,14 @@ class MegatronBackend(TrainingBackend):
         log_probs = self._token_log_probs(logits, mb)
         per_token, loss_stats, tis = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
-        loss = pg_loss
+        loss, kl = pg_loss, None
         if reference is not None:
             kl = aggregate(
                 kl_penalty(log_probs, reference, a.kl_type), mb.loss_mask, mode, normalizer
             )
             loss = loss + a.kl_coef * kl
-            if self.reports_stats:
-                stats.kl_loss += kl.item()
         if self.reports_stats:
-            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis)
+            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis, kl)
         # megatron-core divides by the number of micro-batches and its data-parallel gradient
         # reduction averages; the normalizer is already the step's global count, so undo both.
         return loss * scale, {}

@@ -409,8 +409,9 @@ def export_hf_weights(
     from megatron.core import parallel_state as ps
 
     ranks = Ranks.current(config)
-    params = dict(model.named_parameters())
-    views = local_tensors(model)
+    # No per-expert views here (`local_tensors`): experts leave as whole stacks, and making
+    # a view per expert would cost more than the export's copies on one GPU.
+    params = {name: param.detach() for name, param in model.named_parameters()}
     groups = {
         "tp": ps.get_tensor_model_parallel_group(),
         "etp": ps.get_expert_tensor_parallel_group(),
@@ -422,31 +423,30 @@ def export_hf_weights(
         if isinstance(item, ExpertRun):
             stacked = None
             if ranks.pp == owner:
-                local = _local_expert_stack(params, views, ranks.local_name(item), item.linear)
+                local = _local_expert_stack(params, ranks.local_name(item), item.linear)
                 stacked = _gather_expert_stack(local, item.linear, ranks, groups)
             if ranks.pp_size > 1:
-                stacked = _broadcast_expert_stack(item, stacked, owner, groups, shape, views)
+                stacked = _broadcast_expert_stack(item, stacked, owner, groups, shape, params)
             rows = stacked.shape[0] * (2 if item.linear == "fc1" else 1)
             yield TensorRun(item.names(shape), stacked.view(rows, *item.tensor_shape(shape)))
             continue
         tensors = None
         if ranks.pp == owner:
-            local = views[ranks.local_name(item)].detach()
-            tensors = _gather_unit(item, local, ranks, groups, shape)
+            tensors = _gather_unit(item, params[ranks.local_name(item)], ranks, groups, shape)
         if ranks.pp_size > 1:
-            tensors = _broadcast_from_stage(item, tensors, owner, groups["pp"], views)
+            tensors = _broadcast_from_stage(item, tensors, owner, groups["pp"], params)
         yield from tensors
 
 
-def _local_expert_stack(params, views, prefix: str, linear: str) -> torch.Tensor:
+def _local_expert_stack(params, prefix: str, linear: str) -> torch.Tensor:
     """This rank's experts of one linear as [local experts, out, in]: `GroupedExperts`'
     parameter itself, or SequentialMLP's per-expert weights stacked (a copy)."""
     stacked = params.get(prefix + ("gate_up_weight" if linear == "fc1" else "down_weight"))
     if stacked is not None:
-        return stacked.detach()
+        return stacked
     per_expert = []
-    while (name := f"{prefix}local_experts.{len(per_expert)}.linear_{linear}.weight") in views:
-        per_expert.append(views[name].detach())
+    while (name := f"{prefix}local_experts.{len(per_expert)}.linear_{linear}.weight") in params:
+        per_expert.append(params[name])
     return torch.stack(per_expert)
 
 
@@ -475,9 +475,9 @@ def _all_gather_stacked(local: torch.Tensor, group, size: int) -> torch.Tensor:
     return out.view(size, *local.shape)
 
 
-def _broadcast_expert_stack(item, stacked, owner, groups, shape, views) -> torch.Tensor:
+def _broadcast_expert_stack(item, stacked, owner, groups, shape, params) -> torch.Tensor:
     if stacked is None:
-        sample = next(iter(views.values()))
+        sample = next(iter(params.values()))
         out, into = item.tensor_shape(shape)
         rows = (2 * out if item.linear == "fc1" else out, into)
         stacked = torch.empty((shape.num_experts, *rows), dtype=sample.dtype, device=sample.device)
@@ -495,8 +495,8 @@ def _gather_unit(unit, local, ranks, groups, shape) -> list[tuple[str, torch.Ten
     return list(zip(unit.hf_names, unshard(unit, shards, shape), strict=True))
 
 
-def _broadcast_from_stage(unit, tensors, owner, pp_group, views):
-    sample = next(iter(views.values()))
+def _broadcast_from_stage(unit, tensors, owner, pp_group, params):
+    sample = next(iter(params.values()))
     source = dist.get_process_group_ranks(pp_group)[owner]
     if tensors is None:
         tensors = [

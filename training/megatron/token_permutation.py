@@ -10,7 +10,8 @@ top_k) of the permuted rows once sorted by token, and a sum over that slice (in 
 the atomic adds.
 
 `SortedAlltoAllDispatcher` is megatron-core's alltoall dispatcher with these two steps
-swapped in (its all-to-all, ETP gathers and expert sorting are untouched);
+swapped in, and without its second sort (by local expert, across ranks) where one rank holds
+every expert and the sort is the identity; its all-to-all and ETP gathers are untouched.
 `SortedPermuteMoELayer` is megatron-core's MoE layer built with it.
 """
 
@@ -108,6 +109,25 @@ def _dispatcher_class():
                 hidden_states, routing_map, probs, self.config.moe_router_topk
             )
             return rows, weights
+
+        def dispatch_postprocess(self, global_input_tokens, global_probs):
+            if self.tp_size * self.ep_size > 1 or self.drop_and_pad:
+                return super().dispatch_postprocess(global_input_tokens, global_probs)
+            # One rank holds every expert: the tokens are in local-expert order already, and
+            # megatron-core's chunk sort would copy them (and their gradients) for nothing.
+            self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+                "before_permutation_2", self.tokens_per_expert
+            )
+            tokens_per_expert = self._maybe_dtoh_and_synchronize(
+                "before_finish", self.tokens_per_expert
+            )
+            self.tokens_per_expert = None
+            return global_input_tokens, tokens_per_expert, global_probs
+
+        def combine_preprocess(self, hidden_states):
+            if self.tp_size * self.ep_size > 1 or self.drop_and_pad:
+                return super().combine_preprocess(hidden_states)
+            return hidden_states  # the reverse of the chunk sort skipped above
 
         def combine_postprocess(self, permutated_local_input_tokens):
             if self._plan is None:
