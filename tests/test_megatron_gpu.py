@@ -119,6 +119,8 @@ def test_torch_spec_trains_like_the_local_spec_on_the_gpu(world):
         log_probs = torch.cat(backend.compute_log_probs(batches))
         losses = [backend.train(batches, normalizer).loss for _ in range(3)]
         results[spec] = log_probs, losses
+        inner = backend.optimizer.optimizer  # torch's AdamW, fused (training/megatron/backend.py)
+        assert all(group["fused"] for group in inner.param_groups)
     (lp_local, loss_local), (lp_torch, loss_torch) = results["local"], results["torch"]
     assert (lp_torch - lp_local).abs().mean().item() < 2e-2
     assert loss_torch == pytest.approx(loss_local, rel=5e-2, abs=1e-3)

@@ -338,7 +338,27 @@ def _build_optimizer(model, config: SluiceConfig):
         overlap_cpu_optimizer_d2h_h2d=t.overlap_cpu_optimizer_d2h_h2d,
         use_precision_aware_optimizer=t.use_precision_aware_optimizer,
     )
-    return get_megatron_optimizer(optimizer_config, [model])
+    optimizer = get_megatron_optimizer(optimizer_config, [model])
+    if not t.optimizer_cpu_offload:
+        use_fused_adam(optimizer)
+    return optimizer
+
+
+def use_fused_adam(optimizer) -> None:
+    """Step torch's AdamW with its fused kernel (`fused=True`, a documented AdamW option)
+    when all its parameters are on a GPU. Without Transformer Engine or Apex, megatron-core
+    builds torch's AdamW in its default multi-tensor mode, which took 25 ms of a 0.21 s step
+    on the topology model (1 x H200); the fused kernel reads and writes each tensor once.
+    Set before the first step, so the optimizer creates its step counts on the GPU as fused
+    mode needs."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
 
 
 def _connect_schedule(model_config, ddp_model, optimizer) -> None:

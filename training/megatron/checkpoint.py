@@ -125,8 +125,11 @@ def _restore_step_counts(optimizer: Any) -> None:
                 continue
             for param in group["params"]:
                 state = inner.state.get(param)
-                if state and torch.is_tensor(state.get("step")):
-                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+                step = state.get("step") if state else None
+                if torch.is_tensor(step):  # on the GPU for a fused Adam
+                    state["step"] = torch.tensor(
+                        float(group["step"]), dtype=step.dtype, device=step.device
+                    )
 
 
 def unwrap(model: Any) -> torch.nn.Module:
