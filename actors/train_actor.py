@@ -31,7 +31,7 @@ from weights.fp8_export import export_for
 from weights.ipc import IpcExport
 from weights.manifest import Bucket, TensorSpec, plan_buckets
 from weights.process_group import GroupInfo, init_weights_update_group, pick_master_address_and_port
-from weights.runs import pairs
+from weights.runs import StreamItem, pairs
 from weights.sync import SyncStats, WeightSender
 
 
@@ -83,11 +83,10 @@ class TrainActor:
     def _outgoing_specs(self, specs: list[TensorSpec]) -> list[TensorSpec]:
         return self.fp8.specs(specs) if self.fp8 is not None else specs
 
-    def _outgoing(
-        self, named: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The weights as the engines take them (quantized lazily for FP8 engines)."""
-        return self.fp8.tensors(named) if self.fp8 is not None else iter(named)
+    def _outgoing(self, stream: Iterable[StreamItem]) -> Iterator[StreamItem]:
+        """The weights as the engines take them: the backend's stream (with runs), or
+        quantized tensor by tensor for FP8 engines (batched within `fp8_export`)."""
+        return self.fp8.tensors(pairs(stream)) if self.fp8 is not None else iter(stream)
 
     def init_weights_update_group(self, info: GroupInfo) -> None:
         self.sender = WeightSender(init_weights_update_group(info, rank=0))
@@ -103,14 +102,12 @@ class TrainActor:
             for _ in weights:  # take part in the gathers
                 pass
             return None
-        if self.fp8 is not None:  # quantized tensor by tensor (batched within fp8_export)
-            return self.sender.send(plan, self.fp8.tensors(pairs(weights)), version)
-        return self.sender.send(plan, weights, version)
+        return self.sender.send(plan, self._outgoing(weights), version)
 
     # Colocated SGLang engines: weights by CUDA IPC handle, one bucket per call (weights/ipc.py).
 
     def begin_ipc_export(self, serving: bool) -> None:
-        self.ipc = IpcExport(self._outgoing(self.backend.named_weights()), serving, self.device)
+        self.ipc = IpcExport(self._outgoing(self.backend.weight_stream()), serving, self.device)
 
     def ipc_bucket(self, bucket: Bucket) -> str | None:
         return self.ipc.bucket(bucket)
@@ -121,11 +118,12 @@ class TrainActor:
 
     def weight_checksums(self) -> dict[str, str]:
         """Checksums of the weights as sent (fp8 ones for FP8 engines)."""
-        return tensor_checksums(self._outgoing(self.backend.named_weights()))
+        return tensor_checksums(pairs(self._outgoing(self.backend.weight_stream())))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every weight as sent (tests compare them with the engines')."""
-        return {n: t.cpu().clone() for n, t in self._outgoing(self.backend.named_weights())}
+        outgoing = pairs(self._outgoing(self.backend.weight_stream()))
+        return {n: t.cpu().clone() for n, t in outgoing}
 
     def save_hf(self, path: str) -> None:
         self.backend.save_hf(path)

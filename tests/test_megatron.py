@@ -25,6 +25,8 @@ from training.megatron.parallel import check_megatron_config
 ROOT = Path(__file__).resolve().parent.parent
 SHIM_SITE = ROOT / "tests" / "megatron" / "site"
 TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2", "dp2-bf16", "dp2-bf16-cpuadam"]
+LOCAL_SPEC_LAYOUTS = ["tp1", "tp2-sp", "ep2"]
+"""Also run with megatron-core's local layer spec (`-local`), to compare with ours."""
 
 
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
@@ -39,13 +41,14 @@ def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("layouts")
-    results = run_layouts(out / "one.json", 1, ["tp1"])
-    results |= run_layouts(out / "two.json", 2, TWO_RANK_LAYOUTS)
+    results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local"])
+    two = TWO_RANK_LAYOUTS + [f"{name}-local" for name in LOCAL_SPEC_LAYOUTS[1:]]
+    results |= run_layouts(out / "two.json", 2, two)
     return results, out
 
 
 def _weights(out: Path, layout: str) -> dict[str, torch.Tensor]:
-    name = "one.json" if layout == "tp1" else "two.json"
+    name = "one.json" if layout.startswith("tp1") else "two.json"
     return torch.load(out / f"{name}.{layout}.pt")
 
 
@@ -61,6 +64,23 @@ def test_log_probs_equal_the_hugging_face_model(layouts, layout):
 def test_exported_weights_equal_the_hugging_face_state_dict_bit_for_bit(layouts, layout):
     results, _ = layouts
     assert results[layout]["exported_equals_hf_at_start"] is True
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("layout", LOCAL_SPEC_LAYOUTS)
+def test_torch_spec_trains_like_megatron_cores_local_spec(layouts, layout):
+    """Grouped experts + SDPA against SequentialMLP + unfused attention, same init, fp32:
+    losses, gradient norms and the exported weights after three steps, within 1e-5."""
+    results, out = layouts
+    ours, local = results[layout], results[f"{layout}-local"]
+    assert len(set(ours["losses"])) == len(ours["losses"]), "training must change the loss"
+    assert ours["losses"] == pytest.approx(local["losses"], rel=1e-5, abs=1e-7)
+    assert ours["grad_norms"] == pytest.approx(local["grad_norms"], rel=1e-5)
+    assert local["exported_equals_hf_at_start"] is True
+    trained, reference = _weights(out, layout), _weights(out, f"{layout}-local")
+    assert trained.keys() == reference.keys()
+    for name in reference:  # Adam amplifies rounding: see test_parallel_layouts_train_like_tp1
+        torch.testing.assert_close(trained[name], reference[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.megatron

@@ -24,7 +24,7 @@ the node's GPUs in another numbering than the trainer's).
 import base64
 import io
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
@@ -33,7 +33,8 @@ from torch.multiprocessing import reductions
 
 from weights.errors import WeightSyncError
 from weights.manifest import Bucket
-from weights.sync import _pack, _Staging, _take
+from weights.runs import StreamItem
+from weights.sync import _pack, _Staging, _StreamReader
 
 _DEVICE_ARG = 6
 """Position of the device index among `reduce_tensor`'s arguments for a CUDA tensor."""
@@ -114,10 +115,9 @@ def _device_of_uuid(uuid: str) -> int:
 class IpcExport:
     """One sync's export on one training rank; a `serving` rank serializes the buckets."""
 
-    def __init__(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], serving: bool, device: torch.device
-    ):
-        self._tensors: Iterator[tuple[str, torch.Tensor]] = iter(named_tensors)
+    def __init__(self, stream: Iterable[StreamItem], serving: bool, device: torch.device):
+        """`stream`: (name, tensor) pairs and `TensorRun`s in plan order."""
+        self._reader = _StreamReader(stream)
         self._serving = serving
         self._device = device
         self._staging = _Staging(device)
@@ -127,7 +127,7 @@ class IpcExport:
         """Take part in gathering `bucket`; on a serving rank, the handle text (None for an
         empty bucket, and on every other rank)."""
         with torch.no_grad():
-            tensors = _take(self._tensors, bucket)
+            tensors = self._reader.take(bucket.specs)
             if not self._serving or bucket.nbytes == 0:
                 return None
             self._current = _pack(bucket, tensors, self._staging, self._device)
@@ -137,7 +137,7 @@ class IpcExport:
 
     def finish(self) -> None:
         """Check every tensor was exported and release the buffers."""
-        if next(self._tensors, None) is not None:
+        if not self._reader.exhausted():
             raise WeightSyncError("the trainer holds more tensors than the weight plan")
         self._current = None
         self._staging = _Staging(self._device)

@@ -3,11 +3,12 @@
 Started by tests/test_megatron.py as
     torchrun --nproc-per-node N tests/megatron/layouts.py OUT.json LAYOUT [LAYOUT ...]
 with the CPU shim on PYTHONPATH. Each layout (e.g. `dp2`, `tp2-sp`, `ep2`, `pp2`,
-`tp2-sp-etp2`, `dp2-bf16-cpuadam`) builds a fresh `MegatronBackend` over the same built-in
-model and the same rollout rows, runs three optimizer steps and records, on rank 0: the step
-losses, the log-probs of the rows before training against the Hugging Face model's, whether
-the export before training equals the Hugging Face tensors bit for bit, and (in
-OUT.json.LAYOUT.pt) the exported weights after.
+`tp2-sp-etp2`, `dp2-bf16-cpuadam`; `-local` for megatron-core's local layer spec instead of
+ours) builds a fresh `MegatronBackend` over the same built-in model and the same rollout rows,
+runs three optimizer steps and records, on rank 0: the step losses and gradient norms, the
+log-probs of the rows before training against the Hugging Face model's, whether the export
+before training equals the Hugging Face tensors bit for bit, and (in OUT.json.LAYOUT.pt) the
+exported weights after.
 Paying megatron-core's import once for many layouts keeps the suite fast.
 """
 
@@ -123,13 +124,16 @@ def run_layout(name: str, batches, out: str) -> dict:
     gathered_diffs = [None] * world
     dist.all_gather_object(gathered_diffs, result.get("logprob_abs_diff_mean"))
     result["logprob_abs_diff_mean"] = max(d for d in gathered_diffs if d is not None)
-    losses = []
+    losses, grad_norms = [], []
     for _ in range(STEPS):
         stats = backend.train(share, normalizer)
         gathered = [None] * world
         dist.all_gather_object(gathered, stats)
-        losses.append(TrainStats.reduce(gathered)["train/loss"])
+        reduced = TrainStats.reduce(gathered)
+        losses.append(reduced["train/loss"])
+        grad_norms.append(reduced["train/grad_norm"])
     result["losses"] = losses
+    result["grad_norms"] = grad_norms
     weights = {n: t.clone() for n, t in backend.named_weights()}
     if dist.get_rank() == 0:
         torch.save(weights, weights_path(out, name))
