@@ -6,7 +6,8 @@
 # CPU Adam. Without uv or ray on the machine, as bench/run_gpu.sh.
 #   usage, from the repository root, carrying .whl and .whl-extra (see bench/run_gpu.sh;
 #   cp ../shared/device/moe_ceiling.py .whl-extra/):
-#     OUT=/some/dir [GPUS=1] [LAYERS=2] [LAYOUTS=...] [PROFILE=LAYOUT,...] bench/run_gpu_speed.sh
+#     OUT=/some/dir [GPUS=1] [LAYERS=2] [LAYOUTS=...] [PROFILE=LAYOUT,...] [MICRO_TOKENS=16384]
+#       [CEILING=0] bench/run_gpu_speed.sh
 # TESTS="tests/..." runs those pytest files first. Writes into $OUT: env.txt, tests.log,
 # ceiling.log, bench.log, megatron_bench.json, profile_LAYOUT.txt.
 set -uo pipefail
@@ -29,10 +30,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 
-for tokens in 16384 32768; do
-  step ceiling 120 python3 .whl-extra/moe_ceiling.py --layers "$LAYERS" --tokens "$tokens"
-done
+if [ "${CEILING:-1}" = 1 ]; then
+  for tokens in 16384 32768; do
+    step ceiling 120 python3 .whl-extra/moe_ceiling.py --layers "$LAYERS" --tokens "$tokens"
+  done
+fi
 [ -n "${TESTS:-}" ] && step tests 300 python3 -m pytest -p no:cacheprovider -p no:warnings -q -rs $TESTS
 step bench "${BENCH_LIMIT:-420}" python3 -m torch.distributed.run --nproc-per-node "$GPUS" \
   bench/bench_megatron.py --model topology --layers "$LAYERS" --layouts "$LAYOUTS" \
-  --steps "${STEPS:-4}" --warmup 2 --profile "${PROFILE:-}" --out "$OUT"
+  --steps "${STEPS:-4}" --warmup 2 --profile "${PROFILE:-}" \
+  --micro-tokens "${MICRO_TOKENS:-16384}" --out "$OUT"
