@@ -7,7 +7,7 @@
 #   usage, from the repository root, carrying .whl and .whl-extra (see bench/run_gpu.sh;
 #   cp ../shared/device/moe_ceiling.py .whl-extra/):
 #     OUT=/some/dir [GPUS=1] [LAYERS=2] [LAYOUTS=...] [PROFILE=LAYOUT,...] [MICRO_TOKENS=16384]
-#       [CEILING=0] bench/run_gpu_speed.sh
+#       [BUCKET_MB=64] [CEILING=0] bench/run_gpu_speed.sh
 # TESTS="tests/..." runs those pytest files first. Writes into $OUT: env.txt, tests.log,
 # ceiling.log, bench.log, megatron_bench.json, profile_LAYOUT.txt.
 set -uo pipefail
@@ -39,4 +39,4 @@ fi
 step bench "${BENCH_LIMIT:-420}" python3 -m torch.distributed.run --nproc-per-node "$GPUS" \
   bench/bench_megatron.py --model topology --layers "$LAYERS" --layouts "$LAYOUTS" \
   --steps "${STEPS:-4}" --warmup 2 --profile "${PROFILE:-}" \
-  --micro-tokens "${MICRO_TOKENS:-16384}" --out "$OUT"
+  --micro-tokens "${MICRO_TOKENS:-16384}" --bucket-mb "${BUCKET_MB:-64}" --out "$OUT"

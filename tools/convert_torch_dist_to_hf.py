@@ -83,10 +83,11 @@ def export(checkpoint: Path, hf, parallel, shape, args, side_files: list[Path]) 
 
     from training.megatron.checkpoint import load_torch_dist
     from training.megatron.hf_weights import export_hf_weights
+    from weights.runs import pairs
 
     model = build_model(hf, parallel, start_distributed())
     load_torch_dist(checkpoint, model)
-    tensors = export_hf_weights(model, shape, model.config)
+    tensors = pairs(export_hf_weights(model, shape, model.config))
     if is_main_rank():
         limit = int(args.max_shard_gib * (1 << 30))
         write_sharded(args.save, tensors, limit, extra_files=side_files)

@@ -13,6 +13,7 @@ pipeline parallelism, broadcast from the owning stage, one unit at a time, so no
 holds more than one full tensor group of the model.
 """
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -197,6 +198,7 @@ class ExpertRun:
     megatron_name = "decoder.layers.{layer}.mlp.experts."
     """The prefix of the layer's expert parameters."""
 
+    @functools.cache  # noqa: B019 (a handful of runs per model, asked for at every sync)
     def names(self, shape: ModelShape) -> tuple[str, ...]:
         hf = f"model.layers.{self.layer}.mlp.experts."
         parts = ("gate_proj", "up_proj") if self.linear == "fc1" else ("down_proj",)
@@ -210,16 +212,18 @@ class ExpertRun:
 ExportItem = WeightUnit | ExpertRun
 
 
-def export_items(shape: ModelShape, expert_parallel: int) -> list[ExportItem]:
+@functools.cache
+def export_items(shape: ModelShape, expert_parallel: int) -> tuple[ExportItem, ...]:
     """`weight_units` in export order, each MoE layer's per-expert units replaced by its two
-    `ExpertRun`s (where its first expert unit stood)."""
+    `ExpertRun`s (where its first expert unit stood). Cached: building the per-expert units
+    (thousands for Qwen3-30B-A3B) at every sync would cost more than a GPU's copies."""
     items: list[ExportItem] = []
     for unit in weight_units(shape, expert_parallel):
         if unit.expert_slot is None:
             items.append(unit)
         elif unit.expert_slot == 0 and unit.megatron_name.endswith("linear_fc1.weight"):
             items += [ExpertRun(unit.layer, "fc1"), ExpertRun(unit.layer, "fc2")]
-    return items
+    return tuple(items)
 
 
 def hf_weight_specs(
