@@ -91,10 +91,16 @@ class GroupedExperts(torch.nn.Module):
             return grouped_mm(act, self.down_weight.transpose(1, 2), ends), None
         counts = tokens_per_expert.tolist()
         outputs = []
-        for e, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts), strict=True)):
-            act = fused_weighted_swiglu(F.linear(x, self.gate_up_weight[e]), p)
-            outputs.append(F.linear(act, self.down_weight[e]))
-        return torch.cat(outputs) if outputs else hidden.new_zeros(0, hidden.shape[1]), None
+        experts = zip(
+            hidden.split(counts),
+            probs.split(counts),
+            self.gate_up_weight.unbind(0),  # one backward for all experts' slices
+            self.down_weight.unbind(0),
+            strict=True,
+        )
+        for x, p, gate_up, down in experts:
+            outputs.append(F.linear(fused_weighted_swiglu(F.linear(x, gate_up), p), down))
+        return torch.cat(outputs), None
 
     def backward_dw(self) -> None:
         """Nothing is deferred: weight gradients are computed in the ordinary backward."""
