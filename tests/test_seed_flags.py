@@ -121,6 +121,14 @@ def test_a_switch_takes_no_value_or_an_explicit_bool(argv, expected):
     assert parse("--tensor-model-parallel-size", "2", *argv).train.parallel.sequence is expected
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], "torch"), (["--moe-grouped-gemm"], "torch"), (["--moe-grouped-gemm", "false"], "local")],
+)
+def test_moe_grouped_gemm_picks_the_megatron_layer_spec(argv, expected):
+    assert parse(*argv).train.layer_spec == expected
+
+
 def test_the_later_of_two_identical_flags_wins():
     assert parse("--lr", "1e-4", "--lr", "2e-4").train.lr == 2e-4
 
