@@ -339,9 +339,27 @@ def _build_optimizer(model, config: SluiceConfig):
         use_precision_aware_optimizer=t.use_precision_aware_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, [model])
-    if not t.optimizer_cpu_offload:
+    if t.optimizer_cpu_offload:
+        pin_host_weights(optimizer)
+    else:
         use_fused_adam(optimizer)
     return optimizer
+
+
+def pin_host_weights(optimizer) -> None:
+    """Page-lock the fp32 host weights of CPU Adam (megatron-core's HybridDeviceOptimizer).
+
+    It pins its host copies, then, to update in fp32, replaces each bf16 copy with an fp32
+    clone that is not pinned; copying the updated weights back to the GPU from pageable
+    memory took 0.75 s of a 1.44 s step on the topology model (1 x H200). The tensors keep
+    their identity (only `.data` moves), so the optimizer's maps and hooks still hold them."""
+    if not torch.cuda.is_available():
+        return
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        copies = getattr(getattr(part, "optimizer", None), "gpu_params_map_cpu_copy", {})
+        for host in copies.values():
+            if not host.is_cuda and not host.is_pinned():
+                host.data = host.data.pin_memory()
 
 
 def use_fused_adam(optimizer) -> None:
