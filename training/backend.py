@@ -86,20 +86,18 @@ class TrainStats:
             "tis_truncated_sum": zero if tis is None else (tis.truncated & mask).sum(),
             "tis_weight_sum": zero if tis is None else (tis.weights * mask).sum(),
         }
-        self.__dict__.setdefault("_pending", []).append(
-            torch.stack([value.to(torch.float64) for value in row.values()])
-        )
-        self.__dict__["_pending_names"] = tuple(row)
+        # Kept outside the dataclass fields, which travel to the driver: `flush` empties it.
+        self.__dict__.setdefault("_pending", []).append(row)
 
     def flush(self) -> "TrainStats":
         """Add the micro-batches of `add_micro_batch` into the fields (one device read).
         Backends call it before returning the stats. Returns self."""
         pending = self.__dict__.pop("_pending", [])
-        names = self.__dict__.pop("_pending_names", ())
         if not pending:
             return self
-        rows = torch.stack(pending).cpu()
-        for name, column in zip(names, rows.unbind(1), strict=True):
+        names = list(pending[0])
+        rows = torch.stack([torch.stack([row[n].double() for n in names]) for row in pending])
+        for name, column in zip(names, rows.cpu().unbind(1), strict=True):
             if name in MAX_OVER_RANKS:
                 setattr(self, name, max(getattr(self, name), column.max().item()))
             else:

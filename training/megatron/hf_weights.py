@@ -8,9 +8,15 @@ local expert j of EP rank k is global expert k x (experts / EP) + j.
 
 `load_hf_weights` copies each rank's shards out of full checkpoint tensors (read lazily, one
 at a time). `export_hf_weights` is the reverse and a collective: every rank of the training
-world iterates it in the same order; shards are gathered over TP / ETP / EP and, with
-pipeline parallelism, broadcast from the owning stage, one unit at a time, so no rank ever
-holds more than one full tensor group of the model.
+world iterates it in the same order (`export_items`); shards are gathered over TP / ETP / EP
+and, with pipeline parallelism, broadcast from the owning stage, one unit at a time, so no
+rank ever holds more than one full tensor group of the model. An MoE layer's experts are one
+such group per linear: gathered with one all-gather per parallel group and handed out as a
+`TensorRun` (weights/runs.py), not as thousands of single tensors.
+
+Both work on either layer spec: `GroupedExperts` stacks the experts of a linear in one 3-D
+parameter, SequentialMLP keeps one parameter per expert (`local_tensors` gives the per-expert
+names for both).
 """
 
 import functools

@@ -56,7 +56,8 @@ class _Unpermute(torch.autograd.Function):
 
 def _sum_per_token(rows: torch.Tensor, by_token: torch.Tensor, top_k: int) -> torch.Tensor:
     grouped = rows.index_select(0, by_token).view(-1, top_k, rows.shape[-1])
-    return grouped.sum(1, dtype=torch.float32).to(rows.dtype)
+    accumulate = torch.promote_types(rows.dtype, torch.float32)  # bf16 rows add up in fp32
+    return grouped.sum(1, dtype=accumulate).to(rows.dtype)
 
 
 def permute(tokens, routing_map, probs, top_k):
