@@ -4,7 +4,10 @@ It takes `launch_server`-style arguments, reads `--port` and ignores the rest, p
 and answers GET /health with 200. Environment knobs make it misbehave the ways a real server
 can: STAND_IN_EXIT=CODE prints "stand-in failing" and exits with CODE before listening;
 STAND_IN_MUTE=1 never listens; STAND_IN_CHILD=1 starts a child process that sleeps (to show a
-stop reaches the whole process group) and writes its pid to STAND_IN_CHILD_PID_FILE.
+stop reaches the whole process group) and writes its pid to STAND_IN_CHILD_PID_FILE. After its
+first /health answer (the engine's start-up wait), STAND_IN_SLOW_HEALTH=SECONDS makes every
+/health answer that late, as SGLang's one-token health generation can be, and
+STAND_IN_HEALTH_FAILS=N makes the next N answers 503.
 """
 
 import os
@@ -15,8 +18,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Health(BaseHTTPRequestHandler):
+    answered = 0  # /health requests so far
+
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
+        if self.path != "/health":
+            self.send_response(404)
+            self.end_headers()
+            return
+        Health.answered += 1
+        late = Health.answered > 1
+        if late:
+            time.sleep(float(os.environ.get("STAND_IN_SLOW_HEALTH", "0")))
+        failing = late and Health.answered <= 1 + int(os.environ.get("STAND_IN_HEALTH_FAILS", "0"))
+        self.send_response(503 if failing else 200)
         self.end_headers()
 
     def log_message(self, *args):

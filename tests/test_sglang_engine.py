@@ -145,6 +145,34 @@ def test_a_plan_that_does_not_match_the_checkpoint_is_refused_before_the_session
         engine.shutdown()
 
 
+def test_a_slow_health_answer_is_not_a_dead_server(model_dir, tmp_path, monkeypatch):
+    """SGLang's /health runs a one-token generation and may take up to 20 s: an answer after
+    7 s (beyond the 5 s once allowed) keeps the engine."""
+    monkeypatch.setenv("STAND_IN_SLOW_HEALTH", "7")
+    engine = make_engine(model_dir, tmp_path, STAND_IN)
+    try:
+        url = engine.url
+        assert engine.ensure_running() is False
+        assert engine.url == url
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(("failures", "restarted"), [(2, False), (3, True)])
+def test_only_consecutive_failed_probes_restart_an_engine(
+    model_dir, tmp_path, monkeypatch, capsys, failures, restarted
+):
+    monkeypatch.setenv("STAND_IN_HEALTH_FAILS", str(failures))
+    engine = make_engine(model_dir, tmp_path, STAND_IN)
+    try:
+        assert engine.ensure_running() is restarted
+        out = capsys.readouterr().out
+        assert out.count("/health failed") == failures
+        assert ("failed 3 health probes in a row" in out) == restarted
+    finally:
+        engine.shutdown()
+
+
 def test_a_dead_server_is_restarted_and_leaves_the_weight_group(model_dir, tmp_path, capsys):
     engine = make_engine(model_dir, tmp_path, STAND_IN)
     try:

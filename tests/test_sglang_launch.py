@@ -8,6 +8,7 @@ arguments -> `ServerArgs.add_cli_args` + `ServerArgs.from_cli_args`.
 import argparse
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,49 @@ def test_seed_8_gpu_with_dp_attention(qwen3_30b):
     args = sglang_parse(list(launches[0].argv))
     assert (args.tp_size, args.ep_size, args.attn_dp_size, args.dp_size) == (8, 8, 8, 1)
     assert any("--attn-dp-size 8" in note for note in resolved.notes)
+
+
+def test_dp_attention_switch_with_the_new_width_flag_is_valid(qwen3_30b):
+    """`--enable-dp-attention --attn-dp-size 8` is valid in sglang 0.5.23 (the switch is
+    implied by the width): accepted, not refused with the advice to pass what was passed."""
+    argv = [
+        *colocated(qwen3_30b, 8), *SEED_8_GPU,
+        "--sglang-enable-dp-attention", "--sglang-attn-dp-size", "8",
+    ]  # fmt: skip
+    _, _, resolved, launches = launches_for(argv, 1)
+    args = sglang_parse(list(launches[0].argv))
+    assert (args.attn_dp_size, args.dp_size) == (8, 1)
+    assert any("implied by --sglang-attn-dp-size" in note for note in resolved.notes)
+
+
+def _with_stored_dtype(directory: str, dtype: str | None) -> str:
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    if dtype is not None:
+        config["dtype"] = dtype
+    path.write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize(("stored", "expected"), [("bfloat16", "bfloat16"), (None, "auto")])
+def test_engine_dtype_is_the_checkpoints_not_the_trainers_default(qwen3_30b, stored, expected):
+    """model.dtype defaults to float32 (the CPU's); the engine serves what the checkpoint
+    stores, or lets SGLang read it at launch ("auto")."""
+    model = _with_stored_dtype(qwen3_30b, stored)
+    config, _, resolved, launches = launches_for([*colocated(model, 8), *SEED_8_GPU], 1)
+    assert config.model.dtype == "float32"
+    assert sglang_parse(list(launches[0].argv)).dtype == expected
+    assert any(note.startswith(f"--dtype {expected}") for note in resolved.notes)
+    assert any("SGLang casts them" in note for note in resolved.notes) == (stored is not None)
+
+
+def test_float32_for_sglang_is_noted(qwen3_30b):
+    argv = [*colocated(qwen3_30b, 8), *SEED_8_GPU, "--sglang-dtype", "float32"]
+    _, _, resolved, launches = launches_for(argv, 1)
+    assert sglang_parse(list(launches[0].argv)).dtype == "float32"
+    assert any("float32 at a fraction of bf16's speed" in note for note in resolved.notes)
 
 
 def test_seed_24_gpu_args_give_three_nodes_and_redundant_experts(qwen3_30b):

@@ -12,8 +12,10 @@ HTTP. What waits for what:
   with this engine's rank offset, then per bucket `/update_weights_from_distributed` while the
   trainer broadcasts it (SGLang receives one flat buffer per bucket), flushing the cache and
   setting the version on the last bucket, then `/model_info` must report that version;
-- `ensure_running` (before each weight update): a dead server is reported with its log tail
-  and restarted; it then rejoins the weight group, which the driver rebuilds.
+- `ensure_running` (before each weight update): a server that exited, or failed
+  `HEALTH_PROBES` health probes in a row (each allowed SGLang's own bound on /health), is
+  reported with its log tail and restarted; it then rejoins the weight group, which the driver
+  rebuilds.
 """
 
 import socket
@@ -61,6 +63,21 @@ class EngineSite:
     node_options: list[dict[str, Any]] = field(default_factory=list)
     """Ray actor options placing a `NodeServer` on each spanned node (entry 0 unused: the
     RolloutActor itself runs node_rank 0's server)."""
+
+
+SGLANG_HEALTH_CHECK_S = 20
+"""sglang 0.5.23's bound on its own /health (`HEALTH_CHECK_TIMEOUT`, env
+SGLANG_HEALTH_CHECK_TIMEOUT, in entrypoints/http_server.py): /health runs a one-token
+generation and answers 503 after that long."""
+
+HEALTH_TIMEOUT_S = SGLANG_HEALTH_CHECK_S + 5
+"""How long one probe of a running engine waits: SGLang's bound, and a margin for the reply."""
+
+HEALTH_PROBES = 3
+"""Failed probes in a row before a running engine counts as dead and is restarted."""
+
+STARTUP_PROBE_TIMEOUT_S = 5
+"""One probe while a server starts (polled until `startup_timeout_s`)."""
 
 
 class _RemoteServer:
@@ -157,9 +174,11 @@ class SglangEngine(InferenceEngine):
             self.local.check_alive()
             for remote in self.remotes:
                 ray.get(remote.check_alive.remote())
-            if _healthy(self.url):
+            if self._answers_health():
                 return False
-            problem = self.local.failure(f"stopped answering {self.url}/health")
+            problem = self.local.failure(
+                f"failed {HEALTH_PROBES} health probes in a row at {self.url}/health"
+            )
         except EngineFailure as e:
             problem = e
         print(f"[sglang engine {self.index}] restarting: {problem}", flush=True)
@@ -170,6 +189,19 @@ class SglangEngine(InferenceEngine):
         self.group_name = None
         self.session_open = False
         return True
+
+    def _answers_health(self) -> bool:
+        """Up to HEALTH_PROBES probes, each allowed SGLang's own bound: one slow or failed
+        answer (a busy server) is no reason to restart a healthy engine."""
+        for attempt in range(HEALTH_PROBES):
+            if _healthy(self.url, HEALTH_TIMEOUT_S):
+                return True
+            print(
+                f"[sglang engine {self.index}] {self.url}/health failed "
+                f"({attempt + 1} of {HEALTH_PROBES})",
+                flush=True,
+            )
+        return False
 
     def connect_peers(self, urls: list[str]) -> None:
         """Balance generation over every engine's server, this one's first."""
@@ -348,9 +380,9 @@ def _runs(prompts: list[list[int]]) -> list[list[list[int]]]:
     return groups
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, timeout_s: float = STARTUP_PROBE_TIMEOUT_S) -> bool:
     try:
-        return requests.get(f"{url}/health", timeout=5).status_code == 200
+        return requests.get(f"{url}/health", timeout=timeout_s).status_code == 200
     except requests.RequestException:
         return False
 

@@ -104,7 +104,7 @@ def resolve_server_args(config: SluiceConfig, num_experts: int | None) -> Resolv
     _check_divides(args, "ep-size", gpus)
     _check_divides(args, "attn-dp-size", gpus)
     notes += _redundant_experts(args, num_experts)
-    args.setdefault("dtype", config.model.dtype)
+    notes += _dtype(args, config)
     if config.placement.colocate and not args.get("enable-memory-saver"):
         args["enable-memory-saver"] = True
         notes.append(
@@ -112,6 +112,28 @@ def resolve_server_args(config: SluiceConfig, num_experts: int | None) -> Resolv
             f"memory while the trainers step"
         )
     return ResolvedServerArgs(args, tuple(notes))
+
+
+def _dtype(args: dict[str, Any], config: SluiceConfig) -> list[str]:
+    """The engine serves in the checkpoint's dtype unless `--sglang-dtype` says otherwise
+    (not in `model.dtype`, whose default, float32, is the CPU's)."""
+    notes = []
+    if "dtype" not in args:
+        stored = read_checkpoint_dtype(config)
+        args["dtype"] = stored or "auto"
+        source = "the checkpoint's config.json" if stored else "read by SGLang at launch"
+        notes.append(f"--dtype {args['dtype']} ({source}); {CLI_PREFIX}dtype sets another")
+    if args["dtype"] in ("float32", "float"):
+        notes.append(
+            f"--dtype {args['dtype']}: SGLang serves float32 at a fraction of bf16's speed and "
+            f"twice its memory; {CLI_PREFIX}dtype bfloat16 for GPU runs"
+        )
+    if args["dtype"] not in ("auto", config.model.dtype):
+        notes.append(
+            f"the trainers send model.dtype={config.model.dtype} weights; SGLang casts them to "
+            f"its {args['dtype']} as it loads them"
+        )
+    return notes
 
 
 def _translate_seed_flags(args: dict[str, Any], gpus: int) -> list[str]:
@@ -134,20 +156,26 @@ def _translate_seed_flags(args: dict[str, Any], gpus: int) -> list[str]:
         args["cuda-graph-bs-decode"] = args.pop("cuda-graph-bs")
         notes.append(_renamed("cuda-graph-bs", "cuda-graph-bs-decode"))
     if args.pop("enable-dp-attention", False):
-        if "dp-size" not in args:
-            raise UserError(
-                f"{CLI_PREFIX}enable-dp-attention needs the attention data-parallel width: "
-                f"give {CLI_PREFIX}attn-dp-size N (sglang {sglang_version()}'s spelling)"
-            )
-        if "attn-dp-size" in args:
+        if "dp-size" in args and "attn-dp-size" in args:
             raise UserError(
                 f"{CLI_PREFIX}enable-dp-attention {CLI_PREFIX}dp-size is the old spelling of "
                 f"{CLI_PREFIX}attn-dp-size; give only one of them"
             )
-        width = args.pop("dp-size")
-        args["attn-dp-size"] = width
-        old = f"enable-dp-attention {CLI_PREFIX}dp-size {width}"
-        notes.append(_renamed(old, f"attn-dp-size {width}"))
+        if "attn-dp-size" in args:  # valid in sglang 0.5.23: the switch is implied
+            notes.append(
+                f"{CLI_PREFIX}enable-dp-attention is implied by {CLI_PREFIX}attn-dp-size in "
+                f"sglang {sglang_version()}; passing --attn-dp-size {args['attn-dp-size']}"
+            )
+        elif "dp-size" in args:
+            width = args.pop("dp-size")
+            args["attn-dp-size"] = width
+            old = f"enable-dp-attention {CLI_PREFIX}dp-size {width}"
+            notes.append(_renamed(old, f"attn-dp-size {width}"))
+        else:
+            raise UserError(
+                f"{CLI_PREFIX}enable-dp-attention needs the attention data-parallel width: "
+                f"give {CLI_PREFIX}attn-dp-size N (sglang {sglang_version()}'s spelling)"
+            )
     return notes
 
 
@@ -198,13 +226,29 @@ def _redundant_experts(args: dict[str, Any], num_experts: int | None) -> list[st
 
 def read_num_experts(config: SluiceConfig) -> int | None:
     """Routed experts of the model (0 for a dense one); None when config.json is unreadable."""
+    text_config = _read_text_config(config)
+    if text_config is None:
+        return None
+    return next((int(text_config[k]) for k in EXPERT_COUNT_KEYS if text_config.get(k)), 0)
+
+
+def read_checkpoint_dtype(config: SluiceConfig) -> str | None:
+    """The checkpoint's weight dtype (`dtype`, or transformers 4's `torch_dtype`); None when
+    config.json is unreadable or names none."""
+    text_config = _read_text_config(config)
+    if text_config is None:
+        return None
+    value = text_config.get("dtype") or text_config.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def _read_text_config(config: SluiceConfig) -> dict[str, Any] | None:
     path = Path(config.model.hf_checkpoint) / "config.json"
     try:
         hf_config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    text_config = hf_config.get("text_config", hf_config)
-    return next((int(text_config[k]) for k in EXPERT_COUNT_KEYS if text_config.get(k)), 0)
+    return hf_config.get("text_config", hf_config)
 
 
 def check_sglang_config(config: SluiceConfig) -> None:
