@@ -3,9 +3,11 @@
 `FakeServer` is a test double, not SGLang: a stdlib HTTP server in a thread that answers
 `/generate` with replies shaped like SGLang's (field names as in `test_sglang_requests.py`,
 which checks them against sglang's code), each completion derived from its prompt so that the
-order of results can be checked. It can be slowed down, told to answer HTTP 500 or 400, or
+order of results can be checked, `/health`, and `/abort_request` (recorded). It can be slowed
+down, told to answer HTTP 500 or 400 (every request, or the next few `/generate` only), or
 killed (after some requests: it drops the connection of the next one and stops listening, so
-later connections are refused).
+later connections are refused). No SGLang code runs here, so these tests carry no `sglang`
+marker.
 """
 
 import contextlib
@@ -20,8 +22,6 @@ from inference.engine import Completion, SamplingParams
 from inference.sglang import requests as req
 from inference.sglang.client import AllEnginesDown, EngineUnreachable, SglangClient
 from inference.sglang.requests import SglangError
-
-pytestmark = pytest.mark.sglang
 
 PARAMS = SamplingParams(max_new_tokens=3)
 
@@ -55,6 +55,10 @@ class FakeServer:
         """HTTP status of every reply: 500 or 400 make it fail that way."""
         self.die_after: int | None = None
         """Serve this many `/generate` requests, then drop the next one's connection and die."""
+        self.fail_next = 0
+        """Answer this many of the next `/generate` requests with HTTP 500, then recover."""
+        self.aborted: list[str] = []
+        """The request ids `/abort_request` was called with."""
         self.generate_count = 0
         self.bodies: list[dict] = []
         self.active = 0
@@ -95,8 +99,14 @@ class FakeServer:
             self.active -= 1
 
     def reply(self, path: str, body: dict) -> tuple[int, object]:
+        if path == req.ABORT_REQUEST:
+            self.aborted.append(body["rid"])
+            return 200, None
         if self.status != 200:
             return self.status, {"error": {"message": f"fake failure {self.status}"}}
+        if path == req.GENERATE and self.fail_next:
+            self.fail_next -= 1
+            return 500, {"error": {"message": "fake transient failure"}}
         if path == req.GENERATE:
             self._work(self.delay_s)
             n = body["sampling_params"]["max_new_tokens"]
@@ -132,6 +142,13 @@ class FakeServer:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+
+            def do_GET(self):  # /health: 200 unless told to fail every reply
+                status = 200 if self.path == req.HEALTH and server.status == 200 else 503
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -248,6 +265,7 @@ def test_http_4xx_is_an_sglang_error_and_not_retried(servers):
 def test_set_urls_replaces_the_list(servers):
     a, b = servers(0.0, 0.0)
     client = SglangClient([a.url], timeout_s=5, max_in_flight=2)
+    a.status = 503  # its /health too: the probe before giving up finds it still down
     client.mark_down(a.url, "engine restarting")
     with pytest.raises(AllEnginesDown, match="engine restarting"):
         client.generate(groups_of(1), PARAMS)
@@ -284,3 +302,36 @@ def test_in_flight_cap_per_server(servers):
     groups = groups_of(8)
     check_in_order(groups, client.generate(groups, PARAMS))
     assert a.peak_active == 2
+
+
+def test_servers_that_each_failed_once_come_back(servers):
+    """Every server fails one request (HTTP 500): all are marked down, probed again at once,
+    found healthy, and the batch completes (it used to end in AllEnginesDown)."""
+    a, b = servers(0.0, 0.0)
+    a.fail_next = b.fail_next = 1
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=1)
+    groups = groups_of(6)
+    check_in_order(groups, client.generate(groups, PARAMS))
+    assert client.down == {} and client.live_urls == [a.url, b.url]
+
+
+def test_a_down_server_is_probed_again_after_the_interval(servers):
+    a, b = servers(0.0, 0.0)
+    a.fail_next = 1
+    client = SglangClient([a.url, b.url], timeout_s=5, max_in_flight=4, reprobe_interval_s=0.3)
+    check_in_order(groups_of(4), client.generate(groups_of(4), PARAMS))
+    assert list(client.down) == [a.url]  # failed once, not yet due a probe
+    time.sleep(0.4)
+    served_before = a.generate_count
+    check_in_order(groups_of(8), client.generate(groups_of(8), PARAMS))
+    assert client.down == {} and a.generate_count > served_before
+
+
+def test_a_request_given_up_on_is_aborted_on_its_server(servers):
+    stuck, b = servers(2.0, 0.0)
+    client = SglangClient([stuck.url, b.url], timeout_s=0.3, max_in_flight=1)
+    check_in_order(groups_of(1, size=3), client.generate(groups_of(1, size=3), PARAMS))
+    sent = stuck.bodies[0]["rid"]
+    assert len(sent) == 3 and len(set(sent)) == 3
+    assert stuck.aborted == sent  # every request of the group, by the id it was sent with
+    assert set(b.bodies[0]["rid"]).isdisjoint(sent)  # retried under new ids

@@ -14,6 +14,7 @@ reason classes, then sent through a JSON round trip as the server does.
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -171,12 +172,47 @@ def test_memory_cache_and_pause_bodies():
         io_struct.DestroyWeightsUpdateGroupReqInput, req.destroy_weights_update_group_body("g1")
     )
     assert destroy.group_name == "g1"
-    validate(io_struct.FlushCacheReqInput, req.flush_cache_body())
+    # /flush_cache takes no body (only a `timeout` query): sglang's own route says so.
+    assert route_parameters("/flush_cache") == ["timeout"] and req.flush_cache_body() == {}
     pause = validate(io_struct.PauseGenerationReqInput, req.pause_generation_body("retract"))
     assert pause.mode == "retract"
     assert validate(io_struct.PauseGenerationReqInput, req.pause_generation_body()).mode == "abort"
     validate(io_struct.ContinueGenerationReqInput, req.continue_generation_body())
-    assert set(req.MemoryTag.__args__) <= {"weights", "kv_cache", "cuda_graph"}
+    from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+
+    assert set(req.MemoryTag.__args__) == set(GPU_MEMORY_ALL_TYPES)
+
+
+def route_parameters(path: str) -> list[str]:
+    """The parameters of the function serving `path` in sglang's http_server.py, read from its
+    source (the module itself needs uvicorn and more to import)."""
+    import ast
+    import importlib.util
+
+    source = importlib.util.find_spec("sglang.srt.entrypoints.http_server").origin
+    tree = ast.parse(Path(source).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            paths = [
+                d.args[0].value
+                for d in node.decorator_list
+                if isinstance(d, ast.Call) and d.args and isinstance(d.args[0], ast.Constant)
+            ]
+            if path in paths:
+                return [a.arg for a in node.args.args]
+    raise AssertionError(f"no route {path} in {source}")
+
+
+def test_generate_with_request_ids_and_their_abort():
+    """A group's prompts go out under ids the client can abort one by one (AbortReq)."""
+    rids = ["sluice-ab12-0", "sluice-ab12-1"]
+    obj = admitted_generate(req.generate_body([[5, 6], [7]], SamplingParams(4), rids))
+    assert obj.rid == rids
+    abort = validate(io_struct.AbortReq, req.abort_body(rids[1]))
+    assert (abort.rid, abort.abort_all) == (rids[1], False)
+    assert route_parameters(req.ABORT_REQUEST)[0] == "obj"  # the route takes an AbortReq body
+    with pytest.raises(ValueError, match="2 request ids for 1 prompts"):
+        req.generate_body([[5]], SamplingParams(4), rids)
 
 
 def test_parse_success():

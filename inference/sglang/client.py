@@ -3,10 +3,15 @@
 A rollout actor holds one `SglangClient` over every engine's URL, its own first. Generation is
 spread over all live servers (whichever has the fewest requests in flight from this client) so
 a slow or busy engine does not hold the whole batch back, and a server that stops answering is
-marked down and its requests are sent elsewhere, so no prompt group is lost.
+marked down and its requests are sent elsewhere, so no prompt group is lost. A request given up
+on is aborted on its server (`/abort_request`), so the server does not go on generating it into
+the next weight update; a server marked down is probed again (`/health`) and comes back once
+it answers, so one timeout does not take it out for the rest of the run.
 """
 
 import threading
+import time
+import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -14,12 +19,25 @@ import requests
 
 from inference.engine import Completion, SamplingParams
 from inference.sglang.requests import (
+    ABORT_REQUEST,
     GENERATE,
+    HEALTH,
     SglangError,
+    abort_body,
     error_message,
     generate_body,
     parse_generate_response,
 )
+
+HEALTH_TIMEOUT_S = 25.0
+"""One /health probe of a down server: sglang 0.5.23 bounds its own health generation at 20 s
+(`HEALTH_CHECK_TIMEOUT`), plus a margin."""
+
+REPROBE_INTERVAL_S = 30.0
+"""A down server is probed again at most this often (and at once when every server is down)."""
+
+ABORT_TIMEOUT_S = 5.0
+"""One `/abort_request`; a server that does not answer it is down, and its requests with it."""
 
 Json = Any
 """A decoded JSON reply: a dict for most endpoints, a list for a batched `/generate`."""
@@ -59,21 +77,32 @@ class SglangClient:
     sessions are not documented as thread-safe); a connection costs far less than a generation.
     """
 
-    def __init__(self, urls: list[str], timeout_s: float, max_in_flight: int):
+    def __init__(
+        self,
+        urls: list[str],
+        timeout_s: float,
+        max_in_flight: int,
+        health_timeout_s: float = HEALTH_TIMEOUT_S,
+        reprobe_interval_s: float = REPROBE_INTERVAL_S,
+    ):
         """`urls`: base URLs such as `http://10.0.0.1:30000`, index 0 the caller's own engine.
 
         `timeout_s` bounds one request, a whole `/generate` batch included: a server slower than
         that is treated as unreachable. `max_in_flight` caps this client's concurrent
-        `/generate` requests per server.
+        `/generate` requests per server. A down server is probed with `/health` (each probe
+        allowed `health_timeout_s`) at most every `reprobe_interval_s`.
         """
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
+        self.health_timeout_s = health_timeout_s
+        self.reprobe_interval_s = reprobe_interval_s
         self._cond = threading.Condition()
         self._urls: list[str] = []
         self._in_flight: dict[str, int] = {}
         self._down: dict[str, str] = {}
+        self._probed_at: dict[str, float] = {}  # when each down URL was last found down
         self.set_urls(urls)
 
     # --- the server table ----------------------------------------------------------------------
@@ -91,6 +120,7 @@ class SglangClient:
             self._urls = urls
             self._in_flight = {u: self._in_flight.get(u, 0) for u in urls}
             self._down = {}
+            self._probed_at = {}
             self._cond.notify_all()
 
     @property
@@ -112,6 +142,7 @@ class SglangClient:
             if url not in self._in_flight:
                 raise ValueError(f"{url} is not one of this client's URLs: {self._urls}")
             self._down.pop(url, None)
+            self._probed_at.pop(url, None)
             self._cond.notify_all()
 
     def mark_down(self, url: str, reason: str) -> None:
@@ -120,7 +151,38 @@ class SglangClient:
         with self._cond:
             if url in self._in_flight:
                 self._down[url] = reason
+                self._probed_at[url] = time.monotonic()
             self._cond.notify_all()
+
+    def reprobe_down(self, force: bool = False) -> bool:
+        """Probe `/health` of the down URLs last found down `reprobe_interval_s` ago or more
+        (every down URL with `force`); those that answer 200 take requests again. Returns
+        whether any URL is live now (another thread's probe may have brought it back)."""
+        now = time.monotonic()
+        with self._cond:
+            due = [
+                url
+                for url, at in self._probed_at.items()
+                if force or now - at >= self.reprobe_interval_s
+            ]
+        for url in due:
+            healthy = self._answers_health(url)
+            with self._cond:
+                if url not in self._down:  # set_urls, mark_up or another probe meanwhile
+                    continue
+                if healthy:
+                    del self._down[url], self._probed_at[url]
+                else:
+                    self._probed_at[url] = time.monotonic()
+                self._cond.notify_all()
+        return bool(self.live_urls)
+
+    def _answers_health(self, url: str) -> bool:
+        try:
+            response = requests.get(url + HEALTH, timeout=self.health_timeout_s)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
 
     # --- single requests -----------------------------------------------------------------------
 
@@ -155,40 +217,57 @@ class SglangClient:
         """Completions for every prompt group, in input order (one list per group, per prompt).
 
         One `/generate` request per group, all sent concurrently and balanced over the live
-        servers. A request whose server is unreachable marks that server down and goes to
-        another; raises `AllEnginesDown` when none is left, and `SglangError` (not retried) when
-        a server refuses a request or aborts one.
+        servers. A request whose server is unreachable is aborted there, marks that server down
+        and goes to another (under new request ids). Down servers due a probe are probed first;
+        when none is live, every down server is probed once more before `AllEnginesDown` is
+        raised (also after a group has failed on as many servers as there are, twice over).
+        `SglangError` (not retried) when a server refuses a request or aborts one.
         """
         if not groups:
             return []
-        bodies = [generate_body(group, params) for group in groups]
+        self.reprobe_down()
         workers = min(len(groups), self.max_in_flight * max(1, len(self._urls)))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-generate")
         try:
-            futures = [
-                pool.submit(self._generate_one, body, len(group))
-                for body, group in zip(bodies, groups, strict=True)
-            ]
+            futures = [pool.submit(self._generate_one, group, params) for group in groups]
             return _results_in_order(futures)
         finally:
             # On an error, queued groups are dropped and running ones finish in the background.
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _generate_one(self, body: dict[str, Any], expected: int) -> list[Completion]:
+    def _generate_one(self, group: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One group's request, retried on another server until one answers."""
+        failures = 0
         while True:
-            url = self._acquire()
             try:
-                payload = self.post(url, GENERATE, body)
+                url = self._acquire()
+            except AllEnginesDown:
+                if failures > 2 * len(self._urls) or not self.reprobe_down(force=True):
+                    raise
+                continue
+            rids = [f"sluice-{uuid.uuid4().hex}-{i}" for i in range(len(group))]
+            try:
+                payload = self.post(url, GENERATE, generate_body(group, params, rids))
             except EngineUnreachable as e:
                 self.mark_down(url, e.reason)
+                self._abort(url, rids)
+                failures += 1
                 continue
             finally:
                 self._release(url)
             try:
-                return parse_generate_response(payload, expected)
+                return parse_generate_response(payload, len(group))
             except SglangError as e:
                 raise SglangError(f"{url}: {e}") from e
+
+    def _abort(self, url: str, rids: list[str]) -> None:
+        """Abort requests given up on, so the server stops generating them; a server that does
+        not take the abort is down, and the requests went with it."""
+        for rid in rids:
+            try:
+                requests.post(url + ABORT_REQUEST, json=abort_body(rid), timeout=ABORT_TIMEOUT_S)
+            except requests.RequestException:
+                return
 
     def _acquire(self) -> str:
         """A slot on the live URL with the fewest requests in flight; waits while all are full."""

@@ -42,6 +42,7 @@ END_WEIGHT_UPDATE = "/end_weight_update"
 MODEL_INFO = "/model_info"
 """GET; its `weight_version` is the version the last weight update set."""
 HEALTH = "/health"
+ABORT_REQUEST = "/abort_request"
 """GET; 200 once the server serves requests."""
 
 FLATTENED_BUCKET = "flattened_bucket"
@@ -71,22 +72,35 @@ class SglangError(RuntimeError):
 # --- /generate ---------------------------------------------------------------------------------
 
 
-def generate_body(prompts: list[list[int]], params: SamplingParams) -> dict[str, Any]:
+def generate_body(
+    prompts: list[list[int]], params: SamplingParams, rids: list[str] | None = None
+) -> dict[str, Any]:
     """One `/generate` request for a batch of token-id prompts.
 
     Always a batch (a list of lists, even for one prompt) so the reply is always a list. Asks
     for the log-prob of each output token only (`logprob_start_len=-1`): SGLang returns them
     under the tempered, untruncated distribution (`log_softmax(logits / T)`, before top-p/top-k),
-    which is what `Completion.log_probs` promises.
+    which is what `Completion.log_probs` promises. `rids`, one per prompt, name the requests so
+    that one given up on can be aborted (`abort_body`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_body needs at least one prompt, and no empty prompt")
-    return {
+    if rids is not None and len(rids) != len(prompts):
+        raise ValueError(f"{len(rids)} request ids for {len(prompts)} prompts")
+    body = {
         "input_ids": [[int(t) for t in p] for p in prompts],
         "sampling_params": sampling_params_body(params),
         "return_logprob": True,
         "logprob_start_len": -1,
     }
+    if rids is not None:
+        body["rid"] = list(rids)
+    return body
+
+
+def abort_body(rid: str) -> dict[str, Any]:
+    """`/abort_request` for one request id (SGLang's `AbortReq` aborts one rid at a time)."""
+    return {"rid": rid}
 
 
 def sampling_params_body(params: SamplingParams) -> dict[str, Any]:
