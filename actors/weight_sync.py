@@ -25,7 +25,7 @@ from config.schema import WeightSyncConfig
 from placement.planner import Layout
 from weights.checksum import compare_checksums
 from weights.errors import WeightSyncError
-from weights.process_group import GroupInfo
+from weights.process_group import DEFAULT_GROUP_NAME, GroupInfo
 from weights.sync import SyncStats
 
 
@@ -57,6 +57,8 @@ class WeightSync:
         # SGLang servers join and receive with plain collectives: no join check, warm-up or
         # per-sync handshake may run in a group that has them (see GroupInfo.checked).
         self.checked = engine_type != "sglang"
+        self.generation = 0
+        """How many times the group was rebuilt; part of its name."""
 
     def setup(self) -> None:
         """Build the group: the trainer leader is rank 0, engine e's ranks follow the previous
@@ -72,6 +74,7 @@ class WeightSync:
             master_port=port,
             world_size=1 + sum(widths),
             backend=self.backend,
+            group_name=group_name(self.generation),
             timeout_s=self.config.timeout_s,
             checked=self.checked,
         )
@@ -84,11 +87,19 @@ class WeightSync:
         self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
 
     def rebuild(self) -> None:
-        """A new group after an engine restarted (a restarted server is in no group): every
-        engine leaves the old one, the trainer closes it, then `setup` runs again."""
+        """A new group after an engine restarted (a restarted server is in no group).
+
+        Every engine leaves the old group while the trainer closes its end, all at once: under
+        NCCL each side's shutdown waits for the others (SGLang's destroy calls
+        `ProcessGroupNCCL.shutdown()`), so waiting for the engines before the trainer would
+        hang. The teardown has `weight_sync.timeout_s`; the new group gets a name of its own,
+        since torch refuses a name whose destroy failed. Then `setup` runs again."""
         if self.backend != "ipc":
-            ray.get([e.destroy_weights_update_group.remote() for e in self.engines])
-            ray.get(self.leader.close_weights_update_group.remote())
+            calls = {f"engine {i}": e.destroy_weights_update_group.remote()
+                     for i, e in enumerate(self.engines)}  # fmt: skip
+            calls["trainer"] = self.leader.close_weights_update_group.remote()
+            _wait_all(calls, self.config.timeout_s, "leaving the old weight group")
+        self.generation += 1
         self.setup()
 
     def sync(self, version: int) -> SyncStats:
@@ -139,6 +150,24 @@ class WeightSync:
         expected = self.trainers.weight_checksums()
         for i, sums in enumerate(ray.get([e.weight_checksums.remote() for e in self.engines])):
             compare_checksums(expected, sums, where=f"engine {i}")
+
+
+def group_name(generation: int) -> str:
+    """SGLang's default name for the first group, a numbered one for each rebuilt group."""
+    return DEFAULT_GROUP_NAME if generation == 0 else f"{DEFAULT_GROUP_NAME}_{generation}"
+
+
+def _wait_all(calls: dict[str, ray.ObjectRef], timeout_s: float, what: str) -> None:
+    """Wait for every call (raising the first error), or fail naming those still running."""
+    refs = list(calls.values())
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        stuck = [name for name, ref in calls.items() if ref in pending]
+        raise WeightSyncError(
+            f"{what}: {', '.join(stuck)} did not finish within weight_sync.timeout_s="
+            f"{timeout_s:g} s"
+        )
+    ray.get(done)
 
 
 def handle_sources(layout: Layout, engine_type: str) -> list[dict[int, int]]:
