@@ -120,11 +120,12 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
     from training import check_backend_config
     from training.loss import LossSettings
 
-    check_backend_config(config)
-    check_engine_config(config)
     # A cluster's model directory may not be visible where the dry run runs: then whether its
-    # rollouts are fp8 is said to be decided at start-up, as SGLang's expert count is.
+    # rollouts are fp8, SGLang's expert count and the Megatron layout's fit to the model are
+    # said to be decided at start-up.
     readable = _model_config_readable(config)
+    check_backend_config(config, model_readable=readable)
+    check_engine_config(config)
     fp8 = check_rollout_checkpoint(config) if readable else None
     loss = LossSettings.resolve(config.algorithm, fp8 is not None)
     print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip(), end="\n\n")
@@ -138,6 +139,11 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
             f"rollout weights: {config.model.hf_checkpoint}/config.json is not readable here; "
             f"fp8 or not (and TIS with it) is decided from it at start-up"
         )
+        if config.train.backend == "megatron":
+            line += (
+                "; the Megatron layout was checked against the world size only, and against "
+                "the model's heads, experts and layers at start-up"
+            )
     print(f"# {line}\n")
     if cluster_spec:
         cluster = parse_cluster_spec(cluster_spec)

@@ -26,8 +26,11 @@ def _megatron_backend(config: SluiceConfig, device: "torch.device") -> "Training
 BACKENDS = {"torch": _torch_backend, "megatron": _megatron_backend}
 
 
-def check_backend_config(config: SluiceConfig) -> None:
-    """Refuse settings the chosen backend cannot honour, rather than ignore them."""
+def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> None:
+    """Refuse settings the chosen backend cannot honour, rather than ignore them.
+
+    `model_readable` False (a dry run where the checkpoint is not copied yet): the Megatron
+    layout is checked without the model's numbers, which start-up checks."""
     t = config.train
     if t.backend not in BACKENDS:
         raise UserError(
@@ -38,7 +41,7 @@ def check_backend_config(config: SluiceConfig) -> None:
         from training.megatron.model_config import load_hf_config, model_shape
         from training.megatron.parallel import check_megatron_config
 
-        shape = model_shape(load_hf_config(trainer_model(config.model)))
+        shape = model_shape(load_hf_config(trainer_model(config.model))) if model_readable else None
         check_megatron_config(t, config.model.dtype, shape)
     if t.backend == "torch":
         p = t.parallel

@@ -11,8 +11,10 @@ from config.schema import ParallelConfig, TrainConfig
 from training.megatron.model_config import ModelShape
 
 
-def layout_problems(p: ParallelConfig, world: int, s: ModelShape) -> list[str]:
-    """Every rule the layout breaks, as messages naming the numbers (empty when valid)."""
+def layout_problems(p: ParallelConfig, world: int, s: ModelShape | None) -> list[str]:
+    """Every rule the layout breaks, as messages naming the numbers (empty when valid).
+    Without the model's shape (`s` None: its config.json is not readable here, as in a dry
+    run before the model is copied), the rules that need no model."""
     problems = []
     model_parallel = p.tensor * p.pipeline * p.context
     if world % model_parallel:
@@ -26,6 +28,9 @@ def layout_problems(p: ParallelConfig, world: int, s: ModelShape) -> list[str]:
             f"train.num_workers={world} is not divisible by expert x expert_tensor x pipeline "
             f"= {p.expert} x {p.expert_tensor} x {p.pipeline} = {expert_parallel}"
         )
+    problems += _model_free_problems(p)
+    if s is None:
+        return problems
     checks = [
         (s.num_attention_heads, p.tensor, "attention heads", "tensor"),
         (s.num_query_groups, p.tensor, "key/value heads (query groups)", "tensor"),
@@ -51,6 +56,11 @@ def layout_problems(p: ParallelConfig, world: int, s: ModelShape) -> list[str]:
             f"train.parallel.sequence=true (megatron-core trains MoE layers under tensor "
             f"parallelism only with sequence parallelism)"
         )
+    return problems
+
+
+def _model_free_problems(p: ParallelConfig) -> list[str]:
+    problems = []
     if p.sequence and p.tensor == 1:
         problems.append("train.parallel.sequence=true needs train.parallel.tensor > 1")
     if p.context > 1:
@@ -98,8 +108,9 @@ def check_layout(p: ParallelConfig, world: int, shape: ModelShape) -> None:
         raise UserError("invalid Megatron parallel layout: " + "; ".join(problems))
 
 
-def check_megatron_config(train: TrainConfig, dtype: str, shape: ModelShape) -> None:
-    """Every start-up check of the Megatron backend; one error listing all problems."""
+def check_megatron_config(train: TrainConfig, dtype: str, shape: ModelShape | None) -> None:
+    """Every start-up check of the Megatron backend; one error listing all problems (those
+    needing the model only when its `shape` is given)."""
     problems = layout_problems(train.parallel, train.num_workers, shape)
     problems += optimizer_problems(train, dtype)
     if problems:
