@@ -375,9 +375,15 @@ class Pair:
     """`nccl` or `gloo`, the world's."""
 
 
-def measure_steps(backend, sizes: Sizes, batches, device, facts: ModelFacts) -> dict[str, Any]:
+def step_inputs(backend, batches) -> tuple[list, float]:
+    """This rank's rows of the step and the step's global loss-token count (`train`'s args)."""
     share = batches[backend.data_parallel_rank :: backend.data_parallel_size]
     normalizer = float(sum(b.column("loss_mask").flatten().to_numpy().sum() for b in batches))
+    return share, normalizer
+
+
+def measure_steps(backend, sizes: Sizes, batches, device, facts: ModelFacts) -> dict[str, Any]:
+    share, normalizer = step_inputs(backend, batches)
     step = partial(backend.train, share, normalizer)
     seconds, losses = [], []
     for index in range(sizes.warmup + sizes.steps):
@@ -480,8 +486,7 @@ def profile_step(backend, sizes: Sizes, batches, device, path: Path) -> None:
     host time go to `path` (rank 0)."""
     from torch.profiler import ProfilerActivity, profile
 
-    share = batches[backend.data_parallel_rank :: backend.data_parallel_size]
-    normalizer = float(sum(b.column("loss_mask").flatten().to_numpy().sum() for b in batches))
+    share, normalizer = step_inputs(backend, batches)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -498,6 +503,7 @@ def profile_step(backend, sizes: Sizes, batches, device, path: Path) -> None:
             + averages.table(sort_by=sort, row_limit=40, max_name_column_width=70)
             for sort in sorts
         ]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n\n".join(tables))
         print(tables[0][:6000], flush=True)
 
@@ -553,8 +559,15 @@ def table_row(name: str, r: dict[str, Any], matrix_flops: float) -> dict[str, An
         row["gpu_GiB"] = max(r["peak_gpu_GiB"])
     if "host_rss_GiB" in r:
         row["rss_GiB"] = max(r["host_rss_GiB"])
-    keys = ("export_GB", "export_GB/s", "pack/copy", "sync_GB/s", "raw_GB/s", "sync/raw")
-    for key in (*keys, "export/raw"):
+    for key in (
+        "export_GB",
+        "export_GB/s",
+        "pack/copy",
+        "sync_GB/s",
+        "raw_GB/s",
+        "sync/raw",
+        "export/raw",
+    ):
         if key in r:
             row[key] = r[key]
     row["error"] = "yes" if "error" in r else ""

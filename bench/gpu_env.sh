@@ -2,7 +2,8 @@
 # [WHEEL ...]` unpacks ray (.whl/site.tar.xz, from ../shared/device/pack-wheels.sh) into
 # /tmp/site, installs the wheels given beside it, and sets what every process there needs
 # (NVLink multicast off, as ../shared/device/README.md asks; no uv runtime environments).
-# A function, so the wheels are its own arguments, never the calling script's.
+# A function, so the wheels are its own arguments, never the calling script's. `step` runs one
+# step of a script with a time limit, logged to $OUT/NAME.log, and stops any Ray cluster it left.
 gpu_env() {
   mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
   if [ $# -gt 0 ]; then
@@ -11,4 +12,14 @@ gpu_env() {
   export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
     PYTHONUNBUFFERED=1
+}
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i -e warn -e deprecat | tee -a "$OUT/$name.log"
+  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+  # a timed-out step must not leave its cluster behind (the device machine is ours alone)
+  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
 }

@@ -16,14 +16,6 @@ source bench/gpu_env.sh && gpu_env .whl/megatron_core-*.whl .whl-extra/*.whl
   nproc
 } 2>&1 | tee "$OUT/env.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
-  timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i -e warn -e deprecat | tee -a "$OUT/$name.log"
-  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
-  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
-}
 loop() {  # loop NAME FLAGS...: the built-in task, Megatron backend, bf16, 2 trainers + 2 engines
   local name=$1
   shift

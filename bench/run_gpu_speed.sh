@@ -22,14 +22,6 @@ source bench/gpu_env.sh && gpu_env .whl/megatron_core-*.whl .whl-extra/*.whl
   echo "GPUS=$GPUS LAYERS=$LAYERS LAYOUTS=$LAYOUTS"
 } 2>&1 | tee "$OUT/env.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
-  timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i -e warn -e deprecat | tee -a "$OUT/$name.log"
-  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
-}
-
 if [ "${CEILING:-1}" = 1 ]; then
   for tokens in 16384 32768; do
     step ceiling 120 python3 .whl-extra/moe_ceiling.py --layers "$LAYERS" --tokens "$tokens"

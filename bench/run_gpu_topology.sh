@@ -24,14 +24,6 @@ source bench/gpu_env.sh && gpu_env .whl/megatron_core-*.whl .whl-extra/*.whl
   echo "GPUS=$GPUS TP=$TP EP=$EP LAYERS=$LAYERS STEPS=$STEPS"
 } 2>&1 | tee "$OUT/env.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
-  timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i -e warn -e deprecat | tee -a "$OUT/$name.log"
-  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
-  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
-}
 sp=() && [ "$TP" -gt 1 ] && sp=(--sequence-parallel)
 layout=tp$TP${sp:+-sp}-ep$EP
 
