@@ -29,9 +29,13 @@ from inference.sglang.requests import (
     parse_generate_response,
 )
 
-HEALTH_TIMEOUT_S = 25.0
-"""One /health probe of a down server: sglang 0.5.23 bounds its own health generation at 20 s
-(`HEALTH_CHECK_TIMEOUT`), plus a margin."""
+SGLANG_HEALTH_CHECK_S = 20
+"""sglang 0.5.23's bound on its own /health (`HEALTH_CHECK_TIMEOUT`, env
+SGLANG_HEALTH_CHECK_TIMEOUT, in entrypoints/http_server.py): /health runs a one-token
+generation and answers 503 after that long."""
+
+HEALTH_TIMEOUT_S = SGLANG_HEALTH_CHECK_S + 5
+"""How long one probe of a running server waits: SGLang's bound, and a margin for the reply."""
 
 REPROBE_INTERVAL_S = 30.0
 """A down server is probed again at most this often (and at once when every server is down)."""
@@ -166,7 +170,7 @@ class SglangClient:
                 if force or now - at >= self.reprobe_interval_s
             ]
         for url in due:
-            healthy = self._answers_health(url)
+            healthy = answers_health(url, self.health_timeout_s)
             with self._cond:
                 if url not in self._down:  # set_urls, mark_up or another probe meanwhile
                     continue
@@ -176,13 +180,6 @@ class SglangClient:
                     self._probed_at[url] = time.monotonic()
                 self._cond.notify_all()
         return bool(self.live_urls)
-
-    def _answers_health(self, url: str) -> bool:
-        try:
-            response = requests.get(url + HEALTH, timeout=self.health_timeout_s)
-        except requests.RequestException:
-            return False
-        return response.status_code == 200
 
     # --- single requests -----------------------------------------------------------------------
 
@@ -288,6 +285,14 @@ class SglangClient:
             if url in self._in_flight:  # set_urls may have dropped it meanwhile
                 self._in_flight[url] = max(0, self._in_flight[url] - 1)
             self._cond.notify_all()
+
+
+def answers_health(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+    """Whether the server at `url` answers GET /health with 200 within `timeout_s`."""
+    try:
+        return requests.get(url.rstrip("/") + HEALTH, timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def _results_in_order(futures: list[Future]) -> list[Any]:

@@ -25,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import requests
 
 from config.schema import SluiceConfig
 from inference.engine import Completion, InferenceEngine, SamplingParams
 from inference.sglang import requests as bodies
-from inference.sglang.client import AllEnginesDown, EngineUnreachable, SglangClient
+from inference.sglang.client import (
+    AllEnginesDown,
+    EngineUnreachable,
+    SglangClient,
+    answers_health,
+)
 from inference.sglang.launch import (
     ResolvedServerArgs,
     read_num_experts,
@@ -64,14 +68,6 @@ class EngineSite:
     """Ray actor options placing a `NodeServer` on each spanned node (entry 0 unused: the
     RolloutActor itself runs node_rank 0's server)."""
 
-
-SGLANG_HEALTH_CHECK_S = 20
-"""sglang 0.5.23's bound on its own /health (`HEALTH_CHECK_TIMEOUT`, env
-SGLANG_HEALTH_CHECK_TIMEOUT, in entrypoints/http_server.py): /health runs a one-token
-generation and answers 503 after that long."""
-
-HEALTH_TIMEOUT_S = SGLANG_HEALTH_CHECK_S + 5
-"""How long one probe of a running engine waits: SGLang's bound, and a margin for the reply."""
 
 HEALTH_PROBES = 3
 """Failed probes in a row before a running engine counts as dead and is restarted."""
@@ -194,7 +190,7 @@ class SglangEngine(InferenceEngine):
         """Up to HEALTH_PROBES probes, each allowed SGLang's own bound: one slow or failed
         answer (a busy server) is no reason to restart a healthy engine."""
         for attempt in range(HEALTH_PROBES):
-            if _healthy(self.url, HEALTH_TIMEOUT_S):
+            if answers_health(self.url):  # within SGLang's own bound (HEALTH_TIMEOUT_S)
                 return True
             print(
                 f"[sglang engine {self.index}] {self.url}/health failed "
@@ -380,11 +376,9 @@ def _runs(prompts: list[list[int]]) -> list[list[list[int]]]:
     return groups
 
 
-def _healthy(url: str, timeout_s: float = STARTUP_PROBE_TIMEOUT_S) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=timeout_s).status_code == 200
-    except requests.RequestException:
-        return False
+def _healthy(url: str) -> bool:
+    """The start-up probe (polled until `startup_timeout_s`)."""
+    return answers_health(url, STARTUP_PROBE_TIMEOUT_S)
 
 
 def _free_port() -> int:
