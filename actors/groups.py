@@ -70,7 +70,8 @@ class TrainGroup:
         return _first_when_all_done.remote(*calls)
 
     def begin_ipc_export(self, serving: set[int]) -> None:
-        """Start a CUDA-IPC export; the ranks in `serving` hand out their node's handles."""
+        """Start a CUDA-IPC export; the ranks in `serving` pack each bucket on their GPU and
+        hand out handles to it (one per engine rank sharing that GPU)."""
         ray.get([a.begin_ipc_export.remote(r in serving) for r, a in enumerate(self.actors)])
 
     def ipc_bucket(self, bucket: Bucket) -> dict[int, str]:
@@ -138,8 +139,8 @@ class RolloutGroup:
     def release_memory(self) -> None:
         ray.get([a.release_memory.remote() for a in self.actors])
 
-    def resume_memory(self) -> None:
-        ray.get([a.resume_memory.remote() for a in self.actors])
+    def resume_memory(self, regions: tuple[str, ...]) -> None:
+        ray.get([a.resume_memory.remote(regions) for a in self.actors])
 
     def generate(self, prompts: list[PromptRecord], step: int) -> list[RolloutResult]:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.

@@ -26,6 +26,7 @@ from data.balance import balance_by_tokens
 from data.prompts import PromptStream
 from data.sources import load_train_and_eval
 from inference import check_engine_config, check_fp8_engines
+from inference.engine import CACHE_MEMORY, WEIGHT_MEMORY
 from models.fp8_checkpoint import check_rollout_checkpoint
 from models.loading import check_checkpoint_dir
 from placement.cluster import read_cluster_shape
@@ -38,6 +39,7 @@ from tracking.ray_metrics import RayMetrics
 from training import check_backend_config
 from training.backend import TrainStats
 from training.loss import LossSettings
+from weights.sync import SyncStats
 
 SHUTDOWN_TIMEOUT_S = 60.0
 LOOP_STATE_FILE = "sluice_state.json"
@@ -78,8 +80,15 @@ class Driver:
         check_paths_on_nodes(config, self.layout)  # every node sees the model, data, checkpoints
         self.placement = create_placement(self.layout)
         try:
-            self.engines = RolloutGroup(config, self.placement)
-            self.trainers = TrainGroup(config, self.placement)
+            if self.layout.colocate:
+                # The trainers take their memory first, so engines sharing their GPUs size
+                # their KV cache (a fraction of the GPU, --mem-fraction-static) against what
+                # is really left, instead of holding it before the trainers exist.
+                self.trainers = TrainGroup(config, self.placement)
+                self.engines = RolloutGroup(config, self.placement)
+            else:
+                self.engines = RolloutGroup(config, self.placement)
+                self.trainers = TrainGroup(config, self.placement)
             self.weights = WeightSync(
                 config.weight_sync, self.trainers, self.engines, self.layout, config.rollout.engine
             )
@@ -113,13 +122,11 @@ class Driver:
         if self.layout.colocate:  # colocated engines give their GPU memory to the trainers
             self.engines.release_memory()
         train_stats = self.trainers.train(shares, normalizer)
-        if self.layout.colocate:
-            self.engines.resume_memory()
         train_done = time.perf_counter()
         self.version += 1
         if self.engines.ensure_running():  # a restarted engine needs a new group
             self.weights.rebuild()
-        sync = self.weights.sync(self.version)
+        sync = self._sync_weights()
         end = time.perf_counter()
         self.steps_done += 1
         metrics = {
@@ -137,6 +144,17 @@ class Driver:
         self.metrics.write(self.steps_done, metrics)
         self.ray_metrics.record(metrics, step=self.steps_done)
         return metrics
+
+    def _sync_weights(self) -> SyncStats:
+        """The new version into every engine. Colocated, the engines take back their weights'
+        memory first and their KV cache and CUDA graphs only after the update, so the
+        trainers' export buffers have the room the cache would hold (slime's order)."""
+        if self.layout.colocate:
+            self.engines.resume_memory(WEIGHT_MEMORY)
+        sync = self.weights.sync(self.version)
+        if self.layout.colocate:
+            self.engines.resume_memory(CACHE_MEMORY)
+        return sync
 
     # Checkpoints: the trainers write the model and optimizer (torch_dist); the driver adds the
     # loop's own state, then switches the save root over (see training/megatron/checkpoint.py).

@@ -190,8 +190,8 @@ class RolloutActor:
     def release_memory(self) -> None:
         self.engine.release_memory()
 
-    def resume_memory(self) -> None:
-        self.engine.resume_memory()
+    def resume_memory(self, regions: tuple[str, ...]) -> None:
+        self.engine.resume_memory(regions)
 
     # Weight updates (SGLang's verbs), delegated to the engine.
 
@@ -210,7 +210,7 @@ class RolloutActor:
     def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
         return self.engine.update_weights_from_distributed(plan, version)
 
-    def update_weights_from_tensor(self, handles: dict[int, str], version: int | None) -> None:
+    def update_weights_from_tensor(self, handles: list[str], version: int | None) -> None:
         self.engine.update_weights_from_tensor(handles, version)
 
     def finish_weight_update(self, version: int) -> None:

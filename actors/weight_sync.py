@@ -9,9 +9,10 @@ What waits for what:
    receive run concurrently; the driver waits for all of them and checks that every engine
    reports `version`. With `verify`, checksums of both sides are compared afterwards.
    With the `ipc` transport (engines on the trainers' GPUs) there is no group: per bucket,
-   every training rank takes part in the export, the serving ranks (`handle_sources`) return
-   CUDA IPC handles, and the driver hands every engine its handles and waits for all of them
-   (each has copied the bucket out) before the next bucket.
+   every training rank takes part in the export, the rank on each engine rank's GPU
+   (`handle_sources`) packs the bucket there and returns its CUDA IPC handle, and the driver
+   hands every engine one handle per rank and waits for all of them (each has copied the
+   bucket out) before the next bucket.
 The driver never calls `sync` while engines generate (the loop is synchronous).
 """
 
@@ -44,15 +45,9 @@ class WeightSync:
         self.leader = trainers.leader
         self.engines = engines.actors
         self.plan = None
-        self.handle_sources = (
-            handle_sources(layout, engine_type)
-            if self.backend == "ipc"
-            else [{} for _ in layout.engine_slots]
-        )
-        """Per engine, {node index: the training rank whose CUDA IPC handles it opens}."""
-        self.serving_ranks = sorted(
-            {r for sources in self.handle_sources for r in sources.values()}
-        )
+        self.handle_sources = handle_sources(layout) if self.backend == "ipc" else []
+        """Per engine, per engine rank: the training rank whose CUDA IPC handles it opens."""
+        self.serving_ranks = sorted({r for sources in self.handle_sources for r in sources})
         """The training ranks that pack buckets and serve handles (ipc transport)."""
         # SGLang servers join and receive with plain collectives: no join check, warm-up or
         # per-sync handshake may run in a group that has them (see GroupInfo.checked).
@@ -134,8 +129,7 @@ class WeightSync:
             ray.get(
                 [
                     e.update_weights_from_tensor.remote(
-                        {node: handles[rank] for node, rank in sources.items()},
-                        version if last else None,
+                        [handles[rank] for rank in sources], version if last else None
                     )
                     for e, sources in zip(self.engines, self.handle_sources, strict=True)
                 ]
@@ -170,31 +164,27 @@ def _wait_all(calls: dict[str, ray.ObjectRef], timeout_s: float, what: str) -> N
     ray.get(done)
 
 
-def handle_sources(layout: Layout, engine_type: str) -> list[dict[int, int]]:
-    """Which training rank serves each engine its CUDA IPC handles, per node of the engine.
+def handle_sources(layout: Layout) -> list[list[int]]:
+    """Per engine, per engine rank (SGLang's tp_rank; the transformers engine has one): the
+    training rank on the same GPU, whose CUDA IPC handles that rank opens.
 
-    Every training rank holds the whole gathered bucket during an export, so any rank on the
-    engine's node could serve it. An SGLang server sees all of its node's GPUs: the first
-    training rank of each node serves that node. The transformers engine is a Ray actor that
-    sees only its own GPU, so it opens the handles of the training rank on that same GPU.
+    Every training rank holds the whole gathered bucket during an export, so the rank sharing
+    each engine rank's GPU packs its own copy there: every engine rank reads memory on its own
+    GPU (SGLang's TP workers each open the handle at their own `tp_rank`; one buffer shared by
+    a node would have 7 of 8 ranks read across GPUs and open a CUDA context on another GPU).
     """
-    firsts: dict[int, int] = {}
-    on_gpu: dict[tuple[int, int], int] = {}
-    for rank, slot in enumerate(layout.train_slots):
-        firsts.setdefault(slot.node_index, rank)
-        on_gpu[slot.node_index, slot.bundle_index] = rank
+    on_gpu = {(s.node_index, s.bundle_index): rank for rank, s in enumerate(layout.train_slots)}
     sources = []
     for engine, slots in enumerate(layout.engine_slots):
-        if engine_type == "sglang":
-            sources.append({s.node_index: firsts[s.node_index] for s in slots})
-            continue
-        (slot,) = slots  # the transformers engine spans one GPU
-        if (slot.node_index, slot.bundle_index) not in on_gpu:
+        missing = [s for s in slots if (s.node_index, s.bundle_index) not in on_gpu]
+        if missing:
+            where = ", ".join(f"node {s.node_index} GPU {s.gpu_index}" for s in missing)
             raise UserError(
-                f"engine {engine} shares no GPU with a training rank, so it cannot take CUDA "
-                f"IPC handles: set weight_sync.backend=gloo"
+                f"engine {engine} shares no GPU with a training rank at {where}, so it cannot "
+                f"take CUDA IPC handles there: give every engine GPU a training rank "
+                f"(colocated placement) or set weight_sync.backend=gloo"
             )
-        sources.append({slot.node_index: on_gpu[slot.node_index, slot.bundle_index]})
+        sources.append([on_gpu[s.node_index, s.bundle_index] for s in slots])
     return sources
 
 

@@ -73,8 +73,9 @@ class SglangConfig:
     server_args: dict[str, Any] = field(default_factory=dict)
     """SGLang server flags by name, e.g. `{mem-fraction-static: 0.7, cuda-graph-bs-decode:
     [1, 2, 4]}`; on the command line `--sglang-mem-fraction-static 0.7`. Sluice sets
-    --model-path, --tp-size, --nnodes, --node-rank, --dist-init-addr, --base-gpu-id, --host
-    and --port from the config and the placement; the dry run shows each final command."""
+    --model-path, --tp-size, --nnodes, --node-rank, --dist-init-addr, --host, --port and the
+    server's CUDA_VISIBLE_DEVICES from the config and the placement; the dry run shows each
+    final command."""
 
     startup_timeout_s: float = 1200.0
     """How long a server may take to answer /health after launch (loading 30B weights and

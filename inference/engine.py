@@ -35,6 +35,13 @@ class Completion:
     """`stop` (ended on EOS, which is included in token_ids) or `length`."""
 
 
+WEIGHT_MEMORY = ("weights",)
+"""Resumed before a colocated weight update: the engine's weights, to be written over."""
+CACHE_MEMORY = ("kv_cache", "cuda_graph")
+"""Resumed after it: the KV cache and CUDA graphs would otherwise take the room the trainers'
+export buffers use during the update (SGLang's region names)."""
+
+
 class InferenceEngine(ABC):
     """One engine: generates, and takes new weights from the trainer."""
 
@@ -80,10 +87,10 @@ class InferenceEngine(ABC):
         """Leave the weight group (before the driver builds a new one)."""
 
     def release_memory(self) -> None:  # noqa: B027
-        """Free GPU memory while colocated trainers step."""
+        """Free GPU memory (weights, KV cache, CUDA graphs) while colocated trainers step."""
 
-    def resume_memory(self) -> None:  # noqa: B027
-        """Take the memory back before weights are updated."""
+    def resume_memory(self, regions: tuple[str, ...]) -> None:  # noqa: B027
+        """Take back the `regions` (`WEIGHT_MEMORY`, then `CACHE_MEMORY`) released before."""
 
     def shutdown(self) -> None:  # noqa: B027 (optional hook: engines with nothing to free)
         """Release processes and memory."""

@@ -141,7 +141,7 @@ class TransformersEngine(InferenceEngine):
         self.weight_version = version
         return stats
 
-    def update_weights_from_tensor(self, handles: dict[int, str], version: int | None) -> None:
+    def update_weights_from_tensor(self, handles: list[str], version: int | None) -> None:
         """One bucket by CUDA IPC handle from the training rank on this engine's GPU (colocated):
         its tensors are copied into the model before this returns, since the trainer reuses
         the buffer for the next bucket. `version` comes with the last bucket."""
@@ -149,7 +149,7 @@ class TransformersEngine(InferenceEngine):
             raise WeightSyncError(
                 f"the transformers engine takes one CUDA IPC handle per bucket, got {len(handles)}"
             )
-        (text,) = handles.values()
+        (text,) = handles
         names_and_views = open_bucket(text)
         destinations = self._destinations()
         with torch.no_grad():

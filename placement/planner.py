@@ -82,7 +82,7 @@ class EngineSpan:
 
     @property
     def base_gpu_id(self) -> int | None:
-        """First local GPU of this part (SGLang's --base-gpu-id)."""
+        """First local GPU of this part."""
         return self.slots[0].gpu_index
 
 

@@ -13,9 +13,10 @@
    one answered 422), the replies, the weight-update session rule, and, for
    `/init_weights_update_group` and `/update_weights_from_distributed`, the real
    `WeightUpdater` methods, so the trainer's broadcast flows into SGLang's code (and for
-   `/update_weights_from_tensor`, SGLang's own deserializer and flattened-bucket views). Test-only
-   routes (underscore names): `GET /_recorded` lists every valid call (path and body), `GET
-   /_received` gives `{name: sha256 of the bytes}` of every tensor received. With `--port 0`
+   `/update_weights_from_tensor`, SGLang's own deserializer and flattened-bucket views, run
+   once per TP rank (`--tp-size`) on that rank's entry). Test-only routes (underscore names):
+   `GET /_recorded` lists every valid call (path and body), `GET /_received[?tp_rank=k]`
+   gives `{name: sha256 of the bytes}` of every tensor rank k (default 0) received. With `--port 0`
    the server picks a free port; either way its first line on stdout is `listening on PORT`,
    printed once sglang is imported and the port is bound. `spawn_server()` starts one so.
 
@@ -138,11 +139,16 @@ class EngineDouble:
     """What the test double remembers; one per server, shared by its handler threads."""
 
     updater: Any
+    tp_size: int = 1
+    """The engine's TP ranks (`--tp-size`): a colocated update is decoded once per rank, from
+    that rank's entry, as each of SGLang's TP workers does (the broadcast path has rank 0)."""
     weight_version: str = INITIAL_WEIGHT_VERSION
     session_open: bool = False
     paused: bool = False
     recorded: list[dict[str, Any]] = field(default_factory=list)
     received: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What rank 0 received; `received_by_rank` has the other ranks' colocated updates."""
+    received_by_rank: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     update_lock: threading.Lock = field(default_factory=threading.Lock)
     """Serialises weight updates, as SGLang's `model_update_lock` does."""
@@ -197,40 +203,25 @@ class EngineDouble:
         return _success(True, "Succeeded to update parameter online." + self._bump(req))
 
     def update_from_tensor(self, req: Any) -> Reply:
-        """SGLang's decoding of a colocated update: rank 0's entry through its own
-        `MultiprocessingSerializer` (CUDA-IPC / shared-memory handles to the trainer's
-        tensors), then, for `flattened_bucket`, its `FlattenedTensorBucket` views; the
-        tensors are kept (cloned) instead of loaded into a model."""
+        """SGLang's decoding of a colocated update: each TP rank decodes its own entry,
+        `serialized_named_tensors[tp_rank]`, through SGLang's `MultiprocessingSerializer`
+        (CUDA-IPC / shared-memory handles to the trainer's tensors), then, for
+        `flattened_bucket`, its `FlattenedTensorBucket` views; the tensors are kept (cloned)
+        instead of loaded into a model."""
         if not self.session_open:
             return _success(False, NO_SESSION.replace("distributed", "tensor"))
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-        from sglang.srt.weight_sync.tensor_bucket import (
-            FlattenedTensorBucket,
-            FlattenedTensorMetadata,
-        )
-
         with self.update_lock:
             try:
-                monkey_patch_torch_reductions()
-                payload = MultiprocessingSerializer.deserialize(req.serialized_named_tensors[0])
-                if req.load_format == "flattened_bucket":
-                    metadata = [
-                        FlattenedTensorMetadata(
-                            m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel
-                        )
-                        for m in payload["metadata"]
-                    ]
-                    bucket = FlattenedTensorBucket(
-                        flattened_tensor=payload["flattened_tensor"], metadata=metadata
-                    )
-                    tensors = bucket.reconstruct_tensors()
-                else:
-                    tensors = payload
+                by_rank = {
+                    tp_rank: _decode_entry(req.serialized_named_tensors[tp_rank], req.load_format)
+                    for tp_rank in range(self.tp_size)
+                }
             except Exception as e:
                 return _success(False, f"Failed to decode the tensors: {e!r}")
             with self.lock:
-                self.received.update((name, t.clone()) for name, t in tensors)
+                for tp_rank, tensors in by_rank.items():
+                    kept = self.received if tp_rank == 0 else self.received_by_rank[tp_rank]
+                    kept.update((name, t.clone()) for name, t in tensors)
         return _success(True, "Success" + self._bump(req))
 
     def update_version(self, req: Any) -> Reply:
@@ -263,9 +254,10 @@ class EngineDouble:
             "load_format": "auto",
         }
 
-    def received_hashes(self) -> dict[str, str]:
+    def received_hashes(self, tp_rank: int = 0) -> dict[str, str]:
         with self.lock:
-            return {name: _sha256(t) for name, t in self.received.items()}
+            kept = self.received if tp_rank == 0 else self.received_by_rank.get(tp_rank, {})
+            return {name: _sha256(t) for name, t in kept.items()}
 
     def _bump(self, req: Any) -> str:
         """Set the weight version a successful update carries; SGLang's message suffix."""
@@ -273,6 +265,24 @@ class EngineDouble:
             return ""
         self.weight_version = req.weight_version
         return f" Weight version updated to {req.weight_version}."
+
+
+def _decode_entry(text: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """One TP rank's entry of `/update_weights_from_tensor`, decoded with SGLang's code."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
+
+    monkey_patch_torch_reductions()
+    payload = MultiprocessingSerializer.deserialize(text)
+    if load_format != "flattened_bucket":
+        return payload
+    metadata = [
+        FlattenedTensorMetadata(m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel)
+        for m in payload["metadata"]
+    ]
+    bucket = FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"], metadata=metadata)
+    return bucket.reconstruct_tensors()
 
 
 def _success(ok: bool, message: str) -> Reply:
@@ -386,12 +396,13 @@ class Handler(BaseHTTPRequestHandler):
     validators: Validators
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path, query = url.path, parse_qs(url.query)
         reads: dict[str, Callable[[], Any]] = {
             "/health": lambda: "",
             "/model_info": self.engine.model_info,
             "/_recorded": lambda: list(self.engine.recorded),
-            "/_received": self.engine.received_hashes,
+            "/_received": lambda: self.engine.received_hashes(int(query.get("tp_rank", ["0"])[0])),
         }
         if path in reads:
             self._send(HTTPStatus.OK, reads[path]())
@@ -439,22 +450,20 @@ class Handler(BaseHTTPRequestHandler):
         """Quiet: the tests read replies, not access logs."""
 
 
-def make_server(port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+def make_server(port: int, host: str = "127.0.0.1", tp_size: int = 1) -> ThreadingHTTPServer:
     """The double, bound (port 0: any free one) but not yet serving; sglang imported first."""
     init_default_group()
-    handler = type(
-        "BoundHandler",
-        (Handler,),
-        {"engine": EngineDouble(make_weight_updater()), "validators": Validators()},
-    )
+    engine = EngineDouble(make_weight_updater(), tp_size=tp_size)
+    engine.received_by_rank = {rank: {} for rank in range(1, tp_size)}
+    handler = type("BoundHandler", (Handler,), {"engine": engine, "validators": Validators()})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
+def serve(port: int, host: str = "127.0.0.1", tp_size: int = 1) -> None:
     """Run the double until killed; prints `listening on PORT` once requests can come."""
-    server = make_server(port, host)
+    server = make_server(port, host, tp_size)
     print(f"listening on {server.server_address[1]}", flush=True)
     server.serve_forever()
 
@@ -475,10 +484,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
-    # The launch_server arguments Sluice passes (--model-path, --tp-size, ...) are ignored, so
-    # the engine's own launch code can start this double in tests.
+    parser.add_argument("--tp-size", type=int, default=1, help="TP ranks decoding IPC updates")
+    # The other launch_server arguments Sluice passes (--model-path, ...) are ignored, so the
+    # engine's own launch code can start this double in tests.
     args, _ = parser.parse_known_args()
-    serve(args.port, args.host)
+    serve(args.port, args.host, args.tp_size)
 
 
 if __name__ == "__main__":

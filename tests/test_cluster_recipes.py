@@ -18,12 +18,10 @@ The Ray cluster is the expensive part (seconds per node on a 2-core machine): on
 cluster is started with one node and grown to three for the 24-GPU recipe.
 """
 
-import argparse
 import functools
 import json
 import math
 import shlex
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,8 @@ from models.reference import qwen3_30b_a3b_config
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.planner import plan_layout
 from rl.rewards import load_reward_fn
+from tests.sglang_args import resolved as sglang_resolve
+from tests.sglang_args import resolved_fields
 from tools.conversion import read_hf_config
 from training import check_backend_config
 from training.loss import LossSettings
@@ -175,17 +175,6 @@ def nodes_needed(recipe: Path) -> int:
 
 
 # --- SGLang's own parser --------------------------------------------------------------------
-
-
-def sglang_parse(argv: list[str]):
-    """`launch_server` arguments through sglang 0.5.23's ServerArgs, as the server reads them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its CPU-only import warns about CUDA kernels
-        from sglang.srt.server_args import ServerArgs
-
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    return ServerArgs.from_cli_args(parser.parse_args(argv))
 
 
 def printed_commands(out: str) -> list[list[str]]:
@@ -334,11 +323,14 @@ def test_dry_run_on_a_fake_ray_cluster(recipe, shared_fs, fake_cluster, monkeypa
     assert len(commands) == nodes
     server_args = config.rollout.sglang.server_args
     for rank, argv in enumerate(commands):
-        args = sglang_parse(argv)
+        args = sglang_resolve(argv)
         assert args.model_path == config.model.hf_checkpoint
         assert (args.tp_size, args.dtype) == (config.rollout.gpus_per_engine, "bfloat16")
         assert (args.nnodes, args.node_rank, args.base_gpu_id) == (nodes, rank, 0)
-        assert args.dist_init_addr == (f"{head.address}:20000" if nodes > 1 else None)
+        dp_attention = int(server_args.get("attn-dp-size", 1)) > 1
+        assert args.dist_init_addr == (
+            f"{head.address}:20000" if nodes > 1 or dp_attention else None
+        )
         assert args.enable_memory_saver  # colocated: memory released while trainers step
         for name, value in server_args.items():
             assert getattr(args, name.replace("-", "_")) == sglang_value(value), name
@@ -375,12 +367,12 @@ def without_keys(values: dict[str, Any], keys: set[str]) -> dict[str, Any]:
 
 
 def launch_args(config) -> list:
-    """sglang's parsed ServerArgs of every server of engine 0, planned on 8-GPU nodes."""
+    """sglang's resolved settings of every server of engine 0, planned on 8-GPU nodes."""
     resolved = resolve_server_args(config, read_num_experts(config))
     nodes = math.ceil(gpus_needed(config) / GPUS_PER_NODE)
     layout = plan_layout(synthetic_cluster(nodes, GPUS_PER_NODE, 64.0), config)
     launches = server_launches(config, layout, 0, resolved, port=30000, dist_init_port=20000)
-    return [sglang_parse(list(launch.argv)) for launch in launches]
+    return [resolved_fields(list(launch.argv)) for launch in launches]
 
 
 def as_flags(args: dict[str, Any]) -> dict[str, list[str]]:
@@ -483,7 +475,7 @@ def test_fp8_rollout_engines_serve_fp8_while_megatron_loads_the_bf16_conversion(
     assert settings.tis and settings.old_log_probs == "recompute"
     assert settings.tis_cap == 2.0
     (args,) = launch_args(config)
-    assert args.model_path == str(fp8)
+    assert args["model_path"] == str(fp8)
     assert Path(config.checkpoint.load) == shared_fs / "models" / "Qwen3-30B-A3B_torch_dist"
     with pytest.raises(UserError, match="quant_method=fp8"):
         read_hf_config(fp8)  # tools/convert_hf_to_torch_dist.py's first step

@@ -18,6 +18,7 @@ import requests
 import torch
 
 import driver
+from inference.engine import CACHE_MEMORY, WEIGHT_MEMORY
 from inference.sglang.engine import EngineSite, SglangEngine, _runs
 from inference.sglang.server import EngineFailure
 from models.checkpoint_format import checkpoint_tensors
@@ -43,16 +44,22 @@ def model_dir(tmp_path_factory):
     return directory
 
 
-def make_engine(model_dir: Path, tmp_path: Path, program: list[str]) -> SglangEngine:
-    """Engine 0 of a one-GPU plan on a node at 127.0.0.1 (where the test's server listens)."""
+def make_engine(
+    model_dir: Path, tmp_path: Path, program: list[str], gpus_per_engine: int = 1
+) -> SglangEngine:
+    """Engine 0 of a plan on a node at 127.0.0.1 (where the test's server listens): one
+    training GPU, then the engine's."""
     config, _ = driver.parse_args(
         ["--rollout.engine", "sglang", "--model.hf_checkpoint", str(model_dir),
          "--train.num_workers", "1", "--rollout.num_engines", "1", "--rollout.batch_size", "8",
+         "--rollout.gpus_per_engine", str(gpus_per_engine),
          "--logging.output_dir", str(tmp_path), "--rollout.sglang.startup_timeout_s", "120"]
     )  # fmt: skip
-    node = NodeShape(node_id="f" * 56, address="127.0.0.1", num_gpus=2, num_cpus=8.0)
+    gpus = 1 + gpus_per_engine
+    node = NodeShape(node_id="f" * 56, address="127.0.0.1", num_gpus=gpus, num_cpus=8.0)
     layout = plan_layout(ClusterShape((node,)), config)
-    return SglangEngine(config, 0, EngineSite(layout, gpu_ids=[[1]], node_options=[{}]), program)
+    site = EngineSite(layout, gpu_ids=[list(range(1, gpus))], node_options=[{}])
+    return SglangEngine(config, 0, site, program)
 
 
 def trainer_weights(scale: float) -> list[tuple[str, torch.Tensor]]:
@@ -179,6 +186,7 @@ def test_a_dead_server_is_restarted_and_leaves_the_weight_group(model_dir, tmp_p
         assert engine.ensure_running() is False
         engine.connect_peers([engine.url, "http://127.0.0.1:1"])
         engine.group_name, engine.weight_version = "weight_update_group", 3
+        engine.released = {*WEIGHT_MEMORY, *CACHE_MEMORY}  # it crashes while released
         old_url = engine.url
         engine.local._process.kill()  # the server crashes
         engine.local._process.wait()
@@ -191,6 +199,7 @@ def test_a_dead_server_is_restarted_and_leaves_the_weight_group(model_dir, tmp_p
         assert engine.url != old_url  # a fresh port
         assert engine.client.live_urls == [engine.url, "http://127.0.0.1:1"]  # peers kept
         assert (engine.group_name, engine.weight_version) == (None, 0)  # rejoin, then sync
+        assert engine.released == set()  # the new server holds all its memory: none to resume
     finally:
         engine.shutdown()
     assert not engine.local.alive()
@@ -203,37 +212,57 @@ def test_generation_requests_carry_whole_groups():
 
 
 def test_colocated_update_by_handles_is_decoded_by_sglangs_serializer(model_dir, tmp_path):
-    """The trainer shares each packed bucket (here in shared memory; CUDA IPC on GPUs) and the
-    server decodes it with sglang's own MultiprocessingSerializer and bucket views."""
+    """Two engine ranks, each handed the bucket packed by the training rank on its own GPU
+    (here in shared memory; CUDA IPC on GPUs): the server's rank k decodes entry k with
+    sglang's own MultiprocessingSerializer and bucket views. The two ranks' trainers send
+    different weights here, so a rank that read another's entry would be seen. Memory goes as
+    the colocated driver has it: all released for training, then the weights resumed before
+    the update and the KV cache and CUDA graphs after it."""
     torch.multiprocessing.set_sharing_strategy("file_system")  # handles between unrelated processes
-    engine = make_engine(model_dir, tmp_path, RECEIVER)
+    engine = make_engine(model_dir, tmp_path, [*RECEIVER, "--tp-size", "2"], gpus_per_engine=2)
     try:
-        weights = trainer_weights(scale=0.5)
-        plan = plan_buckets(manifest_of(weights), bucket_bytes=16 << 10)
-        export = IpcExport(iter(weights), serving=True, device=torch.device("cpu"))
+        weights = [trainer_weights(scale=0.5), trainer_weights(scale=0.25)]  # per engine rank
+        plan = plan_buckets(manifest_of(weights[0]), bucket_bytes=16 << 10)
+        exports = [IpcExport(iter(w), serving=True, device=torch.device("cpu")) for w in weights]
+        engine.release_memory()
+        engine.resume_memory(WEIGHT_MEMORY)
         engine.check_weights_update(plan)
         sent = [b for b in plan if b.nbytes]
         for bucket in plan:
-            handle = export.bucket(bucket)
-            if handle is not None:
+            handles = [export.bucket(bucket) for export in exports]
+            if bucket.nbytes:
                 last = bucket is sent[-1]
-                engine.update_weights_from_tensor({0: handle}, 9 if last else None)
-        export.finish()
+                engine.update_weights_from_tensor(handles, 9 if last else None)
+        for export in exports:
+            export.finish()
         engine.finish_weight_update(9)
+        engine.resume_memory(CACHE_MEMORY)
+        engine.resume_memory(CACHE_MEMORY)  # nothing left released: no request
 
         assert engine.weight_version == 9
-        received = requests.get(f"{engine.url}/_received", timeout=10).json()
-        assert received == {name: sha256(t) for name, t in weights}
+        for tp_rank, sent_weights in enumerate(weights):
+            received = requests.get(f"{engine.url}/_received?tp_rank={tp_rank}", timeout=10)
+            assert received.json() == {name: sha256(t) for name, t in sent_weights}
         calls = requests.get(f"{engine.url}/_recorded", timeout=10).json()
+        assert [(c["path"], c["body"].get("tags")) for c in calls if "memory" in c["path"]] == [
+            ("/release_memory_occupation", None),  # every region
+            ("/resume_memory_occupation", ["weights"]),
+            ("/resume_memory_occupation", ["kv_cache", "cuda_graph"]),
+        ]
         assert [c["path"] for c in calls] == [
+            "/release_memory_occupation",
+            "/resume_memory_occupation",
             "/begin_weight_update",
             *["/update_weights_from_tensor"] * len(sent),
             "/end_weight_update",
+            "/resume_memory_occupation",
         ]
-        updates = [c["body"] for c in calls[1:-1]]
+        updates = [c["body"] for c in calls[3:-2]]
         assert {len(u["serialized_named_tensors"]) for u in updates} == {engine.weight_ranks}
         assert {u["load_format"] for u in updates} == {"flattened_bucket"}
         assert [u["weight_version"] for u in updates][-2:] == [None, "9"]
+        with pytest.raises(WeightSyncError, match="has 2 ranks but got 1 CUDA IPC handles"):
+            engine.update_weights_from_tensor(handles[:1], None)
     finally:
         engine.shutdown()
 

@@ -1,11 +1,11 @@
-"""The SGLang command lines Sluice generates, parsed by sglang 0.5.23's own argument parser.
+"""The SGLang command lines Sluice generates, resolved by sglang 0.5.23's own code.
 
 Each case runs the user's path: the driver's command line (seed flags included) -> the config
 -> the placement plan of a 1 x 8 or 3 x 8 cluster -> every engine node's `launch_server`
-arguments -> `ServerArgs.add_cli_args` + `ServerArgs.from_cli_args`.
+arguments -> what `launch_server` makes of them before it starts a process: SGLang's parser
+and its resolution pipeline (`tests/sglang_args.py`).
 """
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -14,16 +14,24 @@ import pytest
 
 import driver
 from config.errors import UserError
+from inference.sglang.engine import free_port_block
 from inference.sglang.flag_table import TABLE_PATH, read_sglang_parser
-from inference.sglang.launch import describe_engines, resolve_server_args, server_launches
+from inference.sglang.launch import (
+    DIST_INIT_PORTS,
+    describe_engines,
+    resolve_server_args,
+    server_launches,
+)
 from placement.cluster import synthetic_cluster
 from placement.planner import plan_layout
+from tests.sglang_args import resolved as sglang_resolve
+from tests.sglang_args import server_args as sglang_server_args
 
 pytestmark = pytest.mark.sglang
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.server_args import PortArgs
 
 CUDA_GRAPH_BS = ["1", "2", "4", "8", *map(str, range(16, 257, 8))]
 SEED_8_GPU = [  # the seed's SGLANG_ARGS for one node, as written there
@@ -53,22 +61,19 @@ def qwen3_30b(tmp_path):
         num_experts=128,
         num_experts_per_tok=8,
         vocab_size=151936,
+        architectures=["Qwen3MoeForCausalLM"],
     )
     config.save_pretrained(tmp_path)
     return str(tmp_path)
 
 
-def sglang_parse(argv: list[str]):
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    return ServerArgs.from_cli_args(parser.parse_args(argv))
-
-
-def launches_for(argv: list[str], nodes: int, gpus: int = 8, engine: int = 0):
+def launches_for(
+    argv: list[str], nodes: int, gpus: int = 8, engine: int = 0, dist_init_port: int = 20000
+):
     config, _ = driver.parse_args(argv)
     layout = plan_layout(synthetic_cluster(nodes, gpus, 64.0), config)
     resolved = resolve_server_args(config, _num_experts(config))
-    ports = {"port": 30000 + engine, "dist_init_port": 20000 + engine}
+    ports = {"port": 30000 + engine, "dist_init_port": dist_init_port + engine}
     return config, layout, resolved, server_launches(config, layout, engine, resolved, **ports)
 
 
@@ -94,7 +99,7 @@ def test_flag_table_is_the_installed_sglangs():
 def test_seed_8_gpu_args_parse_with_expert_parallelism(qwen3_30b):
     *_, resolved, launches = launches_for([*colocated(qwen3_30b, 8), *SEED_8_GPU], 1)
     assert len(launches) == 1
-    args = sglang_parse(list(launches[0].argv))
+    args = sglang_resolve(list(launches[0].argv))
     assert args.model_path == qwen3_30b
     assert (args.tp_size, args.ep_size, args.attn_dp_size) == (8, 8, 1)
     assert args.mem_fraction_static == 0.7
@@ -103,6 +108,7 @@ def test_seed_8_gpu_args_parse_with_expert_parallelism(qwen3_30b):
     assert (args.nnodes, args.node_rank, args.base_gpu_id) == (1, 0, 0)
     assert args.enable_memory_saver  # colocated: released while the trainers step
     assert launches[0].visible_devices == "0,1,2,3,4,5,6,7"
+    assert args.dist_init_addr is None  # one node, no DP attention: SGLang uses IPC sockets
     assert any("enable-ep-moe" in note and "--ep-size 8" in note for note in resolved.notes)
     assert any("cuda-graph-bs-decode" in note for note in resolved.notes)
 
@@ -113,9 +119,29 @@ def test_seed_8_gpu_with_dp_attention(qwen3_30b):
         "--sglang-enable-dp-attention", "--sglang-dp-size", "8",
     ]  # fmt: skip
     _, _, resolved, launches = launches_for(argv, 1)
-    args = sglang_parse(list(launches[0].argv))
+    args = sglang_resolve(list(launches[0].argv))
     assert (args.tp_size, args.ep_size, args.attn_dp_size, args.dp_size) == (8, 8, 8, 1)
+    assert args.chunked_prefill_size == 512  # SGLang's resolution ran its DP-attention rule
     assert any("--attn-dp-size 8" in note for note in resolved.notes)
+
+
+def test_dp_attention_binds_only_the_reserved_block_of_ports(qwen3_30b):
+    """With DP attention SGLang opens TCP sockets on ports derived from `--dist-init-addr`
+    (from the HTTP port + 233 when none is given, which another engine may hold): a one-node
+    engine gets `--dist-init-addr` too, at the start of a block of free ports, and SGLang's own
+    `PortArgs` lands every derived port inside that block."""
+    argv = [*colocated(qwen3_30b, 8), *SEED_8_GPU, "--sglang-attn-dp-size", "8"]
+    first = free_port_block(DIST_INIT_PORTS)
+    *_, launches = launches_for(argv, 1, dist_init_port=first)
+    server_args = sglang_server_args(list(launches[0].argv))
+    assert server_args.dist_init_addr == f"10.0.0.1:{first}"
+    ports = PortArgs.init_new(server_args)  # also checks that each derived port is free
+    derived = [
+        ports.tokenizer_ipc_name, ports.scheduler_input_ipc_name, ports.detokenizer_ipc_name,
+        ports.rpc_ipc_name, ports.metrics_ipc_name,
+    ]  # fmt: skip
+    numbers = {int(name.rsplit(":", 1)[1]) for name in derived}
+    assert numbers <= set(range(first + 1, first + DIST_INIT_PORTS)), (first, numbers)
 
 
 def test_dp_attention_switch_with_the_new_width_flag_is_valid(qwen3_30b):
@@ -126,7 +152,7 @@ def test_dp_attention_switch_with_the_new_width_flag_is_valid(qwen3_30b):
         "--sglang-enable-dp-attention", "--sglang-attn-dp-size", "8",
     ]  # fmt: skip
     _, _, resolved, launches = launches_for(argv, 1)
-    args = sglang_parse(list(launches[0].argv))
+    args = sglang_resolve(list(launches[0].argv))
     assert (args.attn_dp_size, args.dp_size) == (8, 1)
     assert any("implied by --sglang-attn-dp-size" in note for note in resolved.notes)
 
@@ -149,7 +175,7 @@ def test_engine_dtype_is_the_checkpoints_not_the_trainers_default(qwen3_30b, sto
     model = _with_stored_dtype(qwen3_30b, stored)
     config, _, resolved, launches = launches_for([*colocated(model, 8), *SEED_8_GPU], 1)
     assert config.model.dtype == "float32"
-    assert sglang_parse(list(launches[0].argv)).dtype == expected
+    assert sglang_resolve(list(launches[0].argv)).dtype == expected
     assert any(note.startswith(f"--dtype {expected}") for note in resolved.notes)
     assert any("SGLang casts them" in note for note in resolved.notes) == (stored is not None)
 
@@ -157,7 +183,7 @@ def test_engine_dtype_is_the_checkpoints_not_the_trainers_default(qwen3_30b, sto
 def test_float32_for_sglang_is_noted(qwen3_30b):
     argv = [*colocated(qwen3_30b, 8), *SEED_8_GPU, "--sglang-dtype", "float32"]
     _, _, resolved, launches = launches_for(argv, 1)
-    assert sglang_parse(list(launches[0].argv)).dtype == "float32"
+    assert sglang_resolve(list(launches[0].argv)).dtype == "float32"
     assert any("float32 at a fraction of bf16's speed" in note for note in resolved.notes)
 
 
@@ -166,23 +192,44 @@ def test_seed_24_gpu_args_give_three_nodes_and_redundant_experts(qwen3_30b):
     assert [launch.node_rank for launch in launches] == [0, 1, 2]
     assert [launch.address for launch in launches] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     for rank, launch in enumerate(launches):
-        args = sglang_parse(list(launch.argv))
+        args = sglang_resolve(list(launch.argv))
         assert (args.nnodes, args.node_rank) == (3, rank)
         assert args.dist_init_addr == "10.0.0.1:20000"  # the engine's first node, every rank
-        assert args.base_gpu_id == 0
+        assert args.base_gpu_id == 0 and launch.visible_devices == "0,1,2,3,4,5,6,7"
         assert (args.tp_size, args.ep_size, args.attn_dp_size) == (24, 24, 3)
         assert args.moe_dense_tp_size == 1
         assert args.enable_dp_lm_head
         assert args.ep_num_redundant_experts == 16  # the seed's value: (128 + 16) / 24 = 6
         assert args.mem_fraction_static == 0.7
+        # The copies serve tokens only when placed: EPLB on, SGLang's derived settings with it.
+        assert args.enable_eplb and args.expert_distribution_recorder_mode == "stat"
+        assert args.ep_dispatch_algorithm is not None
 
 
 def test_redundant_experts_are_computed_when_not_given(qwen3_30b):
     argv = [*colocated(qwen3_30b, 24), *SEED_24_GPU]
     argv = argv[: argv.index("--sglang-ep-num-redundant-experts")]
     _, _, resolved, launches = launches_for(argv, 3)
-    assert sglang_parse(list(launches[0].argv)).ep_num_redundant_experts == 16
+    assert sglang_resolve(list(launches[0].argv)).ep_num_redundant_experts == 16
     assert any("adding 16 redundant experts" in n and "6 per GPU" in n for n in resolved.notes)
+    assert any(n.startswith("--sglang-enable-eplb added: the 16 redundant") for n in resolved.notes)
+
+
+@pytest.mark.parametrize(
+    ("extra", "eplb", "note"),
+    [
+        (["--sglang-enable-eplb", "false"], False, "serve no tokens"),
+        (["--sglang-init-expert-location", "/x/location.json"], False, None),
+        (["--sglang-enable-eplb"], True, None),
+    ],
+)
+def test_redundant_experts_are_placed_unless_the_user_says_otherwise(qwen3_30b, extra, eplb, note):
+    argv = [*colocated(qwen3_30b, 24), *SEED_24_GPU, *extra]
+    config, _ = driver.parse_args(argv)
+    resolved = resolve_server_args(config, 128)
+    assert resolved.args.get("enable-eplb", False) is eplb
+    eplb_notes = [n for n in resolved.notes if "enable-eplb" in n]
+    assert (note is None and not eplb_notes) or any(note in n for n in eplb_notes), eplb_notes
 
 
 def test_a_wrong_redundant_expert_count_names_the_valid_ones(qwen3_30b):
@@ -197,26 +244,47 @@ def test_disaggregated_engines_get_their_gpus_after_the_trainers(qwen3_30b):
         "--train.num_workers", "4", "--rollout.num_engines", "2",
         "--rollout.gpus_per_engine", "2", "--sglang-ep-size", "2",
     ]  # fmt: skip
-    for engine, base in ((0, 4), (1, 6)):
+    for engine, gpus in ((0, "4,5"), (1, "6,7")):
         *_, launches = launches_for(argv, 1, engine=engine)
-        args = sglang_parse(list(launches[0].argv))
-        assert (args.base_gpu_id, args.tp_size, args.ep_size) == (base, 2, 2)
+        args = sglang_resolve(list(launches[0].argv))
+        assert launches[0].visible_devices == gpus
+        assert (args.base_gpu_id, args.tp_size, args.ep_size) == (0, 2, 2)
         assert args.port == 30000 + engine
         assert not args.enable_memory_saver
         assert args.random_seed == 1234 + engine  # engines never sample in lockstep
+
+
+def test_the_server_sees_exactly_the_gpus_ray_gave_its_bundles(qwen3_30b):
+    """Ray's GPU ids (the placement probe's) are what CUDA_VISIBLE_DEVICES means on the node,
+    also when they are not consecutive or the raylet runs under a narrowed
+    CUDA_VISIBLE_DEVICES; `range(node GPUs)` with a base GPU id would pick other GPUs."""
+    argv = [
+        "--rollout.engine", "sglang", "--model.hf_checkpoint", qwen3_30b,
+        "--train.num_workers", "2", "--rollout.num_engines", "1",
+        "--rollout.gpus_per_engine", "2",
+    ]  # fmt: skip
+    config, _ = driver.parse_args(argv)
+    layout = plan_layout(synthetic_cluster(1, 4, 64.0), config)
+    resolved = resolve_server_args(config, 128)
+    (launch,) = server_launches(
+        config, layout, 0, resolved, port=30000, dist_init_port=20000, gpu_ids=[[5, 7]]
+    )
+    assert launch.visible_devices == "5,7"
+    assert launch.command.startswith("CUDA_VISIBLE_DEVICES=5,7 python -m sglang.launch_server")
+    assert sglang_resolve(list(launch.argv)).base_gpu_id == 0  # cuda:0 and cuda:1 of those
 
 
 def test_every_value_kind_passes_through_to_sglang(qwen3_30b):
     """A switch, a negatable switch, a choice, an int, a float and a list, as typed."""
     argv = [
         *colocated(qwen3_30b, 8), "--rollout.gpus_per_engine", "8",
-        "--sglang-enable-dp-lm-head", "--sglang-no-enable-tf32-matmul",
+        "--sglang-enable-metrics", "--sglang-no-enable-tf32-matmul",
         "--sglang-dtype", "bfloat16", "--sglang-chunked-prefill-size", "4096",
         "--sglang-mem_fraction_static=0.6", "--sglang-cuda-graph-bs-decode", "1", "2",
     ]  # fmt: skip
     *_, launches = launches_for(argv, 1)
-    args = sglang_parse(list(launches[0].argv))
-    assert args.enable_dp_lm_head and args.enable_tf32_matmul is False
+    args = sglang_resolve(list(launches[0].argv))
+    assert args.enable_metrics and args.enable_tf32_matmul is False
     assert (args.dtype, args.chunked_prefill_size) == ("bfloat16", 4096)
     assert (args.mem_fraction_static, args.cuda_graph_bs_decode) == (0.6, [1, 2])
 

@@ -107,7 +107,8 @@ def test_our_store_prefix_is_the_device_torch_names_the_backend_after():
 
 
 def test_sglang_weight_updater_receives_our_broadcast_bit_for_bit():
-    """Two SGLang engine ranks (rank_offset 1 and 2, world size 3) in spawned processes."""
+    """One SGLang engine of two TP ranks in spawned processes: both join with the engine's
+    rank_offset 1 and SGLang adds each one's tp_rank (ranks 1 and 2 of a world of 3)."""
     tensors = weights()
     plan = plan_of(tensors)
     info = group_info(world_size=3, name="sluice_sglang_test")
@@ -117,10 +118,10 @@ def test_sglang_weight_updater_receives_our_broadcast_bit_for_bit():
     engines = [
         ctx.Process(
             target=sglang_receiver.receive_in_process,
-            args=(results, join_fields(info, rank_offset), buckets),
+            args=(results, join_fields(info, rank_offset=1), buckets, tp_rank),
             daemon=True,
         )
-        for rank_offset in (1, 2)
+        for tp_rank in (0, 1)
     ]
     for engine in engines:
         engine.start()

@@ -1,22 +1,35 @@
 """`WeightSync.rebuild` after an engine restart: both sides leave the old group at once, with a
 deadline, and the new group has a name of its own.
 
-Under NCCL, each side's teardown of a group waits for the other members (SGLang's
-`/destroy_weights_update_group` calls `ProcessGroupNCCL.shutdown()`): the actors below leave
-the same way, each blocking until every member has started leaving, so a driver that waited for
-the engines before telling the trainer would hang. They are Ray actors with the verbs the real
-TrainActor and RolloutActor expose; nothing else of the weight path runs here (the broadcasts
-themselves are tests/test_weight_sync.py's and tests/test_sglang_weight_group.py's).
+1. The ordering, with actors that leave as NCCL members do: each side's teardown waits for the
+   other members (SGLang's `/destroy_weights_update_group` calls `ProcessGroupNCCL.shutdown()`),
+   so a driver that waited for the engines before telling the trainer would hang. These are Ray
+   actors with the verbs of TrainActor and RolloutActor and nothing else of the weight path.
+2. The whole path on gloo: a real TrainActor (torch backend) broadcasts into a real
+   `SglangEngine` whose server is `tests/sglang_receiver.py` (a recording test double of
+   SGLang's routes, NOT SGLang, that joins, receives and leaves with SGLang's own
+   `WeightUpdater`); the server is killed, the engine restarts it, the driver's
+   `WeightSync.rebuild` builds a group under a new name, and the next version arrives bit for
+   bit; then a rebuild with every member alive, where SGLang's own destroy runs.
 """
 
+import hashlib
+import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 import ray
+import requests
+import torch
 
+import driver
+from actors.train_actor import TrainActor
 from actors.weight_sync import WeightSync, group_name
 from config.schema import WeightSyncConfig
+from inference.sglang.engine import EngineSite, SglangEngine
+from models.tiny import save_tiny_model
+from placement.planner import ClusterShape, NodeShape, plan_layout
 from weights.errors import WeightSyncError
 
 
@@ -112,3 +125,94 @@ def test_a_member_that_never_leaves_is_named_after_the_deadline(ray_local):
         sync.rebuild()
     assert time.monotonic() - start < 30
     ray.kill(stuck)
+
+
+# ---- 2. the whole path on gloo, SGLang's WeightUpdater receiving ---------------------------
+
+RECEIVER = [sys.executable, "-W", "ignore", "-m", "tests.sglang_receiver"]
+
+
+@ray.remote(num_cpus=0)
+class EngineActor:
+    """The real `SglangEngine` in a Ray actor, with the verbs RolloutActor delegates to it
+    (RolloutActor builds its engine from the config alone; this one is given the double)."""
+
+    def __init__(self, config, site: EngineSite):
+        self.engine = SglangEngine(config, 0, site, RECEIVER)
+
+    def weight_ranks(self) -> int:
+        return self.engine.weight_ranks
+
+    def init_weights_update_group(self, info, rank_offset: int) -> None:
+        self.engine.init_weights_update_group(info, rank_offset)
+
+    def destroy_weights_update_group(self) -> None:
+        self.engine.destroy_weights_update_group()
+
+    def check_weights_update(self, plan) -> None:
+        self.engine.check_weights_update(plan)
+
+    def update_weights_from_distributed(self, plan, version: int):
+        return self.engine.update_weights_from_distributed(plan, version)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def ensure_running(self) -> bool:
+        return self.engine.ensure_running()
+
+    def crash(self) -> None:
+        self.engine.local._process.kill()
+        self.engine.local._process.wait()
+
+    def server(self, route: str):
+        return requests.get(f"{self.engine.url}{route}", timeout=30).json()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def test_a_restarted_engine_rejoins_a_new_group_and_gets_the_next_version(ray_local, tmp_path):
+    model_dir = tmp_path / "model"
+    save_tiny_model(model_dir, 0)
+    config, _ = driver.parse_args(
+        ["--rollout.engine", "sglang", "--model.hf_checkpoint", str(model_dir),
+         "--train.num_workers", "1", "--rollout.num_engines", "1", "--rollout.batch_size", "8",
+         "--weight_sync.backend", "gloo", "--weight_sync.timeout_s", "120",
+         "--logging.output_dir", str(tmp_path), "--rollout.sglang.startup_timeout_s", "120"]
+    )  # fmt: skip
+    node = NodeShape(node_id="f" * 56, address="127.0.0.1", num_gpus=2, num_cpus=8.0)
+    layout = plan_layout(ClusterShape((node,)), config)
+    engine = EngineActor.remote(config, EngineSite(layout, gpu_ids=[[1]], node_options=[{}]))
+    trainer = ray.remote(num_cpus=0)(TrainActor).remote(config, 0, 1)
+    try:
+        ray.get(trainer.init_process_group.remote(*ray.get(trainer.pick_master.remote())))
+        # TrainGroup's two verbs that WeightSync uses, for its one rank.
+        broadcast = trainer.broadcast_weights.remote
+        trainers = SimpleNamespace(leader=trainer, broadcast_weights=broadcast)
+        engines = SimpleNamespace(actors=[engine])
+        sync = WeightSync(config.weight_sync, trainers, engines, layout, "sglang")
+        sent = {
+            name: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+            for name, t in ray.get(trainer.named_weights.remote()).items()
+        }
+        sync.setup()
+        sync.sync(1)
+        assert ray.get(engine.server.remote("/_received")) == sent
+
+        ray.get(engine.crash.remote())
+        assert ray.get(engine.ensure_running.remote()) is True  # a fresh server, in no group
+        sync.rebuild()
+        sync.sync(2)
+        assert ray.get(engine.weight_version.remote()) == 2
+        assert ray.get(engine.server.remote("/_received")) == sent  # the new server got it all
+
+        sync.rebuild()  # every member alive: SGLang's own destroy, at once with the trainer's
+        sync.sync(3)
+        calls = ray.get(engine.server.remote("/_recorded"))
+        joined = [c["body"]["group_name"] for c in calls if c["path"].startswith("/init_w")]
+        left = [c["body"]["group_name"] for c in calls if c["path"].startswith("/destroy_w")]
+        assert joined == [group_name(1), group_name(2)] and left == [group_name(1)]
+        assert ray.get(engine.server.remote("/model_info"))["weight_version"] == "3"
+    finally:
+        ray.get(engine.shutdown.remote())

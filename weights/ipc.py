@@ -1,12 +1,12 @@
 """Weights handed to colocated engines as CUDA IPC handles (SGLang's `/update_weights_from_tensor`).
 
-A colocated engine shares the trainers' GPUs, so no byte needs to travel: training rank 0 packs
-each bucket into one buffer on its GPU (the same flat layout as a broadcast bucket) and sends a
-handle to it; each SGLang rank opens the handle and copies the weights into its own shards.
-
-An engine spanning several nodes needs a handle on each node (CUDA IPC does not cross
-nodes): every training rank holds the full gathered weights, so the first training rank of
-each node serves its node's engine ranks.
+A colocated engine shares the trainers' GPUs, so no byte needs to travel between GPUs: the
+training rank on each engine rank's GPU packs each bucket into one buffer there (the same flat
+layout as a broadcast bucket) and sends a handle to it; each SGLang rank opens the handle of
+its own GPU (entry `tp_rank` of the request) and copies the weights into its shards. Every
+training rank holds the full gathered bucket during an export, so any of them can pack it;
+packing on the reader's GPU keeps every copy on one GPU and every CUDA context where it
+belongs (and works across nodes, which CUDA IPC does not cross).
 
 What waits for what (the driver, `actors/weight_sync.py`): every training rank takes part in
 each bucket's export (the weights are gathered collectively), the serving ranks return the

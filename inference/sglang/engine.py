@@ -18,8 +18,10 @@ HTTP. What waits for what:
   rebuilds.
 """
 
+import random
 import socket
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,13 @@ from typing import Any
 import ray
 
 from config.schema import SluiceConfig
-from inference.engine import Completion, InferenceEngine, SamplingParams
+from inference.engine import (
+    CACHE_MEMORY,
+    WEIGHT_MEMORY,
+    Completion,
+    InferenceEngine,
+    SamplingParams,
+)
 from inference.sglang import requests as bodies
 from inference.sglang.client import (
     AllEnginesDown,
@@ -36,6 +44,7 @@ from inference.sglang.client import (
     answers_health,
 )
 from inference.sglang.launch import (
+    DIST_INIT_PORTS,
     ResolvedServerArgs,
     read_num_experts,
     resolve_server_args,
@@ -117,6 +126,8 @@ class SglangEngine(InferenceEngine):
         self.group_name: str | None = None
         self.session_open = False
         self.weight_version = 0
+        self.released: set[str] = set()
+        """Memory regions released and not yet resumed (colocated)."""
 
     # --- servers -----------------------------------------------------------------------------
 
@@ -129,7 +140,7 @@ class SglangEngine(InferenceEngine):
             self.index,
             resolved,
             port=port,
-            dist_init_port=_free_port(),
+            dist_init_port=free_port_block(DIST_INIT_PORTS),
             gpu_ids=self.site.gpu_ids,
         )
         for launch in launches:
@@ -184,6 +195,7 @@ class SglangEngine(InferenceEngine):
         self.weight_version = 0
         self.group_name = None
         self.session_open = False
+        self.released = set()
         return True
 
     def _answers_health(self) -> bool:
@@ -312,22 +324,20 @@ class SglangEngine(InferenceEngine):
         seconds = time.perf_counter() - start
         return SyncStats(version, sum(b.nbytes for b in plan), seconds, len(sent))
 
-    def update_weights_from_tensor(self, handles: dict[int, str], version: int | None) -> None:
-        """One bucket by CUDA IPC handle (colocated): each TP rank gets the handle of a
-        training rank on its own node. `version` is given with the last bucket: it flushes the
-        cache and sets the version."""
+    def update_weights_from_tensor(self, handles: list[str], version: int | None) -> None:
+        """One bucket by CUDA IPC handle (colocated): `handles[tp_rank]` points at the bucket
+        packed on that rank's own GPU, and SGLang's TP worker `tp_rank` opens exactly that
+        entry. `version` is given with the last bucket: it flushes the cache and sets the
+        version."""
+        if len(handles) != self.weight_ranks:
+            raise WeightSyncError(
+                f"engine {self.index} has {self.weight_ranks} ranks but got {len(handles)} CUDA "
+                f"IPC handles: each rank opens the one packed on its own GPU"
+            )
         if not self.session_open:
             raise WeightSyncError(f"engine {self.index}: call check_weights_update first")
-        nodes = [span.node_index for span in self.site.layout.engine_spans(self.index)]
-        per_node = self.config.rollout.gpus_per_engine // len(nodes)
-        missing = sorted(set(nodes) - set(handles))
-        if missing:
-            raise WeightSyncError(
-                f"engine {self.index} runs on nodes {nodes} but got CUDA IPC handles for "
-                f"{sorted(handles)}: a colocated engine needs a training rank on each of its nodes"
-            )
         body = bodies.update_weights_from_tensor_body(
-            [handles[nodes[rank // per_node]] for rank in range(self.weight_ranks)],
+            list(handles),
             load_format=bodies.FLATTENED_BUCKET,
             flush_cache=version is not None,
             weight_version=None if version is None else str(version),
@@ -351,11 +361,19 @@ class SglangEngine(InferenceEngine):
         raise WeightSyncError("SGLang's fused, sharded weights have no per-tensor checksums")
 
     def release_memory(self) -> None:
-        """Free the GPU memory of weights and KV cache while colocated trainers step."""
+        """Free the GPU memory of weights, KV cache and CUDA graphs while colocated trainers
+        step."""
         self._post(bodies.RELEASE_MEMORY_OCCUPATION, bodies.release_memory_occupation_body())
+        self.released = {*WEIGHT_MEMORY, *CACHE_MEMORY}
 
-    def resume_memory(self) -> None:
-        self._post(bodies.RESUME_MEMORY_OCCUPATION, bodies.resume_memory_occupation_body())
+    def resume_memory(self, regions: tuple[str, ...]) -> None:
+        """Take back the released `regions` among those asked for (a server restarted since
+        the release holds all of its memory already)."""
+        tags = [tag for tag in regions if tag in self.released]
+        if tags:
+            body = bodies.resume_memory_occupation_body(tags)
+            self._post(bodies.RESUME_MEMORY_OCCUPATION, body)
+            self.released -= set(tags)
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         try:
@@ -385,3 +403,25 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+PORT_BLOCK_RANGE = (10000, 32000)
+"""Where `free_port_block` looks: below Linux's ephemeral range (32768 up), so a client
+connection cannot take a port of the block between the check and SGLang's bind."""
+
+
+def free_port_block(size: int, attempts: int = 200) -> int:
+    """The first of `size` consecutive ports that are all free now (SGLang binds a DP-attention
+    server's ports upward from `--dist-init-addr`'s)."""
+    low, high = PORT_BLOCK_RANGE
+    for _ in range(attempts):
+        first = random.randrange(low, high - size)
+        try:
+            with ExitStack() as stack:
+                for port in range(first, first + size):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("", port))
+        except OSError:
+            continue
+        return first
+    raise EngineFailure(f"no {size} consecutive free ports in {low}-{high} on this node")

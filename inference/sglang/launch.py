@@ -7,7 +7,8 @@ command lines the RolloutActors run:
    It returns notices explaining each change, for the dry run and the job log.
 2. `server_launches(config, layout, engine, resolved, ...)`: one `ServerLaunch` per node the
    engine spans (SGLang runs one server process per node): `--nnodes`, `--node-rank`,
-   `--dist-init-addr` and `--base-gpu-id` come from the placement, never from the user.
+   `--dist-init-addr` and the GPUs (`CUDA_VISIBLE_DEVICES`) come from the placement, never
+   from the user.
 """
 
 import json
@@ -28,7 +29,7 @@ OWNED_FLAGS: dict[str, str] = {
     "nnodes": PLACED,
     "node-rank": PLACED,
     "dist-init-addr": PLACED,
-    "base-gpu-id": PLACED,
+    "base-gpu-id": "the server's CUDA_VISIBLE_DEVICES holds exactly the engine's GPUs",
     "host": PLACED,
     "port": PLACED,
 }
@@ -69,11 +70,12 @@ class ServerLaunch:
     """Index into `Layout.nodes`."""
     address: str
     """IP of the node it runs on."""
-    gpu_ids: tuple[int, ...]
-    """GPUs of this node that the server uses (base-gpu-id upward)."""
+    gpu_ids: tuple[int | str, ...]
+    """GPUs of this node that the server uses, as Ray numbers them, in tp_rank order."""
     visible_devices: str
-    """CUDA_VISIBLE_DEVICES of the server process: every GPU of the node, so base-gpu-id
-    indexes the node's real GPUs."""
+    """CUDA_VISIBLE_DEVICES of the server process: exactly `gpu_ids` (Ray's ids are what
+    CUDA_VISIBLE_DEVICES means on the node, also where Ray itself runs under a narrowed
+    CUDA_VISIBLE_DEVICES); SGLang's ranks then use cuda:0, cuda:1, ... of them."""
     argv: tuple[str, ...]
     """Arguments after `python -m sglang.launch_server`."""
 
@@ -104,6 +106,7 @@ def resolve_server_args(config: SluiceConfig, num_experts: int | None) -> Resolv
     _check_divides(args, "ep-size", gpus)
     _check_divides(args, "attn-dp-size", gpus)
     notes += _redundant_experts(args, num_experts)
+    notes += _expert_balancing(args)
     notes += _dtype(args, config)
     if config.placement.colocate and not args.get("enable-memory-saver"):
         args["enable-memory-saver"] = True
@@ -224,6 +227,29 @@ def _redundant_experts(args: dict[str, Any], num_experts: int | None) -> list[st
     ]
 
 
+def _expert_balancing(args: dict[str, Any]) -> list[str]:
+    """Redundant experts are used only when SGLang places them: turn EPLB on unless the user
+    placed them (`init-expert-location`) or said `enable-eplb: false`."""
+    redundant = int(args.get("ep-num-redundant-experts", 0))
+    if redundant == 0 or args.get("init-expert-location", "trivial") != "trivial":
+        return []
+    if args.get("enable-eplb") is False:
+        return [
+            f"{CLI_PREFIX}enable-eplb false: the {redundant} redundant experts keep SGLang's "
+            f"identity placement and serve no tokens (they only make the count divide)"
+        ]
+    if args.get("enable-eplb"):
+        return []
+    args["enable-eplb"] = True
+    return [
+        f"{CLI_PREFIX}enable-eplb added: the {redundant} redundant experts are copies of the "
+        f"most loaded experts, which SGLang's EPLB picks from the routing it records and "
+        f"re-picks every {CLI_PREFIX}eplb-rebalance-num-iterations (1000) forward passes; "
+        f"without EPLB (or {CLI_PREFIX}init-expert-location) they would serve no tokens. "
+        f"{CLI_PREFIX}enable-eplb false keeps them idle"
+    ]
+
+
 def read_num_experts(config: SluiceConfig) -> int | None:
     """Routed experts of the model (0 for a dense one); None when config.json is unreadable."""
     text_config = _read_text_config(config)
@@ -274,13 +300,16 @@ def server_launches(
     *,
     port: int | str,
     dist_init_port: int | str,
-    gpu_ids: list[list[int]] | None = None,
+    gpu_ids: list[list[int | str]] | None = None,
 ) -> list[ServerLaunch]:
     """One launch per node engine `engine` spans (node_rank = position in the span order).
 
-    `gpu_ids[k]`: the real GPU ids of the engine's slots on its k-th node (the Placement's
-    probe); default: the planned ids. `port` / `dist_init_port` may be placeholders
-    (strings) in a dry run.
+    `gpu_ids[k]`: the GPU ids Ray gave the engine's slots on its k-th node (the Placement's
+    probe); default: the planned ids. They become the server's `CUDA_VISIBLE_DEVICES`, so
+    its ranks use exactly those GPUs, in slot order, whatever else the node runs.
+    `dist_init_port` is given to SGLang when the engine spans nodes or uses DP attention,
+    which then also binds the next `DIST_INIT_PORTS - 1` ports (`free_port_block`).
+    `port` / `dist_init_port` may be placeholders (strings) in a dry run.
     """
     if not layout.use_gpus:
         raise UserError(
@@ -298,7 +327,6 @@ def server_launches(
     launches = []
     for rank, span in enumerate(spans):
         ids = tuple(gpu_ids[rank] if gpu_ids else [s.gpu_index for s in span.slots])
-        _check_consecutive(ids, engine, rank)
         node = layout.nodes[span.node_index]
         argv = [
             "--model-path",
@@ -308,8 +336,9 @@ def server_launches(
         ]
         if len(spans) > 1:
             argv += ["--nnodes", str(len(spans)), "--node-rank", str(rank)]
+        if len(spans) > 1 or uses_dp_attention(resolved.args):
             argv += ["--dist-init-addr", f"{head.address}:{dist_init_port}"]
-        argv += ["--base-gpu-id", str(ids[0]), "--host", "0.0.0.0", "--port", str(port)]
+        argv += ["--host", "0.0.0.0", "--port", str(port)]
         args = dict(resolved.args)
         args.setdefault("random-seed", config.seed + engine)
         argv += as_argv(args)
@@ -321,21 +350,20 @@ def server_launches(
                 node_index=span.node_index,
                 address=node.address,
                 gpu_ids=ids,
-                visible_devices=",".join(str(g) for g in range(node.num_gpus)),
+                visible_devices=",".join(str(g) for g in ids),
                 argv=tuple(argv),
             )
         )
     return launches
 
 
-def _check_consecutive(ids: tuple[int, ...], engine: int, node_rank: int) -> None:
-    """SGLang numbers a server's GPUs base-gpu-id, base-gpu-id + 1, ...: no gaps allowed."""
-    if list(ids) != list(range(ids[0], ids[0] + len(ids))):
-        raise UserError(
-            f"engine {engine} got GPUs {list(ids)} on its node {node_rank}, not consecutive "
-            f"(another job holds GPUs in between); SGLang needs consecutive GPUs from "
-            f"--base-gpu-id: free the node's GPUs or change rollout.gpus_per_engine"
-        )
+def uses_dp_attention(args: dict[str, Any]) -> bool:
+    return int(args.get("attn-dp-size", 1)) > 1
+
+
+DIST_INIT_PORTS = 7
+"""Ports from `--dist-init-addr`'s upward that SGLang 0.5.23 binds with DP attention (the
+port itself for torch.distributed, then its ZMQ sockets at +1..+6; `PortArgs.init_new`)."""
 
 
 def describe_engines(config: SluiceConfig, layout: Layout) -> str:
@@ -349,5 +377,8 @@ def describe_engines(config: SluiceConfig, layout: Layout) -> str:
         ):
             lines.append(f"engine {engine} node_rank {launch.node_rank} on {launch.address}:")
             lines.append(f"  {launch.command}")
-    lines.append("PORT, DIST_PORT: free ports picked on the engine's first node at launch")
+    lines.append(
+        f"PORT, DIST_PORT: free ports picked on the engine's first node at launch (with DP "
+        f"attention, DIST_PORT to DIST_PORT+{DIST_INIT_PORTS - 1} are all free)"
+    )
     return "\n".join(lines)
