@@ -275,9 +275,9 @@ def _checkpoint_to_load(path: str | None) -> Path | None:
     directory = latest(path)
     if directory is None:
         raise UserError(
-            f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt "
-            f"and no torch_dist metadata.json); convert one with "
-            f"tools/convert_hf_to_torch_dist.py or point at a checkpoint.save directory"
+            f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt, "
+            f"no torch_dist metadata.json, no torch_state.pt); point at a checkpoint.save "
+            f"directory, or convert a model with tools/convert_hf_to_torch_dist.py (Megatron)"
         )
     return directory
 

@@ -236,12 +236,14 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Saving and resuming training (Megatron backend: torch_dist checkpoints)."""
+    """Saving and resuming training (Megatron backend: torch_dist checkpoints; torch backend:
+    one torch_state.pt), in one save-root layout."""
 
     load: str | None = None
-    """Start from this directory (`--load`): a torch_dist checkpoint written by
-    tools/convert_hf_to_torch_dist.py, or a `save` directory of an earlier run, which is resumed
-    (model, optimizer, step, data position and RNG)."""
+    """Start from this directory (`--load`): a `save` directory of an earlier run (or one of
+    its `iter_NNNNNNN` folders), which is resumed (model, optimizer, step, data position,
+    weight version and RNG), or, with the Megatron backend, a torch_dist checkpoint written by
+    tools/convert_hf_to_torch_dist.py."""
 
     save: str | None = None
     """Write checkpoints under this directory (`--save`); each goes to a new `iter_NNNNNNN`

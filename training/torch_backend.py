@@ -9,12 +9,14 @@ with no rows still runs one zero-loss backward so the all-reduce always has ever
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from config.errors import UserError
 from config.schema import SluiceConfig
 from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_model, load_tokenizer, trainer_model
@@ -28,6 +30,7 @@ from training.batch import (
     split_by_token_budget,
 )
 from training.loss import LossSettings, policy_term
+from training.megatron.checkpoint import TORCH_STATE_FILE
 
 
 class TorchBackend(TrainingBackend):
@@ -128,8 +131,53 @@ class TorchBackend(TrainingBackend):
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from checkpoint_tensors(self.model)
 
+    # Checkpoints: rank 0 writes the model and optimizer (every rank holds the same ones), each
+    # rank its RNG state; the driver commits the folder once every rank has returned.
+
+    def save_checkpoint(self, directory: str) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(self.device), folder / f"rng_rank{rank}.pt")
+        if rank == 0:  # written last: its presence marks the checkpoint complete
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            torch.save(state, folder / TORCH_STATE_FILE)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
+        folder = Path(directory)
+        path = folder / TORCH_STATE_FILE
+        if not path.is_file():
+            raise UserError(
+                f"checkpoint.load={directory} is not a torch-backend checkpoint (no "
+                f"{TORCH_STATE_FILE}); a torch_dist checkpoint (Megatron, or converted from "
+                f"Hugging Face) loads with train.backend=megatron"
+            )
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        if with_optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng = folder / f"rng_rank{rank}.pt"
+        if rng.is_file():  # absent for a rank the saving run did not have
+            _set_rng_state(torch.load(rng, weights_only=True), self.device)
+
     def save_hf(self, path: str) -> None:
         if self.world_size > 1 and dist.get_rank() != 0:
             return  # every rank holds the same weights; rank 0 writes
         self.model.save_pretrained(path)
         load_tokenizer(self.config.model).save_pretrained(path)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,4 +1,5 @@
-"""Megatron training checkpoints in megatron-core's torch_dist format, switched in atomically.
+"""Training checkpoints, switched in atomically: megatron-core's torch_dist format for the
+Megatron backend, one `torch_state.pt` for the torch backend, in the same save-root layout.
 
 A save root follows Megatron-LM's layout, so its tools can read it:
 
@@ -169,6 +170,15 @@ def _prepare_directory(directory: Path) -> None:
     dist.barrier()
 
 
+TORCH_STATE_FILE = "torch_state.pt"
+"""The torch backend's checkpoint: model, optimizer and RNG in one file (written last)."""
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` is one complete checkpoint of either backend."""
+    return is_torch_dist_checkpoint(directory) or (Path(directory) / TORCH_STATE_FILE).is_file()
+
+
 def is_torch_dist_checkpoint(directory: str | Path) -> bool:
     """Whether `directory` is one complete torch_dist checkpoint (metadata.json is its last
     file: megatron-core writes it after every shard)."""
@@ -205,7 +215,7 @@ def commit(root: str | Path, step: int) -> Path:
     so the tracker only ever names complete checkpoints.
     """
     staged, final = staging_dir(root, step), checkpoint_dir(root, step)
-    if not is_torch_dist_checkpoint(staged):
+    if not is_checkpoint(staged):
         raise RuntimeError(f"{staged} is not a finished checkpoint; nothing to commit")
     replace_directory(staged, final)
     _write_atomically(Path(root) / TRACKER_FILE, f"{step}\n")
@@ -234,7 +244,7 @@ def latest(root: str | Path) -> Path | None:
     tracker = root / TRACKER_FILE
     if tracker.is_file():
         return _tracked(root, tracker.read_text().strip())
-    if is_torch_dist_checkpoint(root):
+    if is_checkpoint(root):
         return root
     return None
 
@@ -247,6 +257,6 @@ def _tracked(root: Path, entry: str) -> Path:
         path = checkpoint_dir(root, int(entry))
     else:
         raise UserError(f"{root / TRACKER_FILE} holds {entry!r}, not a step number")
-    if not is_torch_dist_checkpoint(path):
+    if not is_checkpoint(path):
         raise UserError(f"{root / TRACKER_FILE} names {path}, which is not a complete checkpoint")
     return path
