@@ -188,17 +188,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.cluster and not args.dry_run:
             raise UserError("--cluster only plans a dry run; add --dry-run, or drop --cluster")
         from actors.loop import Driver
+        from actors.stopping import StopRequest
 
-        with Driver(config) as driver:
+        stop = StopRequest()
+        stop.install()  # a signal during start-up stops the run before its first step
+        with Driver(config, stop=stop) as driver:
             summary = driver.run()
         print(json.dumps(summary))
-        return 0
+        return stop.exit_code
     except UserError as error:
         # An actor's UserError arrives as a RayTaskError that is also a UserError; print the
         # original message, not the remote traceback.
         cause = getattr(error, "cause", None)
         print(f"error: {cause if isinstance(cause, UserError) else error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        from actors.deadline import PhaseTimeout
+
+        if not isinstance(error, PhaseTimeout):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def __getattr__(name: str):

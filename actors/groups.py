@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import ray
 
+from actors import deadline
 from actors.rollout_actor import EvalResult, RolloutActor, RolloutResult
 from actors.train_actor import TrainActor
 from config.schema import SluiceConfig
@@ -40,8 +41,8 @@ class TrainGroup:
             ).remote(config, rank, world)
             for rank in range(world)
         ]
-        address, port = ray.get(self.actors[0].pick_master.remote())
-        self.share_of_rank: list[int] = ray.get(
+        address, port = deadline.get(self.actors[0].pick_master.remote())
+        self.share_of_rank: list[int] = deadline.get(
             [a.init_process_group.remote(address, port) for a in self.actors]
         )
 
@@ -56,7 +57,7 @@ class TrainGroup:
 
     def train(self, shares: list[list[RolloutBatchRef]], normalizer: float) -> list[TrainStats]:
         """One optimizer step on every rank; `shares[d]` are data-parallel rank d's batches."""
-        return ray.get(
+        return deadline.get(
             [
                 a.train.remote(shares[d], normalizer)
                 for a, d in zip(self.actors, self.share_of_rank, strict=True)
@@ -72,15 +73,15 @@ class TrainGroup:
     def begin_ipc_export(self, serving: set[int]) -> None:
         """Start a CUDA-IPC export; the ranks in `serving` pack each bucket on their GPU and
         hand out handles to it (one per engine rank sharing that GPU)."""
-        ray.get([a.begin_ipc_export.remote(r in serving) for r, a in enumerate(self.actors)])
+        deadline.get([a.begin_ipc_export.remote(r in serving) for r, a in enumerate(self.actors)])
 
     def ipc_bucket(self, bucket: Bucket) -> dict[int, str]:
         """Every rank takes part in gathering `bucket`; {serving rank: handle text}."""
-        handles = ray.get([a.ipc_bucket.remote(bucket) for a in self.actors])
+        handles = deadline.get([a.ipc_bucket.remote(bucket) for a in self.actors])
         return {rank: h for rank, h in enumerate(handles) if h is not None}
 
     def end_ipc_export(self) -> None:
-        ray.get([a.end_ipc_export.remote() for a in self.actors])
+        deadline.get([a.end_ipc_export.remote() for a in self.actors])
 
     def weight_checksums(self) -> dict[str, str]:
         return self._all(lambda a: a.weight_checksums.remote())
@@ -99,7 +100,7 @@ class TrainGroup:
 
     def _all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):
         """Run `call` on every rank at once; rank 0's result."""
-        return ray.get([call(a) for a in self.actors])[0]
+        return deadline.get([call(a) for a in self.actors])[0]
 
 
 @ray.remote(num_cpus=0)
@@ -125,22 +126,22 @@ class RolloutGroup:
 
     def connect_peers(self) -> None:
         """Tell every serving engine the others' URLs (it balances and retries over them)."""
-        urls = [u for u in ray.get([a.url.remote() for a in self.actors]) if u is not None]
+        urls = [u for u in deadline.get([a.url.remote() for a in self.actors]) if u is not None]
         if urls:
-            ray.get([a.connect_peers.remote(urls) for a in self.actors])
+            deadline.get([a.connect_peers.remote(urls) for a in self.actors])
 
     def ensure_running(self) -> bool:
         """Restart dead engines (each reports its log tail); True if any restarted."""
-        restarted = any(ray.get([a.ensure_running.remote() for a in self.actors]))
+        restarted = any(deadline.get([a.ensure_running.remote() for a in self.actors]))
         if restarted:
             self.connect_peers()
         return restarted
 
     def release_memory(self) -> None:
-        ray.get([a.release_memory.remote() for a in self.actors])
+        deadline.get([a.release_memory.remote() for a in self.actors])
 
     def resume_memory(self, regions: tuple[str, ...]) -> None:
-        ray.get([a.resume_memory.remote(regions) for a in self.actors])
+        deadline.get([a.resume_memory.remote(regions) for a in self.actors])
 
     def generate(self, prompts: list[PromptRecord], step: int) -> list[RolloutResult]:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.
@@ -152,7 +153,7 @@ class RolloutGroup:
             seed = hash((self.config.seed, step, e)) & 0x7FFFFFFF
             calls.append(actor.generate.remote(share, self._next_group_id, seed))
             self._next_group_id += len(share)
-        return ray.get(calls)
+        return deadline.get(calls)
 
     @property
     def next_group_id(self) -> int:
@@ -164,12 +165,12 @@ class RolloutGroup:
 
     def evaluate(self, prompts: list[PromptRecord]) -> list[EvalResult]:
         shares = split_evenly(prompts, len(self.actors))
-        return ray.get(
+        return deadline.get(
             [a.evaluate.remote(s) for a, s in zip(self.actors, shares, strict=True) if s]
         )
 
     def weight_versions(self) -> list[int]:
-        return ray.get([a.weight_version.remote() for a in self.actors])
+        return deadline.get([a.weight_version.remote() for a in self.actors])
 
 
 def engine_site(placement: Placement, engine: int) -> EngineSite:

@@ -15,8 +15,10 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from actors import deadline
 from actors.groups import RolloutGroup, TrainGroup
 from actors.runtime import connect_ray
+from actors.stopping import StopRequest
 from actors.weight_sync import WeightSync
 from config import SluiceConfig
 from config.errors import UserError
@@ -42,6 +44,8 @@ from training.loss import LossSettings
 from weights.sync import SyncStats
 
 SHUTDOWN_TIMEOUT_S = 60.0
+STUCK_SHUTDOWN_TIMEOUT_S = 10.0
+"""After a phase timed out: enough for the idle actors (SGLang servers stop with them)."""
 LOOP_STATE_FILE = "sluice_state.json"
 """The driver's part of a checkpoint: step, weight version, data position, group ids."""
 
@@ -49,8 +53,16 @@ LOOP_STATE_FILE = "sluice_state.json"
 class Driver:
     """Owns the actor groups of one run and steps them. Build it from a validated config."""
 
-    def __init__(self, config: SluiceConfig, ray_address: str | None = None):
+    def __init__(
+        self,
+        config: SluiceConfig,
+        ray_address: str | None = None,
+        stop: StopRequest | None = None,
+    ):
+        """`stop`: SIGINT / SIGTERM handling for a run from the command line (`driver.main`);
+        without it, signals keep their defaults (a Python caller owns them)."""
         self.created = time.perf_counter()  # summary.json's wall_seconds counts start-up too
+        self.stop = stop
         self.config = config.validate()
         check_backend_config(config)
         check_engine_config(config)
@@ -73,6 +85,8 @@ class Driver:
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
         connect_ray(ray_address)
+        if stop is not None:
+            stop.install()  # after ray.init, whose own SIGTERM handler exits at once
         self.layout = plan_layout(read_cluster_shape(), config)
         if notice := apply_cpu_adam_rule(config, self.layout):
             print(f"note: {notice}", flush=True)
@@ -109,9 +123,11 @@ class Driver:
     def step(self) -> dict[str, float]:
         """One synchronous RL step: rollout, train, weight sync. Returns the step's metrics."""
         c = self.config
+        step = self.steps_done + 1
         start = time.perf_counter()
         prompts = self.prompts.next_groups(c.rollout.prompts_per_step)
-        results = self.engines.generate(prompts, step=self.steps_done + 1)
+        with self._phase("rollout", step):
+            results = self.engines.generate(prompts, step=step)
         rollout_done = time.perf_counter()
         batches = [b for r in results for b in r.batches]
         shares = balance_by_tokens(batches, self.trainers.data_parallel_size)
@@ -119,14 +135,16 @@ class Driver:
             normalizer = sum(b.num_loss_tokens for b in batches)
         else:
             normalizer = sum(b.num_samples for b in batches)
-        if self.layout.colocate:  # colocated engines give their GPU memory to the trainers
-            self.engines.release_memory()
-        train_stats = self.trainers.train(shares, normalizer)
+        with self._phase("train", step):
+            if self.layout.colocate:  # colocated engines give their GPU memory to the trainers
+                self.engines.release_memory()
+            train_stats = self.trainers.train(shares, normalizer)
         train_done = time.perf_counter()
         self.version += 1
-        if self.engines.ensure_running():  # a restarted engine needs a new group
-            self.weights.rebuild()
-        sync = self._sync_weights()
+        with self._phase("sync", step):
+            if self.engines.ensure_running():  # a restarted engine needs a new group
+                self.weights.rebuild()
+            sync = self._sync_weights()
         end = time.perf_counter()
         self.steps_done += 1
         metrics = {
@@ -144,6 +162,11 @@ class Driver:
         self.metrics.write(self.steps_done, metrics)
         self.ray_metrics.record(metrics, step=self.steps_done)
         return metrics
+
+    def _phase(self, name: str, step: int):
+        """Bound every actor call of phase `name` by `timeouts.<name>_s` (actors/deadline.py)."""
+        timeout_s = getattr(self.config.timeouts, f"{name}_s")
+        return deadline.phase(name, step, timeout_s, self.output_dir)
 
     def _sync_weights(self) -> SyncStats:
         """The new version into every engine. Colocated, the engines take back their weights'
@@ -165,7 +188,8 @@ class Driver:
 
         root = Path(self.config.checkpoint.save)
         staging = staging_dir(root, self.steps_done)
-        self.trainers.save_checkpoint(str(staging.resolve()))
+        with self._phase("save", self.steps_done):
+            self.trainers.save_checkpoint(str(staging.resolve()))
         state = {
             "steps_done": self.steps_done,
             "weight_version": self.version,
@@ -191,7 +215,8 @@ class Driver:
         """Greedy accuracy on the held-out prompts (None when the run has none)."""
         if not self.eval_prompts:
             return None
-        results = self.engines.evaluate(self.eval_prompts)
+        with self._phase("rollout", self.steps_done):  # evaluation is generation too
+            results = self.engines.evaluate(self.eval_prompts)
         prompts = sum(r.prompts for r in results)
         metrics = {
             "eval/accuracy": sum(r.correct for r in results) / prompts,
@@ -214,7 +239,7 @@ class Driver:
             unit="step",
             file=sys.stdout,
         )
-        while self.steps_done < c.num_steps:
+        while self.steps_done < c.num_steps and not self.stopping:
             metrics = self.step()
             bar.update(1)
             tqdm.write(step_line(self.steps_done, c.num_steps, metrics), file=sys.stdout)
@@ -222,6 +247,8 @@ class Driver:
             if c.checkpoint.save and interval and self.steps_done % interval == 0:
                 self.save()
             every = c.logging.eval_every
+            if self.stopping:
+                continue  # no evaluation either: stop as soon as the step is done
             if self.steps_done == c.num_steps or (every and self.steps_done % every == 0):
                 last = self.evaluate()
                 if last:
@@ -230,9 +257,12 @@ class Driver:
                         file=sys.stdout,
                     )
         bar.close()
-        if c.checkpoint.save and not _saved_at(c.checkpoint.save, self.steps_done):
-            self.save()
-        if c.logging.save_final_model:
+        saved = _saved_at(c.checkpoint.save, self.steps_done) if c.checkpoint.save else True
+        if not saved and self.steps_done:
+            path = self.save()
+            if self.stopping:
+                print(f"sluice: saved {path}; --load it to resume", file=sys.stderr, flush=True)
+        if c.logging.save_final_model and not self.stopping:
             self.trainers.save_hf(str((self.output_dir / "final_model").resolve()))
         summary = {
             "steps": self.steps_done,
@@ -240,20 +270,37 @@ class Driver:
             "last_eval_accuracy": last["eval/accuracy"] if last else None,
             "weight_version": self.version,
             "wall_seconds": time.perf_counter() - self.created,
+            "stopped_by": self.stop.signal.name if self.stopping else None,
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def close(self) -> None:
-        """Stop every actor, then release the placement groups.
+    @property
+    def stopping(self) -> bool:
+        """A stop signal arrived: no further step starts."""
+        return self.stop is not None and self.stop.requested
+
+    def close(self, shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop every actor, then release the placement groups. Never raises: a run that
+        failed keeps its own error, and the actors are killed whatever their shutdown did.
 
         All shutdowns start together: closing one side of an NCCL weight group waits for the
-        other side, so shutting the engines down before asking the trainers would hang.
+        other side, so shutting the engines down before asking the trainers would hang. An
+        actor stuck in a task never reaches its shutdown; it is killed after the timeout.
         """
         self.metrics.close()
         actors = self.engines.actors + self.trainers.actors
         try:
-            ray.get([a.shutdown.remote() for a in actors], timeout=SHUTDOWN_TIMEOUT_S)
+            calls = [a.shutdown.remote() for a in actors]
+            done, pending = ray.wait(calls, num_returns=len(calls), timeout=shutdown_timeout_s)
+            failed = [ref for ref in done if _failed(ref)]
+            if pending or failed:
+                print(
+                    f"sluice: {len(pending)} actor(s) did not shut down within "
+                    f"{shutdown_timeout_s:g} s and {len(failed)} failed to; killed",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -262,8 +309,9 @@ class Driver:
     def __enter__(self) -> "Driver":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        stuck = isinstance(exc, deadline.PhaseTimeout)  # its stuck actors never get to shut down
+        self.close(STUCK_SHUTDOWN_TIMEOUT_S if stuck else SHUTDOWN_TIMEOUT_S)
 
 
 def _checkpoint_to_load(path: str | None) -> Path | None:
@@ -280,6 +328,14 @@ def _checkpoint_to_load(path: str | None) -> Path | None:
             f"directory, or convert a model with tools/convert_hf_to_torch_dist.py (Megatron)"
         )
     return directory
+
+
+def _failed(ref: ray.ObjectRef) -> bool:
+    try:
+        ray.get(ref)
+    except Exception:
+        return True
+    return False
 
 
 def _saved_at(root: str, step: int) -> bool:

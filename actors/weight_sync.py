@@ -20,6 +20,7 @@ import time
 
 import ray
 
+from actors import deadline
 from actors.groups import RolloutGroup, TrainGroup
 from config.errors import UserError
 from config.schema import WeightSyncConfig
@@ -59,10 +60,12 @@ class WeightSync:
         """Build the group: the trainer leader is rank 0, engine e's ranks follow the previous
         engines' (an SGLang engine takes one rank per GPU: rank_offset + tp_rank)."""
         if self.backend == "ipc":
-            self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
+            self.plan = deadline.get(
+                self.leader.weight_plan.remote(self.config.bucket_size_mb << 20)
+            )
             return
-        address, port = ray.get(self.leader.pick_master.remote())
-        widths = ray.get([e.weight_ranks.remote() for e in self.engines])
+        address, port = deadline.get(self.leader.pick_master.remote())
+        widths = deadline.get([e.weight_ranks.remote() for e in self.engines])
         offsets = [1 + sum(widths[:i]) for i in range(len(widths))]
         info = GroupInfo(
             master_address=address,
@@ -78,8 +81,8 @@ class WeightSync:
             e.init_weights_update_group.remote(info, offset)
             for e, offset in zip(self.engines, offsets, strict=True)
         ]
-        ray.get(joins)
-        self.plan = ray.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
+        deadline.get(joins)
+        self.plan = deadline.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
 
     def rebuild(self) -> None:
         """A new group after an engine restarted (a restarted server is in no group).
@@ -98,7 +101,7 @@ class WeightSync:
         self.setup()
 
     def sync(self, version: int) -> SyncStats:
-        ray.get([e.check_weights_update.remote(self.plan) for e in self.engines])
+        deadline.get([e.check_weights_update.remote(self.plan) for e in self.engines])
         if self.backend == "ipc":
             stats = self._sync_by_handles(version)
         else:
@@ -106,9 +109,9 @@ class WeightSync:
             received = [
                 e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
             ]
-            stats = ray.get(sent)
-            ray.get(received)
-        versions = ray.get([e.weight_version.remote() for e in self.engines])
+            stats = deadline.get(sent)
+            deadline.get(received)
+        versions = deadline.get([e.weight_version.remote() for e in self.engines])
         if any(v != version for v in versions):
             raise WeightSyncError(
                 f"engines report weight versions {versions} after syncing {version}"
@@ -126,7 +129,7 @@ class WeightSync:
             if not bucket.nbytes:
                 continue
             last = bucket is sent[-1]
-            ray.get(
+            deadline.get(
                 [
                     e.update_weights_from_tensor.remote(
                         [handles[rank] for rank in sources], version if last else None
@@ -135,14 +138,14 @@ class WeightSync:
                 ]
             )
         self.trainers.end_ipc_export()
-        ray.get([e.finish_weight_update.remote(version) for e in self.engines])
+        deadline.get([e.finish_weight_update.remote(version) for e in self.engines])
         nbytes = sum(b.nbytes for b in self.plan)
         return SyncStats(version, nbytes, time.perf_counter() - start, len(sent))
 
     def verify(self) -> None:
         """Compare bit-exact checksums of the trainer's and every engine's weights."""
         expected = self.trainers.weight_checksums()
-        for i, sums in enumerate(ray.get([e.weight_checksums.remote() for e in self.engines])):
+        for i, sums in enumerate(deadline.get([e.weight_checksums.remote() for e in self.engines])):
             compare_checksums(expected, sums, where=f"engine {i}")
 
 

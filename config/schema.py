@@ -254,6 +254,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class TimeoutsConfig:
+    """How long each phase of a step may take before the run is declared stuck: the actors
+    still busy are named, their stacks dumped into `<output_dir>/stuck/`, and the run exits 1
+    (never a silent hang). Each bound covers the whole phase, on every actor."""
+
+    rollout_s: float = 3600.0
+    """Generation and rewards of one step (long responses of a 30B model take minutes)."""
+
+    train_s: float = 3600.0
+    """One optimizer step on every training rank."""
+
+    sync_s: float = 1800.0
+    """The weight update into every engine (with engine restarts and group rebuilds)."""
+
+    save_s: float = 3600.0
+    """Writing one checkpoint."""
+
+
+@dataclass
 class AlgorithmConfig:
     """The RL objective (GRPO family)."""
 
@@ -379,6 +398,9 @@ class SluiceConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """Trainer -> engine weight transfer."""
 
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    """Deadlines of the loop's phases."""
+
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     """Packing actors onto the cluster."""
 
@@ -461,6 +483,9 @@ class SluiceConfig:
             raise UserError("weight_sync.bucket_size_mb must be > 0")
         if self.weight_sync.timeout_s <= 0:
             raise UserError("weight_sync.timeout_s must be > 0")
+        for name, seconds in vars(self.timeouts).items():
+            if seconds <= 0:
+                raise UserError(f"timeouts.{name}={seconds:g} must be > 0 (seconds)")
         if self.placement.cpus_per_bundle <= 0:
             raise UserError("placement.cpus_per_bundle must be > 0")
         if self.checkpoint.save_interval < 0:
