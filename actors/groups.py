@@ -147,13 +147,17 @@ class RolloutGroup:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.
 
         Engine e samples step s with seed (run seed, s, e), never with a carried-over RNG state."""
+        return deadline.get(self.start_generate(prompts, step))
+
+    def start_generate(self, prompts: list[PromptRecord], step: int) -> list[ray.ObjectRef]:
+        """`generate` without waiting: one reference per engine to its `RolloutResult`."""
         calls = []
         shares = split_evenly(prompts, len(self.actors))
         for e, (actor, share) in enumerate(zip(self.actors, shares, strict=True)):
             seed = hash((self.config.seed, step, e)) & 0x7FFFFFFF
             calls.append(actor.generate.remote(share, self._next_group_id, seed))
             self._next_group_id += len(share)
-        return deadline.get(calls)
+        return calls
 
     @property
     def next_group_id(self) -> int:

@@ -4,7 +4,9 @@ One step (what waits for what): the engines generate whole prompt groups and put
 batches into the object store; the driver splits the references across the training ranks
 by tokens (it never holds rows); every rank takes one optimizer step; then the leader rank
 broadcasts the new weights to every engine, which must report the new version before the
-next step's generation starts.
+next step's generation starts. With `algorithm.max_staleness` N > 0 the generations of the
+next N steps run on the engines while a step trains, and are finished before the weight
+update (`actors/rollout_queue.py`).
 """
 
 import json
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from actors import deadline
 from actors.groups import RolloutGroup, TrainGroup
+from actors.rollout_queue import RolloutQueue
 from actors.runtime import connect_ray
 from actors.stopping import StopRequest
 from actors.weight_sync import WeightSync
@@ -109,6 +112,13 @@ class Driver:
             self.weights.setup()
             self.version = 0
             self.steps_done = 0
+            self.rollouts = RolloutQueue(
+                self.engines,
+                self.prompts,
+                config.rollout.prompts_per_step,
+                config.algorithm.max_staleness,
+                config.num_steps,
+            )
             if start_from is not None:
                 self._load(start_from)
             # Engines start from exactly the trainer's weights (loaded or initial).
@@ -121,14 +131,14 @@ class Driver:
         (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def step(self) -> dict[str, float]:
-        """One synchronous RL step: rollout, train, weight sync. Returns the step's metrics."""
+        """One RL step: rollout, train, weight sync. Returns the step's metrics."""
         c = self.config
         step = self.steps_done + 1
         start = time.perf_counter()
-        prompts = self.prompts.next_groups(c.rollout.prompts_per_step)
         with self._phase("rollout", step):
-            results = self.engines.generate(prompts, step=step)
+            results = self.rollouts.results_for(step)
         rollout_done = time.perf_counter()
+        results, lag, dropped = self._within_staleness(results)
         batches = [b for r in results for b in r.batches]
         shares = balance_by_tokens(batches, self.trainers.data_parallel_size)
         if c.algorithm.loss_aggregation == "token_mean":
@@ -141,6 +151,9 @@ class Driver:
             train_stats = self.trainers.train(shares, normalizer)
         train_done = time.perf_counter()
         self.version += 1
+        with self._phase("rollout", step):  # engines finish what runs ahead before an update
+            self.rollouts.finish_in_flight()
+        ahead_done = time.perf_counter()
         with self._phase("sync", step):
             if self.engines.ensure_running():  # a restarted engine needs a new group
                 self.weights.rebuild()
@@ -152,16 +165,38 @@ class Driver:
             **TrainStats.reduce(train_stats),
             "time/rollout": rollout_done - start,
             "time/train": train_done - rollout_done,
-            "time/sync": end - train_done,
+            "time/rollout_ahead_wait": ahead_done - train_done,
+            "time/sync": end - ahead_done,
             "time/step": end - start,
             "sync/gb_per_s": sync.gb_per_s,
             "sync/bytes": sync.nbytes,
             "weight_version": self.version,
+            "async/version_lag": lag,
+            "async/dropped_samples": dropped,
         }
         metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
         self.metrics.write(self.steps_done, metrics)
         self.ray_metrics.record(metrics, step=self.steps_done)
         return metrics
+
+    def _within_staleness(self, results: list) -> tuple[list, int, int]:
+        """The results within `algorithm.max_staleness` versions of the trainer's weights, the
+        largest lag among them, and how many samples were dropped for exceeding it."""
+        bound = self.config.algorithm.max_staleness
+        kept, lag, dropped = [], 0, 0
+        for result in results:
+            result_lag = self.version - min(result.stats.weight_versions)
+            if result_lag > bound:
+                dropped += result.stats.samples
+            else:
+                kept.append(result)
+                lag = max(lag, result_lag)
+        if not kept:
+            raise RuntimeError(
+                f"every rollout of step {self.steps_done + 1} is more than "
+                f"algorithm.max_staleness={bound} versions old"
+            )
+        return kept, lag, dropped
 
     def _phase(self, name: str, step: int):
         """Bound every actor call of phase `name` by `timeouts.<name>_s` (actors/deadline.py)."""
@@ -197,6 +232,7 @@ class Driver:
             "next_group_id": self.engines.next_group_id,
         }
         (staging / LOOP_STATE_FILE).write_text(json.dumps(state, indent=2))
+        self.rollouts.save(staging)
         return commit(root, self.steps_done)
 
     def _load(self, directory: Path) -> None:
@@ -210,6 +246,7 @@ class Driver:
             self.version = state["weight_version"]
             self.prompts.load_state_dict(state["prompts"])
             self.engines.next_group_id = state["next_group_id"]
+            self.rollouts.load(directory, next_step=self.steps_done + 1)
 
     def evaluate(self) -> dict[str, float] | None:
         """Greedy accuracy on the held-out prompts (None when the run has none)."""

@@ -291,6 +291,14 @@ class AlgorithmConfig:
     kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     """KL estimator: k1 (log-ratio), k2 (squared), k3 / low_var_kl (clamped k3)."""
 
+    max_staleness: int = 0
+    """How many weight versions behind the trainer a trained sample may be. 0: on-policy, each
+    step's rollouts come from the weights of the step before (engines and trainers take
+    turns). 1: one-step-off, the next step's rollouts are generated while this step trains
+    (engines and trainers overlap); N: up to N steps generated ahead. Needs engines on their own
+    GPUs (placement.colocate=false); the ratio's denominator is then the generating version's
+    log-probs (old_log_probs rollout, or TIS against them)."""
+
     old_log_probs: Literal["auto", "rollout", "recompute"] = "auto"
     """Denominator of the importance ratio: the engine's log-probs (`rollout`, corrects for any
     trainer/engine mismatch inside the clipped ratio) or the trainer's own before the update
@@ -479,6 +487,14 @@ class SluiceConfig:
             )
         if a.tis == "on" and a.old_log_probs == "rollout":
             raise UserError(TIS_WITH_ROLLOUT_RATIO)
+        if a.max_staleness < 0:
+            raise UserError(f"algorithm.max_staleness={a.max_staleness} must be >= 0")
+        if a.max_staleness and self.placement.colocate:
+            raise UserError(
+                f"algorithm.max_staleness={a.max_staleness} overlaps generation with training, "
+                f"and colocated engines share the trainers' GPUs (they release their memory "
+                f"while the trainers step): set placement.colocate=false, or max_staleness 0"
+            )
         if self.weight_sync.bucket_size_mb <= 0:
             raise UserError("weight_sync.bucket_size_mb must be > 0")
         if self.weight_sync.timeout_s <= 0:

@@ -282,6 +282,8 @@ def test_each_data_parallel_rank_and_engine_needs_a_prompt_group():
         ("weight_sync.bucket_size_mb", "0", "weight_sync.bucket_size_mb must be > 0"),
         ("placement.cpus_per_bundle", "0", "placement.cpus_per_bundle must be > 0"),
         ("logging.eval_every", "-1", "logging.eval_every must be >= 0"),
+        ("timeouts.train_s", "0", "timeouts.train_s=0 must be > 0 (seconds)"),
+        ("algorithm.max_staleness", "-1", "algorithm.max_staleness=-1 must be >= 0"),
     ],
 )
 def test_out_of_range_values_name_the_field(key, raw, expected):
@@ -293,6 +295,21 @@ def test_out_of_range_values_name_the_field(key, raw, expected):
 )
 def test_negative_or_non_finite_floats_are_rejected(key, raw):
     assert key in config_error(None, {key: raw})
+
+
+def test_rollouts_ahead_need_their_own_gpus_and_a_ratio_against_the_generating_weights():
+    message = config_error(None, {"algorithm.max_staleness": "1", "placement.colocate": "true"})
+    assert "colocated engines share the trainers' GPUs" in message
+    assert "placement.colocate=false, or max_staleness 0" in message
+    from training.loss import LossSettings
+
+    stale = {"algorithm.max_staleness": "1", "algorithm.tis": "off"}
+    recomputed = load_config(None, {**stale, "algorithm.old_log_probs": "recompute"})
+    with pytest.raises(UserError, match="would take them as on-policy"):
+        LossSettings.of(recomputed)
+    assert LossSettings.of(load_config(None, stale)).old_log_probs == "rollout"  # auto
+    with_tis = load_config(None, {**stale, "algorithm.tis": "on"})
+    assert LossSettings.of(with_tis).tis  # recomputed ratio, TIS against the engine's
 
 
 def test_validate_returns_the_config_itself():

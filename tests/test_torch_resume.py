@@ -1,8 +1,9 @@
-"""Exact resume on the torch backend, as a user runs it.
+"""Exact resume on the torch backend, as a user runs it, with rollouts generated ahead.
 
-One run of the built-in job saves at steps 2 and 4; a second run resumes from the step-2
-checkpoint and must repeat steps 3 and 4 bit for bit (model, optimizer, RNG, step counter,
-weight version, data position and sampling seeds all restored).
+One run of the built-in job (one-step-off: `algorithm.max_staleness 1`) saves at steps 2 and
+4; a second run resumes from the step-2 checkpoint and must repeat steps 3 and 4 bit for bit
+(model, optimizer, RNG, step counter, weight version, data position, sampling seeds, and the
+rollouts of step 3, generated during step 2 by older weights and saved with the checkpoint).
 """
 
 import json
@@ -44,7 +45,7 @@ def ray_local():
 
 def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(ray_local, tmp_path):
     first, resumed, checkpoints = tmp_path / "first", tmp_path / "resumed", tmp_path / "ckpt"
-    common = ["--num_steps", "4", "--logging.eval_every", "0"]
+    common = ["--num_steps", "4", "--logging.eval_every", "0", "--algorithm.max_staleness", "1"]
     run_driver(
         *common, "--save", str(checkpoints), "--save-interval", "2",
         "--logging.output_dir", str(first),
@@ -52,7 +53,12 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(ray_local, tmp_
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     step2 = checkpoints / "iter_0000002"
     files = sorted(p.name for p in step2.iterdir())
-    assert files == ["rng_rank0.pt", "rng_rank1.pt", "sluice_state.json", "torch_state.pt"]
+    assert files == [
+        "rng_rank0.pt", "rng_rank1.pt", "rollouts_ahead", "sluice_state.json", "torch_state.pt"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (step2 / "rollouts_ahead").iterdir()) == [
+        "index.json", "step3-engine0.arrow", "step3-engine1.arrow"
+    ]  # fmt: skip
 
     run_driver(
         *common, "--load", str(step2), "--logging.output_dir", str(resumed),
@@ -64,6 +70,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(ray_local, tmp_
         compared = {k: v for k, v in original[step].items() if not k.startswith(VARYING)}
         assert "train/loss" in compared and "rollout/reward_mean" in compared
         assert {k: again[step][k] for k in compared} == compared, step
+        assert compared["async/version_lag"] == 1  # trained on the previous version's samples
 
 
 def test_a_torch_dist_checkpoint_is_refused_by_name(tmp_path):

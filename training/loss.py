@@ -54,6 +54,13 @@ class LossSettings:
         old = algorithm.old_log_probs
         if old == "auto":
             old = "recompute" if tis else "rollout"
+        if a.max_staleness and old == "recompute" and not tis:
+            raise UserError(
+                f"algorithm.max_staleness={a.max_staleness} trains on samples of older weights, "
+                f"and old_log_probs=recompute without TIS would take them as on-policy (a "
+                f"ratio of 1): set algorithm.old_log_probs to rollout (or auto), or "
+                f"algorithm.tis=on"
+            )
         return cls(old, tis, a.tis_cap, a.tis_floor, algorithm.clip_low, algorithm.clip_high)
 
     @classmethod
