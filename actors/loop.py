@@ -214,8 +214,9 @@ class Driver:
             self.engines.resume_memory(CACHE_MEMORY)
         return sync
 
-    # Checkpoints: the trainers write the model and optimizer (torch_dist); the driver adds the
-    # loop's own state, then switches the save root over (see training/megatron/checkpoint.py).
+    # Checkpoints: the trainers write the model and optimizer (torch_dist, or the torch
+    # backend's torch_state.pt); the driver adds the loop's own state and the rollouts queued
+    # ahead, then switches the save root over (see training/megatron/checkpoint.py).
 
     def save(self) -> Path:
         """Save the full training state under `checkpoint.save`; returns the checkpoint dir."""
@@ -266,7 +267,7 @@ class Driver:
     def run(self) -> dict:
         """Run the remaining steps with evaluations; save the model; write summary.json."""
         c = self.config
-        first = self.evaluate()
+        first = None if self.stopping else self.evaluate()  # a signal during start-up
         last = first
         bar = tqdm(
             total=c.num_steps,
