@@ -2,8 +2,8 @@
 
 The driver runs each phase of a step (rollout, train, sync, save) inside `phase(...)`; every
 wait on actors in that phase goes through `deadline.get(refs)` instead of `ray.get`, and may
-take at most what is left of the phase's bound (`timeouts.<phase>_s`, for the whole phase). When the
-bound passes, `PhaseTimeout` names the phase, the step and the actors whose calls it still
+take at most what is left of the phase's bound (`timeouts.<phase>_s`, for the whole phase).
+When the bound passes, `PhaseTimeout` names the phase, the step and the actors whose calls it still
 waits for (Ray's state API), after py-spy has written each one's stack to
 `<output_dir>/stuck/step<k>-<phase>/<actor>.txt` (actors on other nodes are named with their
 node and pid, for the dashboard's stack view). Outside a phase `get` is `ray.get`.
@@ -60,14 +60,15 @@ def get(refs: Any) -> Any:
     if current is None:
         return ray.get(refs)
     single = isinstance(refs, ray.ObjectRef)
-    pending = [refs] if single else list(refs)
+    ordered = [refs] if single else list(refs)
+    values, pending = {}, ordered
     while pending:
         remaining = max(0.0, current.deadline - time.monotonic())
         ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
         if not ready:
             raise _stuck(current, pending)
-        ray.get(ready)  # a failure surfaces now, not at the deadline
-    return ray.get(refs)
+        values[ready[0]] = ray.get(ready[0])  # a failure surfaces now, not at the deadline
+    return values[refs] if single else [values[ref] for ref in ordered]
 
 
 def _stuck(current: _Phase, pending: list[ray.ObjectRef]) -> PhaseTimeout:

@@ -38,6 +38,7 @@ class TorchBackend(TrainingBackend):
         self.config = config
         self.device = device
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.loss_settings = LossSettings.of(config)
         self.model = load_model(trainer_model(config.model), config.seed, device).train()
         self.module = self.model
@@ -135,11 +136,10 @@ class TorchBackend(TrainingBackend):
     # rank its RNG state; the driver commits the folder once every rank has returned.
 
     def save_checkpoint(self, directory: str) -> None:
-        rank = dist.get_rank() if dist.is_initialized() else 0
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(self.device), folder / f"rng_rank{rank}.pt")
-        if rank == 0:  # written last: its presence marks the checkpoint complete
+        torch.save(_rng_state(self.device), folder / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:  # written last: its presence marks the checkpoint complete
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
             torch.save(state, folder / TORCH_STATE_FILE)
         if self.world_size > 1:
@@ -158,8 +158,7 @@ class TorchBackend(TrainingBackend):
         self.model.load_state_dict(state["model"])
         if with_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        rng = folder / f"rng_rank{rank}.pt"
+        rng = folder / f"rng_rank{self.rank}.pt"
         if rng.is_file():  # absent for a rank the saving run did not have
             _set_rng_state(torch.load(rng, weights_only=True), self.device)
 

@@ -171,7 +171,8 @@ def _prepare_directory(directory: Path) -> None:
 
 
 TORCH_STATE_FILE = "torch_state.pt"
-"""The torch backend's checkpoint: model, optimizer and RNG in one file (written last)."""
+"""The torch backend's checkpoint: model and optimizer in one file (rank 0), beside each
+rank's `rng_rank<r>.pt`; the staging folder is committed only once every rank has returned."""
 
 
 def is_checkpoint(directory: str | Path) -> bool:
