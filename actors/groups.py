@@ -4,12 +4,16 @@
 loop reads like; the per-actor fan-out, placement and start-up order live here.
 """
 
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from actors import deadline
-from actors.rollout_actor import EvalResult, RolloutActor, RolloutResult
+from actors.rollout_actor import EngineNeedsWeights, EvalResult, RolloutActor, RolloutResult
 from actors.train_actor import TrainActor
 from config.schema import SluiceConfig
 from data.prompts import PromptRecord
@@ -18,6 +22,9 @@ from inference.sglang.engine import EngineSite
 from placement.groups import Placement, Role
 from training.backend import TrainStats
 from weights.manifest import Bucket
+
+DEATH_PROBE_S = 10.0
+"""How long a training rank's readiness probe may take before it counts as alive (busy)."""
 
 # The classes stay plain (importable by name, so Ray pickles them by reference); these are
 # their Ray actor versions.
@@ -33,11 +40,13 @@ class TrainGroup:
     of every rank (`_all`); rank 0 sends or writes, and its answer is returned.
     """
 
-    def __init__(self, config: SluiceConfig, placement: Placement):
+    def __init__(self, config: SluiceConfig, placement: Placement, incarnation: int = 0):
+        """`incarnation`: how many training groups of this run came before (restarts)."""
         world = config.train.num_workers
+        suffix = f"-restart{incarnation}" if incarnation else ""  # names stay unique
         self.actors = [
             RemoteTrainActor.options(
-                name=f"sluice-train-{rank}", **placement.actor_options(Role.TRAIN, rank)
+                name=f"sluice-train-{rank}{suffix}", **placement.actor_options(Role.TRAIN, rank)
             ).remote(config, rank, world)
             for rank in range(world)
         ]
@@ -98,9 +107,29 @@ class TrainGroup:
     def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
         self._all(lambda a: a.load_checkpoint.remote(directory, with_optimizer))
 
+    def dead_ranks(self, probe_s: float = DEATH_PROBE_S) -> list[int]:
+        """The ranks whose actor process has died. A live rank answers Ray's readiness probe
+        after its current task, so waiting `probe_s` for the probes tells the dead (whose probe
+        fails) from the busy ones (still stuck in a collective with a dead peer)."""
+        probes = [a.__ray_ready__.remote() for a in self.actors]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=probe_s)
+        return [rank for rank, probe in enumerate(probes) if probe in ready and _dies(probe)]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
     def _all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):
         """Run `call` on every rank at once; rank 0's result."""
         return deadline.get([call(a) for a in self.actors])[0]
+
+
+def _dies(probe: ray.ObjectRef) -> bool:
+    try:
+        ray.get(probe)
+    except RayActorError:
+        return True
+    return False
 
 
 @ray.remote(num_cpus=0)
@@ -109,19 +138,49 @@ def _first_when_all_done(first, *others):
     return first
 
 
+@dataclass
+class EngineCall:
+    """One engine's share of a generation or evaluation: what to re-issue if it fails."""
+
+    engine: int
+    method: str
+    args: tuple
+    ref: ray.ObjectRef
+
+
 class RolloutGroup:
-    """One RolloutActor per engine; prompt groups are split evenly across engines."""
+    """One RolloutActor per engine; prompt groups are split evenly across engines.
+
+    A rollout actor whose process dies is restarted by Ray in its bundle
+    (`rollout.max_restarts`). Its unfinished shares go to a live engine with the same
+    arguments (prompts, group ids, sampling seed), so no group is lost or sampled twice; while
+    it is down it gets no new work, and it generates again only after `ensure_running` has
+    reported it and the driver has rebuilt the weight group and synced. If no engine is left
+    alive, `rejoin` (set by the driver) waits for the restarts and syncs them first.
+    """
 
     def __init__(self, config: SluiceConfig, placement: Placement):
         self.config = config
         serving = config.rollout.engine == "sglang"
         self.actors = [
             RemoteRolloutActor.options(
-                name=f"sluice-rollout-{e}", **placement.actor_options(Role.ENGINE, e)
+                name=f"sluice-rollout-{e}",
+                # Ray restarts it in the same bundle; its calls are re-issued by `collect`
+                # (never retried by Ray on the new incarnation, which holds stale weights).
+                max_restarts=config.rollout.max_restarts,
+                max_task_retries=0,
+                **placement.actor_options(Role.ENGINE, e),
             ).remote(config, e, engine_site(placement, e) if serving else None)
             for e in range(config.rollout.num_engines)
         ]
         self._next_group_id = 0
+        self.down: set[int] = set()
+        """Engines whose calls failed since they last rejoined."""
+        self.restarts = 0
+        """Engines restarted during the run (actor or server), each time it was reported."""
+        self.reissued_groups = 0
+        """Prompt groups (or evaluation prompts) re-issued to another engine."""
+        self.rejoin: Callable[[], None] | None = None
         self.connect_peers()
 
     def connect_peers(self) -> None:
@@ -131,11 +190,14 @@ class RolloutGroup:
             deadline.get([a.connect_peers.remote(urls) for a in self.actors])
 
     def ensure_running(self) -> bool:
-        """Restart dead engines (each reports its log tail); True if any restarted."""
-        restarted = any(deadline.get([a.ensure_running.remote() for a in self.actors]))
-        if restarted:
+        """Restart dead engines (each reports its log tail) and wait for actors Ray is
+        restarting; True if any restarted (it then needs the weight group rebuilt)."""
+        restarted = deadline.get([a.ensure_running.remote() for a in self.actors])
+        self.down.clear()  # every engine answered: all are up again
+        if any(restarted):
+            self.restarts += sum(restarted)
             self.connect_peers()
-        return restarted
+        return any(restarted)
 
     def release_memory(self) -> None:
         deadline.get([a.release_memory.remote() for a in self.actors])
@@ -147,17 +209,57 @@ class RolloutGroup:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.
 
         Engine e samples step s with seed (run seed, s, e), never with a carried-over RNG state."""
-        return deadline.get(self.start_generate(prompts, step))
+        return self.collect(self.start_generate(prompts, step))
 
-    def start_generate(self, prompts: list[PromptRecord], step: int) -> list[ray.ObjectRef]:
-        """`generate` without waiting: one reference per engine to its `RolloutResult`."""
+    def start_generate(self, prompts: list[PromptRecord], step: int) -> list[EngineCall]:
+        """`generate` without waiting: one call per engine, to pass to `collect`."""
         calls = []
         shares = split_evenly(prompts, len(self.actors))
-        for e, (actor, share) in enumerate(zip(self.actors, shares, strict=True)):
+        for e, share in enumerate(shares):
             seed = hash((self.config.seed, step, e)) & 0x7FFFFFFF
-            calls.append(actor.generate.remote(share, self._next_group_id, seed))
+            calls.append(self._call(e, "generate", (share, self._next_group_id, seed)))
             self._next_group_id += len(share)
         return calls
+
+    def collect(self, calls: list[EngineCall]) -> list[Any]:
+        """The results of `calls`, in order; a share whose engine died is re-issued."""
+        results = []
+        for call in calls:
+            while True:
+                try:
+                    results.append(deadline.get(call.ref))
+                    break
+                except (RayActorError, EngineNeedsWeights) as error:
+                    call = self._reissue(call, error)
+        return results
+
+    def _reissue(self, call: EngineCall, error: Exception) -> EngineCall:
+        self.down.add(call.engine)
+        live = [e for e in range(len(self.actors)) if e not in self.down]
+        if not live:
+            if self.rejoin is None:
+                raise error
+            print(
+                "sluice: every engine is down; waiting for their restarts",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.rejoin()
+            live = list(range(len(self.actors)))
+        target = live[call.engine % len(live)]
+        cause = "was restarted" if isinstance(error, EngineNeedsWeights) else "died"
+        print(
+            f"sluice: rollout actor {call.engine} {cause} during {call.method}; its "
+            f"{len(call.args[0])} prompt group(s) go to engine {target}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.reissued_groups += len(call.args[0])
+        return self._call(target, call.method, call.args)
+
+    def _call(self, engine: int, method: str, args: tuple) -> EngineCall:
+        ref = getattr(self.actors[engine], method).remote(*args)
+        return EngineCall(engine, method, args, ref)
 
     @property
     def next_group_id(self) -> int:
@@ -169,9 +271,7 @@ class RolloutGroup:
 
     def evaluate(self, prompts: list[PromptRecord]) -> list[EvalResult]:
         shares = split_evenly(prompts, len(self.actors))
-        return deadline.get(
-            [a.evaluate.remote(s) for a, s in zip(self.actors, shares, strict=True) if s]
-        )
+        return self.collect([self._call(e, "evaluate", (s,)) for e, s in enumerate(shares) if s])
 
     def weight_versions(self) -> list[int]:
         return deadline.get([a.weight_version.remote() for a in self.actors])

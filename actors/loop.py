@@ -7,6 +7,10 @@ broadcasts the new weights to every engine, which must report the new version be
 next step's generation starts. With `algorithm.max_staleness` N > 0 the generations of the
 next N steps run on the engines while a step trains, and are finished before the weight
 update (`actors/rollout_queue.py`).
+
+Faults: a rollout actor that dies is restarted by Ray and its work goes to the live engines
+(`RolloutGroup`); a training actor that dies makes the driver replace the whole training group
+and resume from the last checkpoint, the engines staying up (`checkpoint.max_restarts`).
 """
 
 import json
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayError
 from tqdm import tqdm
 
 from actors import deadline
@@ -112,6 +117,7 @@ class Driver:
             self.weights.setup()
             self.version = 0
             self.steps_done = 0
+            self.trainer_restarts = 0
             self.rollouts = RolloutQueue(
                 self.engines,
                 self.prompts,
@@ -119,8 +125,11 @@ class Driver:
                 config.algorithm.max_staleness,
                 config.num_steps,
             )
+            self.start_from = start_from
+            self.start_state = self._loop_state()  # where a lost training group goes back to
             if start_from is not None:
                 self._load(start_from)
+            self.engines.rejoin = self._rejoin_engines
             # Engines start from exactly the trainer's weights (loaded or initial).
             self.weights.sync(version=self.version)
         except BaseException:
@@ -131,7 +140,17 @@ class Driver:
         (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def step(self) -> dict[str, float]:
-        """One RL step: rollout, train, weight sync. Returns the step's metrics."""
+        """One RL step: rollout, train, weight sync. Returns the step's metrics.
+
+        If a training actor dies, the training group restarts from the last checkpoint and
+        this returns the metrics of the first step after it."""
+        while True:
+            try:
+                return self._step()
+            except Exception as error:
+                self._restart_trainers_if_dead(error)
+
+    def _step(self) -> dict[str, float]:
         c = self.config
         step = self.steps_done + 1
         start = time.perf_counter()
@@ -173,6 +192,9 @@ class Driver:
             "weight_version": self.version,
             "async/version_lag": lag,
             "async/dropped_samples": dropped,
+            "fault/engine_restarts": self.engines.restarts,
+            "fault/reissued_groups": self.engines.reissued_groups,
+            "fault/trainer_restarts": self.trainer_restarts,
         }
         metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
         self.metrics.write(self.steps_done, metrics)
@@ -198,6 +220,53 @@ class Driver:
             )
         return kept, lag, dropped
 
+    def _restart_trainers_if_dead(self, error: Exception) -> None:
+        """Re-raise `error` unless a training actor died; else replace the training group by
+        new actors in the same bundles and go back to the last checkpoint (the run's start
+        without one): model, optimizer, step, data position, weight version, queued rollouts.
+        The engines stay up; they are sent the checkpoint's weights."""
+        c = self.config
+        dead = self.trainers.dead_ranks() if isinstance(error, RayError) else []
+        if not dead:
+            raise error
+        if self.trainer_restarts >= c.checkpoint.max_restarts:
+            raise RuntimeError(
+                f"training rank(s) {dead} died and the training group was restarted "
+                f"{self.trainer_restarts} time(s) already (checkpoint.max_restarts="
+                f"{c.checkpoint.max_restarts})"
+            ) from error
+        from training.megatron.checkpoint import latest
+
+        self.trainer_restarts += 1
+        source = (latest(c.checkpoint.save) if c.checkpoint.save else None) or self.start_from
+        print(
+            f"sluice: training rank(s) {dead} died during step {self.steps_done + 1}; restarting "
+            f"the training group ({self.trainer_restarts}/{c.checkpoint.max_restarts}) from "
+            f"{source or 'the start of the run'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with self._phase("train", self.steps_done + 1):
+            # The engines finish what they generate; it is discarded (the checkpoint's own
+            # queued rollouts come back with it).
+            self.rollouts.discard(next_step=self.start_state["steps_done"] + 1)
+            self.trainers.kill()
+            self.trainers = TrainGroup(c, self.placement, incarnation=self.trainer_restarts)
+            self.weights.replace_trainers(self.trainers)
+            self._set_loop_state(self.start_state)
+            if source is not None:
+                self._load(source)
+            self.metrics.rewind(self.steps_done)
+            self._sync_weights()
+
+    def _rejoin_engines(self) -> None:
+        """Every engine is down in the middle of a generation: wait for Ray's restarts, then
+        rebuild the weight group and send the current weights (the trainers are idle while
+        the driver waits for rollouts)."""
+        if self.engines.ensure_running():
+            self.weights.rebuild()
+        self._sync_weights()
+
     def _phase(self, name: str, step: int):
         """Bound every actor call of phase `name` by `timeouts.<name>_s` (actors/deadline.py)."""
         timeout_s = getattr(self.config.timeouts, f"{name}_s")
@@ -218,23 +287,39 @@ class Driver:
     # backend's torch_state.pt); the driver adds the loop's own state and the rollouts queued
     # ahead, then switches the save root over (see training/megatron/checkpoint.py).
 
-    def save(self) -> Path:
-        """Save the full training state under `checkpoint.save`; returns the checkpoint dir."""
+    def save(self) -> Path | None:
+        """Save the full training state under `checkpoint.save`; returns the checkpoint dir,
+        or None if a training actor died meanwhile (the run went back to the last one)."""
+        try:
+            return self._save()
+        except Exception as error:
+            self._restart_trainers_if_dead(error)
+            return None
+
+    def _save(self) -> Path:
         from training.megatron.checkpoint import commit, staging_dir
 
         root = Path(self.config.checkpoint.save)
         staging = staging_dir(root, self.steps_done)
         with self._phase("save", self.steps_done):
             self.trainers.save_checkpoint(str(staging.resolve()))
-        state = {
+        (staging / LOOP_STATE_FILE).write_text(json.dumps(self._loop_state(), indent=2))
+        self.rollouts.save(staging)
+        return commit(root, self.steps_done)
+
+    def _loop_state(self) -> dict:
+        return {
             "steps_done": self.steps_done,
             "weight_version": self.version,
             "prompts": self.prompts.state_dict(),
             "next_group_id": self.engines.next_group_id,
         }
-        (staging / LOOP_STATE_FILE).write_text(json.dumps(state, indent=2))
-        self.rollouts.save(staging)
-        return commit(root, self.steps_done)
+
+    def _set_loop_state(self, state: dict) -> None:
+        self.steps_done = state["steps_done"]
+        self.version = state["weight_version"]
+        self.prompts.load_state_dict(state["prompts"])
+        self.engines.next_group_id = state["next_group_id"]
 
     def _load(self, directory: Path) -> None:
         """Start from a checkpoint: resume a saved run, or take a converted model's weights."""
@@ -242,11 +327,7 @@ class Driver:
         resuming = state_file.is_file()
         self.trainers.load_checkpoint(str(directory.resolve()), with_optimizer=resuming)
         if resuming:
-            state = json.loads(state_file.read_text())
-            self.steps_done = state["steps_done"]
-            self.version = state["weight_version"]
-            self.prompts.load_state_dict(state["prompts"])
-            self.engines.next_group_id = state["next_group_id"]
+            self._set_loop_state(json.loads(state_file.read_text()))
             self.rollouts.load(directory, next_step=self.steps_done + 1)
 
     def evaluate(self) -> dict[str, float] | None:
@@ -279,7 +360,8 @@ class Driver:
         )
         while self.steps_done < c.num_steps and not self.stopping:
             metrics = self.step()
-            bar.update(1)
+            bar.n = self.steps_done  # not += 1: a restarted training group goes back
+            bar.refresh()
             tqdm.write(step_line(self.steps_done, c.num_steps, metrics), file=sys.stdout)
             interval = c.checkpoint.save_interval
             if c.checkpoint.save and interval and self.steps_done % interval == 0:
@@ -298,7 +380,7 @@ class Driver:
         saved = _saved_at(c.checkpoint.save, self.steps_done) if c.checkpoint.save else True
         if not saved and self.steps_done:
             path = self.save()
-            if self.stopping:
+            if path and self.stopping:
                 print(f"sluice: saved {path}; --load it to resume", file=sys.stderr, flush=True)
         if c.logging.save_final_model and not self.stopping:
             self.trainers.save_hf(str((self.output_dir / "final_model").resolve()))
@@ -309,6 +391,8 @@ class Driver:
             "weight_version": self.version,
             "wall_seconds": time.perf_counter() - self.created,
             "stopped_by": self.stop.signal.name if self.stopping else None,
+            "engine_restarts": self.engines.restarts,
+            "trainer_restarts": self.trainer_restarts,
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -386,6 +470,7 @@ def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
     samples = sum(r.stats.samples for r in results)
     response_tokens = sum(r.stats.response_tokens for r in results)
     return {
+        "rollout/samples": samples,
         "rollout/reward_mean": sum(r.stats.reward_sum for r in results) / samples,
         "rollout/accuracy": sum(r.stats.correct for r in results) / samples,
         "rollout/response_length_mean": response_tokens / samples,

@@ -11,6 +11,11 @@ Verbs (all called by the driver):
 Concurrency: the driver never calls `generate` and `update_weights_from_distributed` on one
 actor at the same time (a Ray actor runs one method at a time anyway), so an engine never
 samples from half-loaded weights.
+
+Restarts: when the actor's process dies, Ray starts it again in its bundle
+(`rollout.max_restarts`). The new incarnation holds its checkpoint's weights, not the run's
+current ones, so it refuses to generate (`EngineNeedsWeights`) until a weight update has
+reached it; the driver sends its work to the live engines meanwhile (`RolloutGroup.collect`).
 """
 
 import time
@@ -36,6 +41,10 @@ from weights.sync import SyncStats
 
 if TYPE_CHECKING:
     from inference.sglang.engine import EngineSite
+
+
+class EngineNeedsWeights(RuntimeError):
+    """A restarted rollout actor was asked to generate before it received the current weights."""
 
 
 @dataclass
@@ -78,12 +87,28 @@ class RolloutActor:
         self.engine = create_engine(config, self.device, engine_index, site)
         self.reward_path = config.rollout.reward
         self.reward_fn = load_reward_fn(self.reward_path)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        """Ray restarted this actor after its process died, and no weight update came since."""
+        if self.restarted:
+            print(
+                f"[rollout actor {engine_index}] restarted after its process died; it generates "
+                f"again once the driver has sent it the current weights",
+                flush=True,
+            )
+
+    def _check_current_weights(self) -> None:
+        if self.restarted:
+            raise EngineNeedsWeights(
+                f"rollout actor {self.engine_index} was restarted and has not received the "
+                f"current weights yet"
+            )
 
     def generate(
         self, groups: list[PromptRecord], group_id_start: int, sampling_seed: int
     ) -> RolloutResult:
         """Sample every group; `sampling_seed` (distinct per step and engine) makes a step's
         samples depend only on the weights and the seed, so a resumed run repeats them."""
+        self._check_current_weights()
         r = self.config.rollout
         torch.manual_seed(sampling_seed)
         params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
@@ -167,6 +192,7 @@ class RolloutActor:
         )
 
     def evaluate(self, prompts: list[PromptRecord]) -> EvalResult:
+        self._check_current_weights()
         params = SamplingParams(self.config.rollout.max_new_tokens, greedy=True)
         completions = self.engine.generate(self._encode(prompts), params)
         rewards = self._rewards(prompts, completions, 1)
@@ -185,7 +211,9 @@ class RolloutActor:
         self.engine.connect_peers(urls)
 
     def ensure_running(self) -> bool:
-        return self.engine.ensure_running()
+        """True if the engine (or this whole actor) was restarted and needs the weight group
+        rebuilt and a sync before it generates."""
+        return self.engine.ensure_running() or self.restarted
 
     def release_memory(self) -> None:
         self.engine.release_memory()
@@ -208,13 +236,16 @@ class RolloutActor:
         self.engine.check_weights_update(plan)
 
     def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
-        return self.engine.update_weights_from_distributed(plan, version)
+        stats = self.engine.update_weights_from_distributed(plan, version)
+        self.restarted = False
+        return stats
 
     def update_weights_from_tensor(self, handles: list[str], version: int | None) -> None:
         self.engine.update_weights_from_tensor(handles, version)
 
     def finish_weight_update(self, version: int) -> None:
         self.engine.finish_weight_update(version)
+        self.restarted = False
 
     def weight_version(self) -> int:
         return self.engine.weight_version

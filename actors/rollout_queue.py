@@ -23,8 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
-from actors import deadline
-from actors.groups import RolloutGroup
+from actors.groups import EngineCall, RolloutGroup
 from actors.rollout_actor import RolloutResult, RolloutStats
 from data.prompts import PromptStream
 from data.schema import RolloutBatchRef
@@ -36,14 +35,14 @@ ROLLOUTS_DIR = "rollouts_ahead"
 @dataclass
 class _Pending:
     step: int
-    calls: list[ray.ObjectRef] | None
-    """One reference per engine while the generation runs."""
+    calls: list[EngineCall] | None
+    """One call per engine while the generation runs."""
     results: list[RolloutResult] | None = None
     """Once finished."""
 
-    def finish(self) -> list[RolloutResult]:
+    def finish(self, engines: RolloutGroup) -> list[RolloutResult]:
         if self.results is None:
-            self.results = deadline.get(self.calls)
+            self.results = engines.collect(self.calls)
             self.calls = None
         return self.results
 
@@ -76,12 +75,19 @@ class RolloutQueue:
             self.next_step += 1
         head = self.pending.popleft()
         assert head.step == step, f"queued rollouts of step {head.step}, not {step}"
-        return head.finish()
+        return head.finish(self.engines)
 
     def finish_in_flight(self) -> None:
         """Wait for every generation still running (before a weight update)."""
         for pending in self.pending:
-            pending.finish()
+            pending.finish(self.engines)
+
+    def discard(self, next_step: int) -> None:
+        """Drop every queued generation (the training group restarts from a checkpoint);
+        those still running are waited for, so the engines are idle for the weight update."""
+        self.finish_in_flight()
+        self.pending.clear()
+        self.next_step = next_step
 
     def save(self, directory: Path) -> None:
         """Write the queued rollouts (all finished first) into checkpoint `directory`."""

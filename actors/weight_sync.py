@@ -84,6 +84,17 @@ class WeightSync:
         deadline.get(joins)
         self.plan = deadline.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
 
+    def replace_trainers(self, trainers: TrainGroup) -> None:
+        """A new group around a restarted training group's leader: every engine leaves the old
+        group (whose trainer end died with it), then `setup` runs with the new leader."""
+        self.trainers, self.leader = trainers, trainers.leader
+        if self.backend != "ipc":
+            calls = {f"engine {i}": e.destroy_weights_update_group.remote()
+                     for i, e in enumerate(self.engines)}  # fmt: skip
+            _wait_all(calls, self.config.timeout_s, "leaving the old weight group")
+        self.generation += 1
+        self.setup()
+
     def rebuild(self) -> None:
         """A new group after an engine restarted (a restarted server is in no group).
 

@@ -100,6 +100,11 @@ class RolloutConfig:
     num_engines: int = 1
     """How many RolloutActors (engines) generate in parallel."""
 
+    max_restarts: int = 3
+    """Times Ray restarts a rollout actor whose process died, in its own bundle (per actor).
+    Its prompt groups go to the live engines meanwhile, and it rejoins the weight group with
+    the current weights before it generates again. 0: a dead rollout actor ends the run."""
+
     gpus_per_engine: int = 1
     """GPUs one engine spans (`rollout_num_gpus_per_engine`); ignored on a cluster with no GPU."""
 
@@ -251,6 +256,12 @@ class CheckpointConfig:
 
     save_interval: int = 0
     """Save every N steps (`--save-interval`; 0 = only at the end when `save` is set)."""
+
+    max_restarts: int = 3
+    """Times the driver restarts the training group when a training actor's process dies:
+    new actors in the same bundles resume from the last checkpoint under `save` (or from the
+    run's start when there is none yet), while the engines stay up. 0: a dead training actor
+    ends the run."""
 
 
 @dataclass
@@ -506,6 +517,12 @@ class SluiceConfig:
             raise UserError("placement.cpus_per_bundle must be > 0")
         if self.checkpoint.save_interval < 0:
             raise UserError("checkpoint.save_interval must be >= 0")
+        for key, value in (
+            ("checkpoint.max_restarts", self.checkpoint.max_restarts),
+            ("rollout.max_restarts", self.rollout.max_restarts),
+        ):
+            if value < 0:
+                raise UserError(f"{key}={value} must be >= 0 (0 = a dead actor ends the run)")
         if self.checkpoint.save_interval and not self.checkpoint.save:
             raise UserError(
                 f"checkpoint.save_interval={self.checkpoint.save_interval} needs checkpoint.save "

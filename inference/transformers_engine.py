@@ -130,6 +130,11 @@ class TransformersEngine(InferenceEngine):
         group = init_weights_update_group(info, rank_offset)
         self._receiver = WeightReceiver(group, self._destinations())
 
+    def destroy_weights_update_group(self) -> None:
+        if self._receiver is not None:
+            self._receiver.group.close()
+            self._receiver = None
+
     def check_weights_update(self, plan: list[Bucket]) -> None:
         if self._receiver is not None:
             self._receiver.check(plan)
@@ -178,6 +183,4 @@ class TransformersEngine(InferenceEngine):
         return tensor_checksums(checkpoint_tensors(self.model))
 
     def shutdown(self) -> None:
-        if self._receiver is not None:
-            self._receiver.group.close()
-            self._receiver = None
+        self.destroy_weights_update_group()

@@ -12,8 +12,23 @@ class MetricsWriter:
 
     def __init__(self, output_dir: Path):
         output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir = output_dir
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
         self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def rewind(self, step: int) -> None:
+        """Forget the steps after `step` (the run went back to a checkpoint and repeats them):
+        metrics.jsonl keeps its lines up to `step`, and TensorBoard discards later events."""
+        self.close()
+        path = self.output_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        staging = path.with_suffix(".jsonl.tmp")
+        staging.write_text("".join(f"{line}\n" for line in kept))
+        staging.replace(path)  # never a half-written metrics file
+        self.jsonl = path.open("a")
+        self.tensorboard = SummaryWriter(
+            log_dir=str(self.output_dir / "tensorboard"), purge_step=step + 1
+        )
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
