@@ -71,6 +71,17 @@ def get(refs: Any) -> Any:
     return values[refs] if single else [values[ref] for ref in ordered]
 
 
+def check(waiting_for: str) -> None:
+    """Raise `PhaseTimeout` if the current phase is past its deadline (for loops that poll
+    rather than wait on a reference); `waiting_for` says what they wait for."""
+    current = _current.get()
+    if current is not None and time.monotonic() > current.deadline:
+        raise PhaseTimeout(
+            f"{current.name} of step {current.step} did not finish within "
+            f"timeouts.{current.name}_s={current.timeout_s:g} s; still waiting for {waiting_for}"
+        )
+
+
 def _stuck(current: _Phase, pending: list[ray.ObjectRef]) -> PhaseTimeout:
     actors, note = _actors_of(pending)
     folder = current.dump_root / f"step{current.step}-{current.name}"

@@ -5,12 +5,13 @@ loop reads like; the per-actor fan-out, placement and start-up order live here.
 """
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors import deadline
 from actors.rollout_actor import EngineNeedsWeights, EvalResult, RolloutActor, RolloutResult
@@ -23,6 +24,8 @@ from placement.groups import Placement, Role
 from training.backend import TrainStats
 from weights.manifest import Bucket
 
+RESTART_POLL_S = 0.5
+"""How often to ask again an actor that Ray is restarting."""
 DEATH_PROBE_S = 10.0
 """How long a training rank's readiness probe may take before it counts as alive (busy)."""
 
@@ -192,12 +195,30 @@ class RolloutGroup:
     def ensure_running(self) -> bool:
         """Restart dead engines (each reports its log tail) and wait for actors Ray is
         restarting; True if any restarted (it then needs the weight group rebuilt)."""
-        restarted = deadline.get([a.ensure_running.remote() for a in self.actors])
+        restarted = self._on_every_actor_once_up("ensure_running")
         self.down.clear()  # every engine answered: all are up again
         if any(restarted):
             self.restarts += sum(restarted)
             self.connect_peers()
         return any(restarted)
+
+    def _on_every_actor_once_up(self, method: str) -> list[Any]:
+        """Call `method` on every actor, asking again those that Ray is still restarting
+        (they refuse calls until their constructor has run), within the phase's deadline."""
+        results: dict[int, Any] = {}
+        waiting = list(range(len(self.actors)))
+        while waiting:
+            calls = {e: getattr(self.actors[e], method).remote() for e in waiting}
+            waiting = []
+            for e, ref in calls.items():
+                try:
+                    results[e] = deadline.get(ref)
+                except ActorUnavailableError:
+                    waiting.append(e)
+            if waiting:
+                deadline.check(f"rollout actor(s) {waiting} that Ray is restarting")
+                time.sleep(RESTART_POLL_S)
+        return [results[e] for e in range(len(self.actors))]
 
     def release_memory(self) -> None:
         deadline.get([a.release_memory.remote() for a in self.actors])

@@ -205,6 +205,27 @@ def test_a_dead_server_is_restarted_and_leaves_the_weight_group(model_dir, tmp_p
     assert not engine.local.alive()
 
 
+def test_a_restarted_rollout_actor_stops_the_server_its_killed_predecessor_left(
+    model_dir, tmp_path, capsys
+):
+    """Ray restarts a rollout actor killed with SIGKILL, but its server, in a session of its
+    own, lives on and holds the GPUs: the new incarnation's engine (same index, same output
+    folder) kills it before it starts its own."""
+    first = make_engine(model_dir, tmp_path, STAND_IN)  # its actor is then killed: no shutdown
+    orphan = first.local._process
+    reaper = threading.Thread(target=orphan.wait, daemon=True)  # init reaps a real orphan
+    reaper.start()
+    second = make_engine(model_dir, tmp_path, STAND_IN)
+    try:
+        reaper.join(timeout=60)
+        assert orphan.returncode == -9
+        assert f"left by its previous actor (pid {orphan.pid})" in capsys.readouterr().out
+        assert requests.get(f"{second.url}/health", timeout=10).status_code == 200
+    finally:
+        second.shutdown()
+    assert not second.local.pid_path.exists()  # a clean stop leaves nothing to clean up
+
+
 def test_generation_requests_carry_whole_groups():
     a, b = [1, 2], [3]
     assert _runs([a, a, a, b, b, a]) == [[a, a, a], [b, b], [a]]

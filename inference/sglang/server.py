@@ -38,6 +38,8 @@ class ServerProcess:
         self.launch = launch
         self.program = program or [sys.executable, "-m", LAUNCH_MODULE]
         self.log_path = Path(log_dir) / f"sglang-engine{launch.engine}-node{launch.node_rank}.log"
+        self.pid_path = self.log_path.with_suffix(".pid")
+        """The running server's pid (= its process group), for the actor's next incarnation."""
         self._process: subprocess.Popen | None = None
 
     @property
@@ -47,6 +49,7 @@ class ServerProcess:
     def start(self) -> None:
         """Start the server (returns at once; `wait_healthy` waits for it)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.launch.visible_devices}
         with self.log_path.open("ab") as log:
             log.write(f"$ {self.launch.command}\n".encode())
@@ -59,6 +62,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        self.pid_path.write_text(f"{self._process.pid}\n")
 
     def exit_code(self) -> int | None:
         """None while it runs (or before it started)."""
@@ -98,6 +102,45 @@ class ServerProcess:
                 process.wait(timeout=grace_s)
         _signal_group(process.pid, signal.SIGKILL)  # children left by a parent that exited
         process.wait()
+        self.pid_path.unlink(missing_ok=True)
+
+    def _stop_leftover(self) -> None:
+        """Kill the server an earlier incarnation of this actor started: when Ray restarts a
+        rollout actor whose process was killed, its server (in a session of its own, so that
+        `stop` reaches SGLang's children) is still running and holding the GPUs."""
+        try:
+            group = int(self.pid_path.read_text())
+        except (OSError, ValueError):
+            return
+        if _group_alive(group) and _leader_is(group, self.program[-1]):
+            print(f"[{self.name}] stopping the server left by its previous actor (pid {group})")
+            _signal_group(group, signal.SIGKILL)  # nobody owns it any more: no grace
+            deadline = time.monotonic() + STOP_GRACE_S
+            while _group_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        self.pid_path.unlink(missing_ok=True)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leader_is(group: int, program: str) -> bool:
+    """Whether process group `group` is still a server's: its leader runs `program`, or has
+    exited (Linux allocates no pid that is still a live group's id, so the group is ours)."""
+    try:
+        arguments = Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return program.encode() in arguments
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
