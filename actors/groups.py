@@ -26,6 +26,8 @@ from weights.manifest import Bucket
 
 RESTART_POLL_S = 0.5
 """How often to ask again an actor that Ray is restarting."""
+DOWN_PROBE_S = 0.2
+"""How long an engine that is down gets to answer before the weight update goes on without it."""
 DEATH_PROBE_S = 10.0
 """How long a training rank's readiness probe may take before it counts as alive (busy)."""
 
@@ -76,11 +78,11 @@ class TrainGroup:
             ]
         )
 
-    def broadcast_weights(self, plan: list[Bucket], version: int) -> ray.ObjectRef:
-        """Start the export on every rank; the returned reference resolves to rank 0's stats
-        once every rank is done."""
-        calls = [a.broadcast_weights.remote(plan, version) for a in self.actors]
-        return _first_when_all_done.remote(*calls)
+    def broadcast_weights(self, plan: list[Bucket], version: int) -> list[ray.ObjectRef]:
+        """Start the export on every rank; one reference per rank (rank 0's are the stats).
+        The driver waits for them itself: a Ray task that waited for them would need a free
+        worker process, and after a fault there is none until Ray has started one (seconds)."""
+        return [a.broadcast_weights.remote(plan, version) for a in self.actors]
 
     def begin_ipc_export(self, serving: set[int]) -> None:
         """Start a CUDA-IPC export; the ranks in `serving` pack each bucket on their GPU and
@@ -111,12 +113,19 @@ class TrainGroup:
         self._all(lambda a: a.load_checkpoint.remote(directory, with_optimizer))
 
     def dead_ranks(self, probe_s: float = DEATH_PROBE_S) -> list[int]:
-        """The ranks whose actor process has died. A live rank answers Ray's readiness probe
-        after its current task, so waiting `probe_s` for the probes tells the dead (whose probe
-        fails) from the busy ones (still stuck in a collective with a dead peer)."""
+        """The ranks whose actor process has died, as soon as one is known (empty if none is
+        within `probe_s`). A live rank answers Ray's readiness probe only after its current
+        task, which may be stuck in a collective with the dead one; a dead rank's probe fails."""
         probes = [a.__ray_ready__.remote() for a in self.actors]
-        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=probe_s)
-        return [rank for rank, probe in enumerate(probes) if probe in ready and _dies(probe)]
+        rank_of = {probe: rank for rank, probe in enumerate(probes)}
+        dead, pending, end = [], probes, time.monotonic() + probe_s
+        while pending and not dead:
+            ready, pending = ray.wait(pending, timeout=max(0.0, end - time.monotonic()))
+            if not ready:
+                break
+            ready += ray.wait(pending, num_returns=len(pending), timeout=0)[0]
+            dead = sorted(rank_of[probe] for probe in ready if _dies(probe))
+        return dead
 
     def kill(self) -> None:
         for actor in self.actors:
@@ -135,12 +144,6 @@ def _dies(probe: ray.ObjectRef) -> bool:
     return False
 
 
-@ray.remote(num_cpus=0)
-def _first_when_all_done(first, *others):
-    """Resolves when every argument has (Ray resolves them all before calling)."""
-    return first
-
-
 @dataclass
 class EngineCall:
     """One engine's share of a generation or evaluation: what to re-issue if it fails."""
@@ -157,9 +160,10 @@ class RolloutGroup:
     A rollout actor whose process dies is restarted by Ray in its bundle
     (`rollout.max_restarts`). Its unfinished shares go to a live engine with the same
     arguments (prompts, group ids, sampling seed), so no group is lost or sampled twice; while
-    it is down it gets no new work, and it generates again only after `ensure_running` has
-    reported it and the driver has rebuilt the weight group and synced. If no engine is left
-    alive, `rejoin` (set by the driver) waits for the restarts and syncs them first.
+    it is down it gets no new work and the weight group goes on without it; it generates again
+    once `check_engines` (before a weight update) finds it up and the driver has rebuilt the
+    group with it, so the run does not wait for a restart (minutes for a large model). If no
+    engine is left alive, `rejoin` (set by the driver) waits for the restarts and syncs first.
     """
 
     def __init__(self, config: SluiceConfig, placement: Placement):
@@ -178,53 +182,87 @@ class RolloutGroup:
         ]
         self._next_group_id = 0
         self.down: set[int] = set()
-        """Engines whose calls failed since they last rejoined."""
+        """Engines that died (a call failed) and have not rejoined since."""
         self.restarts = 0
-        """Engines restarted during the run (actor or server), each time it was reported."""
+        """Engines restarted during the run (actor or server), counted when they rejoin."""
         self.reissued_groups = 0
         """Prompt groups (or evaluation prompts) re-issued to another engine."""
         self.rejoin: Callable[[], None] | None = None
+        """Set by the driver: waits for every engine and syncs them (when none is live)."""
         self.connect_peers()
+
+    def live(self) -> list[int]:
+        """The engines that take work: all but those that died and have not rejoined."""
+        return [e for e in range(len(self.actors)) if e not in self.down]
 
     def connect_peers(self) -> None:
         """Tell every serving engine the others' URLs (it balances and retries over them)."""
-        urls = [u for u in deadline.get([a.url.remote() for a in self.actors]) if u is not None]
+        live = [self.actors[e] for e in self.live()]
+        urls = [u for u in deadline.get([a.url.remote() for a in live]) if u is not None]
         if urls:
-            deadline.get([a.connect_peers.remote(urls) for a in self.actors])
+            deadline.get([a.connect_peers.remote(urls) for a in live])
 
-    def ensure_running(self) -> bool:
-        """Restart dead engines (each reports its log tail) and wait for actors Ray is
-        restarting; True if any restarted (it then needs the weight group rebuilt)."""
-        restarted = self._on_every_actor_once_up("ensure_running")
-        self.down.clear()  # every engine answered: all are up again
-        if any(restarted):
-            self.restarts += sum(restarted)
+    def check_engines(self, members: list[int]) -> bool:
+        """Before a weight update: restart the dead servers of live engines, notice engines
+        that died while idle, and take back those Ray has finished restarting (without
+        waiting for those it has not). True if the weight group, whose engines are
+        `members`, must be rebuilt: an engine restarted, came back, or is gone."""
+        changed = False
+        calls = {e: a.ensure_running.remote() for e, a in enumerate(self.actors)}
+        # An engine known to be down gets a moment to answer; one Ray is still restarting
+        # fails at once or takes its constructor's time, and is asked again next time.
+        for e in self.down.copy():
+            if not ray.wait([calls[e]], timeout=DOWN_PROBE_S)[0]:
+                del calls[e]
+        for e, call in calls.items():
+            try:
+                restarted = deadline.get(call)
+            except ActorUnavailableError:  # Ray is restarting it
+                self.down.add(e)
+                continue
+            except RayActorError as error:
+                raise self._lost(e) from error
+            if e in self.down or restarted:
+                self.down.discard(e)
+                self.restarts += 1
+                changed = True
+        if changed:
             self.connect_peers()
-        return any(restarted)
+        return changed or members != self.live()
 
-    def _on_every_actor_once_up(self, method: str) -> list[Any]:
-        """Call `method` on every actor, asking again those that Ray is still restarting
-        (they refuse calls until their constructor has run), within the phase's deadline."""
-        results: dict[int, Any] = {}
-        waiting = list(range(len(self.actors)))
+    def wait_until_all_up(self) -> None:
+        """Wait (within the phase's deadline) until Ray has restarted every engine."""
+        waiting = sorted(self.down)
         while waiting:
-            calls = {e: getattr(self.actors[e], method).remote() for e in waiting}
-            waiting = []
-            for e, ref in calls.items():
+            still = []
+            for e in waiting:
                 try:
-                    results[e] = deadline.get(ref)
+                    deadline.get(self.actors[e].ensure_running.remote())
                 except ActorUnavailableError:
-                    waiting.append(e)
+                    still.append(e)
+                except RayActorError as error:
+                    raise self._lost(e) from error
+                else:
+                    self.down.discard(e)
+                    self.restarts += 1
+            waiting = still
             if waiting:
                 deadline.check(f"rollout actor(s) {waiting} that Ray is restarting")
                 time.sleep(RESTART_POLL_S)
-        return [results[e] for e in range(len(self.actors))]
+        self.connect_peers()
+
+    def _lost(self, engine: int) -> RuntimeError:
+        limit = self.config.rollout.max_restarts
+        return RuntimeError(
+            f"rollout actor {engine} died and Ray will not restart it (it was restarted "
+            f"rollout.max_restarts={limit} times already, or its node is gone)"
+        )
 
     def release_memory(self) -> None:
-        deadline.get([a.release_memory.remote() for a in self.actors])
+        deadline.get([self.actors[e].release_memory.remote() for e in self.live()])
 
     def resume_memory(self, regions: tuple[str, ...]) -> None:
-        deadline.get([a.resume_memory.remote(regions) for a in self.actors])
+        deadline.get([self.actors[e].resume_memory.remote(regions) for e in self.live()])
 
     def generate(self, prompts: list[PromptRecord], step: int) -> list[RolloutResult]:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.
@@ -233,10 +271,10 @@ class RolloutGroup:
         return self.collect(self.start_generate(prompts, step))
 
     def start_generate(self, prompts: list[PromptRecord], step: int) -> list[EngineCall]:
-        """`generate` without waiting: one call per engine, to pass to `collect`."""
+        """`generate` without waiting: one call per live engine, to pass to `collect`."""
         calls = []
-        shares = split_evenly(prompts, len(self.actors))
-        for e, share in enumerate(shares):
+        engines = self._live_or_rejoined()
+        for e, share in zip(engines, split_evenly(prompts, len(engines)), strict=True):
             seed = hash((self.config.seed, step, e)) & 0x7FFFFFFF
             calls.append(self._call(e, "generate", (share, self._next_group_id, seed)))
             self._next_group_id += len(share)
@@ -256,17 +294,7 @@ class RolloutGroup:
 
     def _reissue(self, call: EngineCall, error: Exception) -> EngineCall:
         self.down.add(call.engine)
-        live = [e for e in range(len(self.actors)) if e not in self.down]
-        if not live:
-            if self.rejoin is None:
-                raise error
-            print(
-                "sluice: every engine is down; waiting for their restarts",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.rejoin()
-            live = list(range(len(self.actors)))
+        live = self._live_or_rejoined(error)
         target = live[call.engine % len(live)]
         cause = "was restarted" if isinstance(error, EngineNeedsWeights) else "died"
         print(
@@ -277,6 +305,15 @@ class RolloutGroup:
         )
         self.reissued_groups += len(call.args[0])
         return self._call(target, call.method, call.args)
+
+    def _live_or_rejoined(self, error: Exception | None = None) -> list[int]:
+        """The live engines; if none is, wait for Ray's restarts and the driver's sync."""
+        if not self.live():
+            if self.rejoin is None:
+                raise error or RuntimeError("every rollout actor is down")
+            print("sluice: every engine is down; waiting for their restarts", file=sys.stderr)
+            self.rejoin()
+        return self.live()
 
     def _call(self, engine: int, method: str, args: tuple) -> EngineCall:
         ref = getattr(self.actors[engine], method).remote(*args)
@@ -291,8 +328,9 @@ class RolloutGroup:
         self._next_group_id = value
 
     def evaluate(self, prompts: list[PromptRecord]) -> list[EvalResult]:
-        shares = split_evenly(prompts, len(self.actors))
-        return self.collect([self._call(e, "evaluate", (s,)) for e, s in enumerate(shares) if s])
+        engines = self._live_or_rejoined()
+        shares = zip(engines, split_evenly(prompts, len(engines)), strict=True)
+        return self.collect([self._call(e, "evaluate", (s,)) for e, s in shares if s])
 
     def weight_versions(self) -> list[int]:
         return deadline.get([a.weight_version.remote() for a in self.actors])

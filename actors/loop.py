@@ -174,8 +174,8 @@ class Driver:
             self.rollouts.finish_in_flight()
         ahead_done = time.perf_counter()
         with self._phase("sync", step):
-            if self.engines.ensure_running():  # a restarted engine needs a new group
-                self.weights.rebuild()
+            if self.engines.check_engines(self.weights.members):  # restarted, back or gone
+                self.weights.rebuild(self.engines.live())
             sync = self._sync_weights()
         end = time.perf_counter()
         self.steps_done += 1
@@ -252,7 +252,7 @@ class Driver:
             self.rollouts.discard(next_step=self.start_state["steps_done"] + 1)
             self.trainers.kill()
             self.trainers = TrainGroup(c, self.placement, incarnation=self.trainer_restarts)
-            self.weights.replace_trainers(self.trainers)
+            self.weights.replace_trainers(self.trainers, self.engines.live())
             self._set_loop_state(self.start_state)
             if source is not None:
                 self._load(source)
@@ -260,11 +260,10 @@ class Driver:
             self._sync_weights()
 
     def _rejoin_engines(self) -> None:
-        """Every engine is down in the middle of a generation: wait for Ray's restarts, then
-        rebuild the weight group and send the current weights (the trainers are idle while
-        the driver waits for rollouts)."""
-        if self.engines.ensure_running():
-            self.weights.rebuild()
+        """Every engine is down: wait for Ray's restarts, then rebuild the weight group and
+        send the current weights (the trainers are idle while the driver waits for rollouts)."""
+        self.engines.wait_until_all_up()
+        self.weights.rebuild(self.engines.live())
         self._sync_weights()
 
     def _phase(self, name: str, step: int):

@@ -13,7 +13,8 @@ What waits for what:
    (`handle_sources`) packs the bucket there and returns its CUDA IPC handle, and the driver
    hands every engine one handle per rank and waits for all of them (each has copied the
    bucket out) before the next bucket.
-The driver never calls `sync` while engines generate (the loop is synchronous).
+The driver never calls `sync` while engines generate. An engine that died is left out of the
+group until it is back (`rebuild(members)`), so the others keep receiving updates meanwhile.
 """
 
 import time
@@ -44,7 +45,9 @@ class WeightSync:
         self.backend = transport_backend(config, layout, engine_type)
         self.trainers = trainers
         self.leader = trainers.leader
-        self.engines = engines.actors
+        self.all_engines = engines.actors
+        self.members = list(range(len(self.all_engines)))
+        """The engines in the group (all, unless some were down when it was built)."""
         self.plan = None
         self.handle_sources = handle_sources(layout) if self.backend == "ipc" else []
         """Per engine, per engine rank: the training rank whose CUDA IPC handles it opens."""
@@ -56,9 +59,16 @@ class WeightSync:
         self.generation = 0
         """How many times the group was rebuilt; part of its name."""
 
-    def setup(self) -> None:
-        """Build the group: the trainer leader is rank 0, engine e's ranks follow the previous
-        engines' (an SGLang engine takes one rank per GPU: rank_offset + tp_rank)."""
+    @property
+    def engines(self) -> list[ray.actor.ActorHandle]:
+        return [self.all_engines[e] for e in self.members]
+
+    def setup(self, members: list[int] | None = None) -> None:
+        """Build the group of the trainer leader and the engines `members` (default: all).
+        The leader is rank 0, each engine's ranks follow the previous engines' (an SGLang
+        engine takes one rank per GPU: rank_offset + tp_rank)."""
+        if members is not None:
+            self.members = list(members)
         if self.backend == "ipc":
             self.plan = deadline.get(
                 self.leader.weight_plan.remote(self.config.bucket_size_mb << 20)
@@ -84,32 +94,35 @@ class WeightSync:
         deadline.get(joins)
         self.plan = deadline.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
 
-    def replace_trainers(self, trainers: TrainGroup) -> None:
-        """A new group around a restarted training group's leader: every engine leaves the old
-        group (whose trainer end died with it), then `setup` runs with the new leader."""
+    def replace_trainers(self, trainers: TrainGroup, members: list[int]) -> None:
+        """A new group of a restarted training group's leader and the engines `members`:
+        those engines leave the old group (whose trainer end died with it) first."""
         self.trainers, self.leader = trainers, trainers.leader
         if self.backend != "ipc":
-            calls = {f"engine {i}": e.destroy_weights_update_group.remote()
-                     for i, e in enumerate(self.engines)}  # fmt: skip
+            calls = {f"engine {e}": self.all_engines[e].destroy_weights_update_group.remote()
+                     for e in members}  # fmt: skip
             _wait_all(calls, self.config.timeout_s, "leaving the old weight group")
         self.generation += 1
-        self.setup()
+        self.setup(members)
 
-    def rebuild(self) -> None:
-        """A new group after an engine restarted (a restarted server is in no group).
+    def rebuild(self, members: list[int] | None = None) -> None:
+        """A new group of the engines `members` (default: all) after an engine restarted (a
+        restarted server is in no group), came back, or died (a dead member would fail the
+        broadcast). Members of the old group that are gone are not asked to leave it.
 
         Every engine leaves the old group while the trainer closes its end, all at once: under
         NCCL each side's shutdown waits for the others (SGLang's destroy calls
         `ProcessGroupNCCL.shutdown()`), so waiting for the engines before the trainer would
         hang. The teardown has `weight_sync.timeout_s`; the new group gets a name of its own,
         since torch refuses a name whose destroy failed. Then `setup` runs again."""
+        members = list(range(len(self.all_engines))) if members is None else members
         if self.backend != "ipc":
-            calls = {f"engine {i}": e.destroy_weights_update_group.remote()
-                     for i, e in enumerate(self.engines)}  # fmt: skip
+            calls = {f"engine {e}": self.all_engines[e].destroy_weights_update_group.remote()
+                     for e in self.members if e in members}  # fmt: skip
             calls["trainer"] = self.leader.close_weights_update_group.remote()
             _wait_all(calls, self.config.timeout_s, "leaving the old weight group")
         self.generation += 1
-        self.setup()
+        self.setup(members)
 
     def sync(self, version: int) -> SyncStats:
         deadline.get([e.check_weights_update.remote(self.plan) for e in self.engines])
@@ -120,7 +133,7 @@ class WeightSync:
             received = [
                 e.update_weights_from_distributed.remote(self.plan, version) for e in self.engines
             ]
-            stats = deadline.get(sent)
+            stats = deadline.get(sent)[0]
             deadline.get(received)
         versions = deadline.get([e.weight_version.remote() for e in self.engines])
         if any(v != version for v in versions):
@@ -145,7 +158,9 @@ class WeightSync:
                     e.update_weights_from_tensor.remote(
                         [handles[rank] for rank in sources], version if last else None
                     )
-                    for e, sources in zip(self.engines, self.handle_sources, strict=True)
+                    for e, sources in zip(
+                        self.engines, [self.handle_sources[m] for m in self.members], strict=True
+                    )
                 ]
             )
         self.trainers.end_ipc_export()
@@ -156,8 +171,9 @@ class WeightSync:
     def verify(self) -> None:
         """Compare bit-exact checksums of the trainer's and every engine's weights."""
         expected = self.trainers.weight_checksums()
-        for i, sums in enumerate(deadline.get([e.weight_checksums.remote() for e in self.engines])):
-            compare_checksums(expected, sums, where=f"engine {i}")
+        sums_of_members = deadline.get([e.weight_checksums.remote() for e in self.engines])
+        for member, sums in zip(self.members, sums_of_members, strict=True):
+            compare_checksums(expected, sums, where=f"engine {member}")
 
 
 def group_name(generation: int) -> str:

@@ -187,8 +187,11 @@ def test_a_restarted_engine_rejoins_a_new_group_and_gets_the_next_version(ray_lo
     trainer = ray.remote(num_cpus=0)(TrainActor).remote(config, 0, 1)
     try:
         ray.get(trainer.init_process_group.remote(*ray.get(trainer.pick_master.remote())))
+
         # TrainGroup's two verbs that WeightSync uses, for its one rank.
-        broadcast = trainer.broadcast_weights.remote
+        def broadcast(plan, version):
+            return [trainer.broadcast_weights.remote(plan, version)]
+
         trainers = SimpleNamespace(leader=trainer, broadcast_weights=broadcast)
         engines = SimpleNamespace(actors=[engine])
         sync = WeightSync(config.weight_sync, trainers, engines, layout, "sglang")
