@@ -11,10 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 
 from actors import deadline
-from actors.rollout_actor import EngineNeedsWeights, EvalResult, RolloutActor, RolloutResult
+from actors.rollout_actor import (
+    EngineNeedsWeights,
+    EvalResult,
+    GenerationAborted,
+    RolloutActor,
+    RolloutResult,
+)
 from actors.train_actor import TrainActor
 from config.schema import SluiceConfig
 from data.prompts import PromptRecord
@@ -280,8 +286,9 @@ class RolloutGroup:
             self._next_group_id += len(share)
         return calls
 
-    def collect(self, calls: list[EngineCall]) -> list[Any]:
-        """The results of `calls`, in order; a share whose engine died is re-issued."""
+    def collect(self, calls: list[EngineCall], cancelled_ok: bool = False) -> list[Any]:
+        """The results of `calls`, in order; a share whose engine died is re-issued. With
+        `cancelled_ok`, a call cancelled by `ray.cancel` gives None."""
         results = []
         for call in calls:
             while True:
@@ -290,7 +297,18 @@ class RolloutGroup:
                     break
                 except (RayActorError, EngineNeedsWeights) as error:
                     call = self._reissue(call, error)
+                except (TaskCancelledError, GenerationAborted):
+                    if not cancelled_ok:
+                        raise
+                    results.append(None)
+                    break
         return results
+
+    def again(self, call: EngineCall) -> EngineCall:
+        """`call` started again, on its engine if that is live."""
+        live = self._live_or_rejoined()
+        engine = call.engine if call.engine in live else live[call.engine % len(live)]
+        return self._call(engine, call.method, call.args)
 
     def _reissue(self, call: EngineCall, error: Exception) -> EngineCall:
         self.down.add(call.engine)

@@ -124,6 +124,7 @@ class Driver:
                 config.rollout.prompts_per_step,
                 config.algorithm.max_staleness,
                 config.num_steps,
+                config.rollout.partial,
             )
             self.start_from = start_from
             self.start_state = self._loop_state()  # where a lost training group goes back to
@@ -170,13 +171,14 @@ class Driver:
             train_stats = self.trainers.train(shares, normalizer)
         train_done = time.perf_counter()
         self.version += 1
-        with self._phase("rollout", step):  # engines finish what runs ahead before an update
-            self.rollouts.finish_in_flight()
+        with self._phase("rollout", step):  # what runs ahead finishes or aborts first
+            self.rollouts.before_weight_update()
         ahead_done = time.perf_counter()
         with self._phase("sync", step):
             if self.engines.check_engines(self.weights.members):  # restarted, back or gone
                 self.weights.rebuild(self.engines.live())
             sync = self._sync_weights()
+        self.rollouts.after_weight_update()
         end = time.perf_counter()
         self.steps_done += 1
         metrics = {
@@ -192,6 +194,7 @@ class Driver:
             "weight_version": self.version,
             "async/version_lag": lag,
             "async/dropped_samples": dropped,
+            "async/aborted_groups": self.rollouts.aborted_groups,
             "fault/engine_restarts": self.engines.restarts,
             "fault/reissued_groups": self.engines.reissued_groups,
             "fault/trainer_restarts": self.trainer_restarts,

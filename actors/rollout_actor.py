@@ -19,6 +19,7 @@ reached it; the driver sends its work to the live engines meanwhile (`RolloutGro
 """
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,10 @@ from weights.sync import SyncStats
 
 if TYPE_CHECKING:
     from inference.sglang.engine import EngineSite
+
+
+class GenerationAborted(RuntimeError):
+    """The driver cancelled this generation (`rollout.partial: abort`) before it finished."""
 
 
 class EngineNeedsWeights(RuntimeError):
@@ -87,7 +92,13 @@ class RolloutActor:
         self.engine = create_engine(config, self.device, engine_index, site)
         self.reward_path = config.rollout.reward
         self.reward_fn = load_reward_fn(self.reward_path)
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        # `ray.cancel` on a running call only raises a flag (the actor keeps its state); the
+        # engine polls it between decoding steps, the rewards between samples.
+        self.cancelled = ray.get_runtime_context().is_canceled
+        self.engine.should_stop = self.cancelled
+        with warnings.catch_warnings():  # the property reads Ray's own deprecated actor_id
+            warnings.simplefilter("ignore")
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         """Ray restarted this actor after its process died, and no weight update came since."""
         if self.restarted:
             print(
@@ -116,7 +127,9 @@ class RolloutActor:
         start = time.perf_counter()
         completions = self.engine.generate(repeated, params)
         stats = RolloutStats(generate_seconds=time.perf_counter() - start)
-        rewards = self._rewards(groups, completions, r.samples_per_prompt)
+        self._check_not_cancelled()
+        rewards = self._rewards(groups, completions, r.samples_per_prompt, self.cancelled)
+        self._check_not_cancelled()
         advantages = (
             group_advantages(
                 torch.tensor(rewards).view(len(groups), r.samples_per_prompt),
@@ -139,16 +152,27 @@ class RolloutActor:
             )
         return RolloutResult(batches, stats)
 
+    def _check_not_cancelled(self) -> None:
+        if self.cancelled():
+            raise GenerationAborted(f"rollout actor {self.engine_index}: generation cancelled")
+
     def _encode(self, records: list[PromptRecord]) -> list[list[int]]:
         apply_template = self.config.data.apply_chat_template
         return [encode_prompt(self.tokenizer, r.text, apply_template) for r in records]
 
     def _rewards(
-        self, records: list[PromptRecord], completions: list[Completion], n: int
+        self,
+        records: list[PromptRecord],
+        completions: list[Completion],
+        n: int,
+        cancelled=lambda: False,
     ) -> list[float]:
-        """The reward of each completion; completion i answers record i // n."""
+        """The reward of each completion; completion i answers record i // n. Stops early
+        (the caller then raises) once `cancelled()`."""
         rewards = []
         for i, completion in enumerate(completions):
+            if cancelled():
+                break
             record = records[i // n]
             response = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
             rewards.append(

@@ -34,17 +34,43 @@ ROLLOUTS_DIR = "rollouts_ahead"
 
 @dataclass
 class _Pending:
+    """One step's generation: one call per engine, each with its result once finished."""
+
     step: int
-    calls: list[EngineCall] | None
-    """One call per engine while the generation runs."""
-    results: list[RolloutResult] | None = None
-    """Once finished."""
+    calls: list[EngineCall]
+    results: list[RolloutResult | None]
+    aborted_groups: int = 0
+    """Prompt groups whose generation was aborted at a weight update and started again."""
+
+    @classmethod
+    def started(cls, step: int, calls: list[EngineCall]) -> "_Pending":
+        return cls(step, calls, [None] * len(calls))
+
+    def _unfinished(self) -> list[int]:
+        return [i for i, result in enumerate(self.results) if result is None]
 
     def finish(self, engines: RolloutGroup) -> list[RolloutResult]:
-        if self.results is None:
-            self.results = engines.collect(self.calls)
-            self.calls = None
+        waiting = self._unfinished()
+        calls = [self.calls[i] for i in waiting]
+        for i, result in zip(waiting, engines.collect(calls), strict=True):
+            self.results[i] = result
         return self.results
+
+    def abort(self, engines: RolloutGroup) -> None:
+        """Cancel the unfinished calls; those that end cancelled are left unfinished."""
+        waiting = self._unfinished()
+        for i in waiting:
+            ray.cancel(self.calls[i].ref, recursive=False)
+        calls = [self.calls[i] for i in waiting]
+        for i, result in zip(waiting, engines.collect(calls, cancelled_ok=True), strict=True):
+            self.results[i] = result
+            if result is None:
+                self.aborted_groups += len(self.calls[i].args[0])
+
+    def restart(self, engines: RolloutGroup) -> None:
+        """Start the aborted calls again (same prompts, group ids and seed)."""
+        for i in self._unfinished():
+            self.calls[i] = engines.again(self.calls[i])
 
 
 class RolloutQueue:
@@ -55,13 +81,17 @@ class RolloutQueue:
         prompts_per_step: int,
         max_staleness: int,
         num_steps: int,
+        partial: str = "finish",
     ):
         self.engines = engines
+        self.partial = partial
         self.prompts = prompts
         self.prompts_per_step = prompts_per_step
         self.ahead = max_staleness
         self.num_steps = num_steps
         self.pending: deque[_Pending] = deque()
+        self.aborted_groups = 0
+        """Of the rollouts `results_for` returned last: groups aborted and generated again."""
         self.next_step = 1
         """The first step whose generation has not started."""
 
@@ -71,16 +101,31 @@ class RolloutQueue:
         while self.next_step <= min(step + self.ahead, self.num_steps):
             prompts = self.prompts.next_groups(self.prompts_per_step)
             calls = self.engines.start_generate(prompts, self.next_step)
-            self.pending.append(_Pending(self.next_step, calls))
+            self.pending.append(_Pending.started(self.next_step, calls))
             self.next_step += 1
         head = self.pending.popleft()
         assert head.step == step, f"queued rollouts of step {head.step}, not {step}"
+        self.aborted_groups = head.aborted_groups
         return head.finish(self.engines)
 
     def finish_in_flight(self) -> None:
-        """Wait for every generation still running (before a weight update)."""
+        """Wait for every generation still running."""
         for pending in self.pending:
             pending.finish(self.engines)
+
+    def before_weight_update(self) -> None:
+        """No generation may run while the weights change: finish them, or with
+        `rollout.partial: abort` cancel them (`after_weight_update` starts them again)."""
+        for pending in self.pending:
+            if self.partial == "abort":
+                pending.abort(self.engines)
+            else:
+                pending.finish(self.engines)
+
+    def after_weight_update(self) -> None:
+        """Generate the aborted prompt groups again, now with the new weights."""
+        for pending in self.pending:
+            pending.restart(self.engines)
 
     def discard(self, next_step: int) -> None:
         """Drop every queued generation (the training group restarts from a checkpoint);
@@ -136,5 +181,5 @@ class RolloutQueue:
             stats["weight_versions"] = set(stats["weight_versions"])
             by_step.setdefault(entry["step"], []).append(RolloutResult(refs, RolloutStats(**stats)))
         for step in sorted(by_step):
-            self.pending.append(_Pending(step, None, by_step[step]))
+            self.pending.append(_Pending(step, [], by_step[step]))
         self.next_step = max(self.next_step, max(by_step) + 1)

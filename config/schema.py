@@ -133,6 +133,14 @@ class RolloutConfig:
     max_batch_size: int = 256
     """Sequences one static generate call decodes together."""
 
+    partial: Literal["finish", "abort"] = "finish"
+    """What a weight update does to generations still running ahead of training
+    (algorithm.max_staleness >= 1): `finish` waits for them, so their samples are up to
+    max_staleness versions old; `abort` cancels them (queued ones at once, a running one at
+    its next decoding step with the transformers engine, or once its SGLang requests return)
+    and generates their prompt groups again, same seeds, with the new weights. Either way a
+    sample comes from one weight version."""
+
     reward: str = "tasks.digits:reward"
     """Reward function as `module:function`; see README "Reward functions" for its signature."""
 
@@ -500,6 +508,12 @@ class SluiceConfig:
             raise UserError(TIS_WITH_ROLLOUT_RATIO)
         if a.max_staleness < 0:
             raise UserError(f"algorithm.max_staleness={a.max_staleness} must be >= 0")
+        if r.partial == "abort" and not a.max_staleness:
+            raise UserError(
+                "rollout.partial=abort cancels generations running ahead of training at a "
+                "weight update; with algorithm.max_staleness=0 none runs ahead: set "
+                "max_staleness >= 1, or leave rollout.partial at finish"
+            )
         if a.max_staleness and self.placement.colocate:
             raise UserError(
                 f"algorithm.max_staleness={a.max_staleness} overlaps generation with training, "

@@ -6,6 +6,7 @@ transformers engine are interchangeable behind one RolloutActor.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from weights.manifest import Bucket
@@ -68,6 +69,10 @@ class InferenceEngine(ABC):
         """Bit-exact checksum per weight, for verify mode."""
 
     # Optional hooks, no-ops for an in-process engine; the SGLang engine implements them.
+
+    should_stop: Callable[[], bool] | None = None
+    """Set by the rollout actor: polled during a generation, which may then end early with
+    partial completions (the actor discards them: the call was cancelled)."""
 
     weight_ranks: int = 1
     """Ranks the engine takes in the weight group (rank_offset, rank_offset + 1, ...)."""

@@ -7,7 +7,13 @@ distribution untouched (top_p = 1, top_k = 0); config validation refuses the res
 """
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
+from transformers import (
+    ContinuousBatchingConfig,
+    GenerationConfig,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from inference.engine import Completion, InferenceEngine, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
@@ -58,10 +64,12 @@ class TransformersEngine(InferenceEngine):
         self, prompts: list[list[int]], params: SamplingParams
     ) -> list[Completion]:
         input_ids, attention_mask = self._left_pad(prompts)
+        stop = [] if self.should_stop is None else [_StopWhen(self.should_stop)]
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=self._generation_config(params, output_logits=True),
+            stopping_criteria=StoppingCriteriaList(stop),
         )
         responses = output.sequences[:, input_ids.shape[1] :]
         temperature = 1.0 if params.greedy else params.temperature
@@ -184,3 +192,14 @@ class TransformersEngine(InferenceEngine):
 
     def shutdown(self) -> None:
         self.destroy_weights_update_group()
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends every sequence of a `generate` call once `condition()` holds (checked after each
+    decoding step): a cancelled generation stops within one step, not at max_new_tokens."""
+
+    def __init__(self, condition):
+        self.condition = condition
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.condition(), device=input_ids.device)
