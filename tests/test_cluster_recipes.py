@@ -31,6 +31,7 @@ import yaml
 
 import driver
 from actors.loop import _checkpoint_to_load
+from actors.weight_sync import transport_backend
 from config import UserError, load_config
 from config.loader import to_dict
 from config.seed_flags import SEED_FLAGS
@@ -57,6 +58,8 @@ R8 = REPO / "recipes" / "qwen3-30b-a3b-8gpu.yaml"
 R8_DP = REPO / "recipes" / "qwen3-30b-a3b-8gpu-dp-attention.yaml"
 R24 = REPO / "recipes" / "qwen3-30b-a3b-24gpu.yaml"
 R_FP8 = REPO / "recipes" / "qwen3-30b-a3b-fp8-rollout.yaml"
+R24_ASYNC = REPO / "recipes" / "qwen3-30b-a3b-24gpu-async.yaml"
+"""Disaggregated and one-step-off: checked by its own dry-run test."""
 CLUSTER_RECIPES = [R8, R8_DP, R24, R_FP8]
 GPUS_PER_NODE = 8
 NODE = {"num_gpus": GPUS_PER_NODE, "num_cpus": GPUS_PER_NODE}
@@ -342,6 +345,32 @@ def test_dry_run_on_a_fake_ray_cluster(recipe, shared_fs, fake_cluster, monkeypa
             assert (args.ep_size, args.attn_dp_size, args.moe_dense_tp_size) == (24, 3, 1)
             assert args.enable_dp_lm_head and args.ep_num_redundant_experts == 16
     assert fake_cluster.starts == 1  # grown from one node, never restarted
+
+
+@pytest.mark.sglang
+def test_dry_run_of_the_one_step_off_recipe(shared_fs, fake_cluster, monkeypatch, capsys):
+    """Trainers on the first two nodes, the engine alone on the third, weights over NCCL,
+    generating one step ahead; run after the colocated recipes, on their 3-node cluster."""
+    local = on_shared_fs(R24_ASYNC, shared_fs)
+    config, _ = driver.parse_args(["--config", str(R24_ASYNC), *local])
+    assert (config.algorithm.max_staleness, config.rollout.partial) == (1, "finish")
+    cluster = fake_cluster.with_nodes(3)
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    assert driver.main(["--config", str(R24_ASYNC), *local, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "placement: 24 GPUs on 3 node(s)" in out
+
+    layout = plan_layout(read_cluster_shape(), config)
+    assert {s.node_index for s in layout.train_slots} == {0, 1}
+    (engine_slots,) = layout.engine_slots
+    assert {s.node_index for s in engine_slots} == {2} and len(engine_slots) == 8
+    assert transport_backend(config.weight_sync, layout, "sglang") == "nccl"
+
+    (argv,) = printed_commands(out)
+    args = sglang_resolve(argv)
+    assert (args.tp_size, args.ep_size, args.attn_dp_size, args.nnodes) == (8, 8, 8, 1)
+    assert not args.enable_memory_saver  # the engine's GPUs are its own
+    assert args.mem_fraction_static == 0.8
 
 
 # --- the seed's arrays give the recipes' values ---------------------------------------------
