@@ -298,6 +298,15 @@ class AlgorithmConfig:
     normalize_advantage_std: bool = True
     """Divide group-centred rewards by the group's std (GRPO); False gives Dr.GRPO."""
 
+    loss: Literal["grpo", "gspo"] = "grpo"
+    """Policy loss. `grpo`: PPO's clipped surrogate per token (with clip-higher). `gspo`
+    (Group Sequence Policy Optimization, Zheng et al. 2025; slime's --advantage-estimator
+    gspo): one importance ratio per sequence, the geometric mean of its token ratios, clipped
+    per sequence, every token of the sequence sharing its loss; meant for MoE models, whose
+    token ratios are noisy when the routing shifts. GSPO's clip range is far narrower than
+    PPO's (the paper: clip_low 3e-4, clip_high 4e-4), and its objective is a mean over
+    sequences: loss_aggregation sequence_mean."""
+
     clip_low: float = 0.2
     """Lower clip of the importance ratio: ratio >= 1 - clip_low."""
 
@@ -338,6 +347,24 @@ class AlgorithmConfig:
     tis_floor: float = 0.0
     """The smallest weight a token gets (in [0, 1]; slime's --tis-clip-low): 0 truncates
     only from above, as the TIS paper does."""
+
+    tis_level: Literal["token", "sequence"] = "token"
+    """`token`: each token's own ratio; `sequence`: the sequence's ratio (the product of its
+    token ratios, the importance weight of the whole sample), clamped and given to each of its
+    tokens."""
+
+    mis: Literal["off", "token", "sequence"] = "off"
+    """Masked importance sampling: drop from the loss the tokens (`token`), or whole sequences
+    (`sequence`, by the product of their token ratios), whose trainer/engine ratio
+    exp(trainer log-prob - rollout log-prob) lies outside [mis_low, mis_high], instead of
+    reweighting them as TIS does; they keep counting in the loss normalizer. Combines with
+    TIS (the kept tokens are then weighted)."""
+
+    mis_low: float = 0.5
+    """Smallest trainer/engine ratio kept by MIS (in (0, 1])."""
+
+    mis_high: float = 2.0
+    """Largest trainer/engine ratio kept by MIS (>= 1)."""
 
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     """`token_mean`: every response token of the step weighs the same (across all ranks);
@@ -506,6 +533,11 @@ class SluiceConfig:
             )
         if a.tis == "on" and a.old_log_probs == "rollout":
             raise UserError(TIS_WITH_ROLLOUT_RATIO)
+        if not (0 < a.mis_low <= 1 <= a.mis_high):
+            raise UserError(
+                f"algorithm.mis_low={a.mis_low:g} and mis_high={a.mis_high:g} must satisfy "
+                f"0 < mis_low <= 1 <= mis_high: MIS keeps the tokens whose ratio lies between"
+            )
         if a.max_staleness < 0:
             raise UserError(f"algorithm.max_staleness={a.max_staleness} must be >= 0")
         if r.partial == "abort" and not a.max_staleness:

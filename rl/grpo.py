@@ -10,6 +10,7 @@ with a `loss_mask` [B, T] that is 1 on response tokens that count in the loss an
 (prompt, padding).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -171,6 +172,69 @@ def policy_loss(
     return loss, PolicyLossStats(ratio.detach(), clipped_low, clipped_high)
 
 
+def gspo_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    token_weights: Tensor | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
+    """GSPO (Group Sequence Policy Optimization, Zheng et al. 2025): per-token loss [B, T] in
+    which every token of sequence i carries its sequence's clipped surrogate
+
+        -min(s_i * A_i, clip(s_i, 1 - clip_low, 1 + clip_high) * A_i),
+        s_i = exp(mean over i's loss tokens of (log_probs - old_log_probs)),
+
+    the geometric mean of its token ratios. The gradient reaches each token's log-prob as
+    s_i * A_i / |y_i| (GSPO's), and a clipped sequence gives none at all. `advantages` [B, 1]
+    (one per sample) or [B, T] (its mean over the loss tokens is the sequence's). Aggregated
+    with `sequence_mean` this is GSPO's objective exactly; `token_mean` weighs each sequence
+    by its length. A sequence without loss tokens has s = 1 and no gradient. `token_weights`
+    (no gradient) multiply each token's loss, as in `policy_loss`. Stats are per sequence,
+    broadcast over its tokens.
+    """
+    mask = loss_mask.to(log_probs.dtype)
+    lengths = mask.sum(dim=-1).clamp(min=1)
+    mean_log_ratio = ((log_probs - old_log_probs) * mask).sum(dim=-1) / lengths
+    ratio = torch.exp(mean_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    advantages = advantages.to(ratio.dtype)
+    if advantages.dim() == 2 and advantages.shape[-1] == 1:
+        advantages = advantages[:, 0]
+    elif advantages.dim() == 2:
+        advantages = (advantages * mask).sum(dim=-1) / lengths
+    with torch.no_grad():
+        clipped_low = (advantages < 0) & (ratio < 1 - clip_low)
+        clipped_high = (advantages > 0) & (ratio > 1 + clip_high)
+        bound = ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_sequence = torch.where(clipped_low | clipped_high, -bound * advantages, -ratio * advantages)
+    loss = per_sequence[:, None].expand_as(log_probs)
+    if token_weights is not None:
+        loss = loss * token_weights.detach().to(loss.dtype)
+
+    def tokens(x: Tensor) -> Tensor:
+        return x[:, None].expand(log_probs.shape)
+
+    return loss, PolicyLossStats(tokens(ratio.detach()), tokens(clipped_low), tokens(clipped_high))
+
+
+def _trainer_rollout_log_ratio(
+    old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor | None, level: str
+) -> Tensor:
+    """log(pi_trainer / pi_rollout) per token [B, T]; with `level` sequence, the sum over the
+    sequence's loss tokens (the log of the product of its token ratios), given to each token."""
+    log_ratio = old_log_probs.float() - rollout_log_probs.float()
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        if loss_mask is None:
+            raise ValueError("sequence-level weights need the loss mask")
+        total = (log_ratio * loss_mask.float()).sum(dim=-1, keepdim=True)
+        return total.expand_as(log_ratio)
+    raise ValueError(f"unknown level {level!r}; use token or sequence")
+
+
 @dataclass(frozen=True)
 class TisWeights:
     """Truncated importance-sampling weights of the tokens, detached."""
@@ -184,7 +248,12 @@ class TisWeights:
 
 
 def truncated_importance_weights(
-    old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float, floor: float = 0.0
+    old_log_probs: Tensor,
+    rollout_log_probs: Tensor,
+    cap: float,
+    floor: float = 0.0,
+    loss_mask: Tensor | None = None,
+    level: str = "token",
 ) -> TisWeights:
     """TIS: w = clamp(pi_old_trainer(x) / pi_rollout(x), floor, cap) per sampled token [B, T].
 
@@ -194,15 +263,37 @@ def truncated_importance_weights(
     few tokens the engine found much less likely could add; a floor above 0 (slime's
     --tis-clip-low) keeps tokens the engine over-sampled from vanishing. No gradient flows
     through w. The log-ratio is clamped to +-20 before exp, as in `policy_loss`.
+    `level="sequence"`: every token of a sequence gets the clamped ratio of the whole sequence
+    (the product of its loss tokens' ratios; needs `loss_mask`).
     """
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
     if not 0 <= floor <= 1:
         raise ValueError(f"floor must be in [0, 1], got {floor}")
     with torch.no_grad():
-        log_ratio = old_log_probs.float() - rollout_log_probs.float()
+        log_ratio = _trainer_rollout_log_ratio(old_log_probs, rollout_log_probs, loss_mask, level)
         ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
         return TisWeights(ratio.clamp(min=floor, max=cap), (ratio > cap) | (ratio < floor))
+
+
+def masked_importance_sampling(
+    old_log_probs: Tensor,
+    rollout_log_probs: Tensor,
+    loss_mask: Tensor,
+    low: float,
+    high: float,
+    level: str = "token",
+) -> Tensor:
+    """MIS: bool [B, T], True for the tokens to keep: those whose trainer/rollout ratio
+    pi_trainer(x) / pi_rollout(x) lies in [low, high] (`level="sequence"`: the ratio of the whole
+    sequence, the product of its loss tokens' ratios, so a sequence is kept or dropped whole).
+    Where TIS bounds the weight of a token the two sides disagree on, MIS drops it: its
+    gradient, not just its weight, is untrustworthy. Compared in log space (no overflow)."""
+    if not 0 < low <= 1 <= high:
+        raise ValueError(f"need 0 < low <= 1 <= high, got low={low}, high={high}")
+    with torch.no_grad():
+        log_ratio = _trainer_rollout_log_ratio(old_log_probs, rollout_log_probs, loss_mask, level)
+        return (log_ratio >= math.log(low)) & (log_ratio <= math.log(high))
 
 
 def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind) -> Tensor:

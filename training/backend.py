@@ -46,6 +46,8 @@ class TrainStats:
     tis_tokens: float = 0.0
     tis_truncated_sum: float = 0.0
     tis_weight_sum: float = 0.0
+    mis_tokens: float = 0.0
+    mis_masked_sum: float = 0.0
     grad_norm: float = 0.0
     compute_seconds: float = 0.0
     gpu_peak_gb: float = 0.0
@@ -60,15 +62,17 @@ class TrainStats:
         self.host_rss_gb = psutil.Process().memory_info().rss / 1e9
 
     def add_micro_batch(
-        self, loss, policy_loss, log_probs, mb, loss_stats, tis=None, kl_loss=None
+        self, loss, policy_loss, log_probs, mb, loss_stats, corrections=None, kl_loss=None
     ) -> None:
         """Accumulate one micro-batch: its loss terms and the trainer/engine mismatch of its
-        loss tokens (`mb` is a `training.batch.MicroBatch`, `loss_stats` from `policy_loss`,
-        `tis` the `TisWeights` the loss used, `kl_loss` the KL term, if any).
+        loss tokens (`mb` is a `training.batch.MicroBatch`, `loss_stats` from the policy loss,
+        `corrections` the `training.loss.Corrections` it used, `kl_loss` the KL term, if any).
 
         The figures stay on the device until `flush` reads them all at once: a `.item()` for
         each would stall the GPU's queue about ten times per micro-batch."""
         mask = mb.loss_mask.bool()
+        tis = corrections.tis if corrections is not None else None
+        kept = corrections.kept if corrections is not None else None
         mismatch = log_prob_mismatch(log_probs.detach(), mb.rollout_log_probs, mb.loss_mask)
         tokens = mismatch["num_tokens"]
         zero = tokens.new_zeros(())
@@ -85,6 +89,8 @@ class TrainStats:
             "tis_tokens": zero if tis is None else mask.sum(),
             "tis_truncated_sum": zero if tis is None else (tis.truncated & mask).sum(),
             "tis_weight_sum": zero if tis is None else (tis.weights * mask).sum(),
+            "mis_tokens": zero if kept is None else mask.sum(),
+            "mis_masked_sum": zero if kept is None else (~kept & mask).sum(),
         }
         # Kept outside the dataclass fields, which travel to the driver: `flush` empties it.
         self.__dict__.setdefault("_pending", []).append(row)
@@ -121,6 +127,8 @@ class TrainStats:
                 "mismatch/tis_clip_fraction": total.tis_truncated_sum / total.tis_tokens,
                 "mismatch/tis_weight_mean": total.tis_weight_sum / total.tis_tokens,
             }
+        if total.mis_tokens:
+            tis["mismatch/mis_masked_fraction"] = total.mis_masked_sum / total.mis_tokens
         return {
             "train/loss": total.loss,
             "train/policy_loss": total.policy_loss,

@@ -42,6 +42,18 @@ class LossSettings:
     clip_high: float
     """Upper clip of the PPO ratio."""
 
+    loss: Literal["grpo", "gspo"] = "grpo"
+    """Token-level (GRPO / PPO) or sequence-level (GSPO) ratio and clip."""
+
+    tis_level: Literal["token", "sequence"] = "token"
+    """TIS weights per token, or per sequence."""
+
+    mis: Literal["off", "token", "sequence"] = "off"
+    """Masked importance sampling: drop tokens (or sequences) out of [mis_low, mis_high]."""
+
+    mis_low: float = 0.5
+    mis_high: float = 2.0
+
     @classmethod
     def resolve(cls, algorithm: AlgorithmConfig, fp8_rollouts: bool) -> "LossSettings":
         """TIS auto = on with fp8 rollouts, unless old_log_probs is rollout (that ratio
@@ -61,7 +73,19 @@ class LossSettings:
                 f"ratio of 1): set algorithm.old_log_probs to rollout (or auto), or "
                 f"algorithm.tis=on"
             )
-        return cls(old, tis, a.tis_cap, a.tis_floor, algorithm.clip_low, algorithm.clip_high)
+        return cls(
+            old,
+            tis,
+            a.tis_cap,
+            a.tis_floor,
+            a.clip_low,
+            a.clip_high,
+            a.loss,
+            a.tis_level,
+            a.mis,
+            a.mis_low,
+            a.mis_high,
+        )
 
     @classmethod
     def of(cls, config: SluiceConfig) -> "LossSettings":
@@ -69,30 +93,62 @@ class LossSettings:
         return cls.resolve(config.algorithm, rollout_fp8_format(config.model) is not None)
 
 
+@dataclass(frozen=True)
+class Corrections:
+    """What corrected the trainer/engine mismatch in one micro-batch's loss (detached)."""
+
+    tis: "TisWeights | None" = None
+    """TIS weights, when on."""
+
+    kept: "Tensor | None" = None
+    """bool [B, T]: the tokens MIS kept, when on."""
+
+    def token_weights(self) -> "Tensor | None":
+        """The factor of each token's loss: TIS weight, times 0 for tokens MIS dropped."""
+        weights = None if self.tis is None else self.tis.weights
+        if self.kept is not None:
+            weights = self.kept.float() if weights is None else weights * self.kept
+        return weights
+
+
 def policy_term(
     log_probs: "Tensor", mb: "MicroBatch", settings: LossSettings
-) -> tuple["Tensor", "PolicyLossStats", "TisWeights | None"]:
-    """Per-token policy loss [B, T] of a micro-batch (unmasked; `aggregate` it), its PPO
-    statistics and, with TIS, the weights used.
+) -> tuple["Tensor", "PolicyLossStats", Corrections]:
+    """Per-token policy loss [B, T] of a micro-batch (unmasked; `aggregate` it), its ratio
+    statistics and the mismatch corrections used (TIS weights, MIS mask).
 
     The trainer's old log-probs are this forward's own, detached: a rollout batch takes one
     optimizer step, so they are the log-probs before the update.
     """
-    from rl.grpo import policy_loss, truncated_importance_weights
-
-    own = log_probs.detach()
-    old = mb.rollout_log_probs if settings.old_log_probs == "rollout" else own
-    tis = None
-    if settings.tis:
-        tis = truncated_importance_weights(
-            own, mb.rollout_log_probs, settings.tis_cap, settings.tis_floor
-        )
-    per_token, stats = policy_loss(
-        log_probs,
-        old,
-        mb.advantages,
-        settings.clip_low,
-        settings.clip_high,
-        token_weights=tis.weights if tis is not None else None,
+    from rl.grpo import (
+        gspo_loss,
+        masked_importance_sampling,
+        policy_loss,
+        truncated_importance_weights,
     )
-    return per_token, stats, tis
+
+    s = settings
+    own = log_probs.detach()
+    old = mb.rollout_log_probs if s.old_log_probs == "rollout" else own
+    corrections = Corrections(
+        tis=truncated_importance_weights(
+            own, mb.rollout_log_probs, s.tis_cap, s.tis_floor, mb.loss_mask, s.tis_level
+        )
+        if s.tis
+        else None,
+        kept=masked_importance_sampling(
+            own, mb.rollout_log_probs, mb.loss_mask, s.mis_low, s.mis_high, s.mis
+        )
+        if s.mis != "off"
+        else None,
+    )
+    weights = corrections.token_weights()
+    if s.loss == "gspo":
+        per_token, stats = gspo_loss(
+            log_probs, old, mb.advantages, mb.loss_mask, s.clip_low, s.clip_high, weights
+        )
+    else:
+        per_token, stats = policy_loss(
+            log_probs, old, mb.advantages, s.clip_low, s.clip_high, token_weights=weights
+        )
+    return per_token, stats, corrections

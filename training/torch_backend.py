@@ -101,7 +101,7 @@ class TorchBackend(TrainingBackend):
         a = self.config.algorithm
         mode = a.loss_aggregation
         log_probs = self._token_log_probs(self.module, mb)
-        per_token, loss_stats, tis = policy_term(log_probs, mb, self.loss_settings)
+        per_token, loss_stats, corrections = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
         loss = pg_loss
         if self.reference is not None:
@@ -114,7 +114,7 @@ class TorchBackend(TrainingBackend):
         # DDP averages gradients over ranks; the normalizer is already global, so undo the mean.
         (loss * self.world_size).backward()
         kl_loss = kl if self.reference is not None else None
-        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis, kl_loss)
+        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, corrections, kl_loss)
 
     def _empty_backward(self) -> None:
         """Join the gradient all-reduce with zero gradients when this rank got no rows."""

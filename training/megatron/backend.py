@@ -115,7 +115,7 @@ class MegatronBackend(TrainingBackend):
         a = self.config.algorithm
         mode = a.loss_aggregation
         log_probs = self._token_log_probs(logits, mb)
-        per_token, loss_stats, tis = policy_term(log_probs, mb, self.loss_settings)
+        per_token, loss_stats, corrections = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
         loss, kl = pg_loss, None
         if reference is not None:
@@ -124,7 +124,7 @@ class MegatronBackend(TrainingBackend):
             )
             loss = loss + a.kl_coef * kl
         if self.reports_stats:
-            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, tis, kl)
+            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, corrections, kl)
         # megatron-core divides by the number of micro-batches and its data-parallel gradient
         # reduction averages; the normalizer is already the step's global count, so undo both.
         return loss * scale, {}
