@@ -75,11 +75,16 @@ class TrainGroup:
     def data_parallel_size(self) -> int:
         return max(self.share_of_rank) + 1
 
-    def train(self, shares: list[list[RolloutBatchRef]], normalizer: float) -> list[TrainStats]:
+    def train(
+        self,
+        shares: list[list[RolloutBatchRef]],
+        normalizer: float,
+        advantage_shift_scale: tuple[float, float] | None = None,
+    ) -> list[TrainStats]:
         """One optimizer step on every rank; `shares[d]` are data-parallel rank d's batches."""
         return deadline.get(
             [
-                a.train.remote(shares[d], normalizer)
+                a.train.remote(shares[d], normalizer, advantage_shift_scale)
                 for a, d in zip(self.actors, self.share_of_rank, strict=True)
             ]
         )

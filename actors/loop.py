@@ -43,6 +43,7 @@ from placement.cluster import read_cluster_shape
 from placement.groups import create_placement
 from placement.multinode import apply_cpu_adam_rule, check_paths_on_nodes
 from placement.planner import plan_layout
+from rl.grpo import batch_shift_scale
 from rl.rewards import load_reward_fn
 from tracking.metrics import MetricsWriter, step_line
 from tracking.ray_metrics import RayMetrics
@@ -168,7 +169,7 @@ class Driver:
         with self._phase("train", step):
             if self.layout.colocate:  # colocated engines give their GPU memory to the trainers
                 self.engines.release_memory()
-            train_stats = self.trainers.train(shares, normalizer)
+            train_stats = self.trainers.train(shares, normalizer, self._advantage_norm(results))
         train_done = time.perf_counter()
         self.version += 1
         with self._phase("rollout", step):  # what runs ahead finishes or aborts first
@@ -203,6 +204,17 @@ class Driver:
         self.metrics.write(self.steps_done, metrics)
         self.ray_metrics.record(metrics, step=self.steps_done)
         return metrics
+
+    def _advantage_norm(self, results: list) -> tuple[float, float] | None:
+        """REINFORCE++ with a baseline: the (shift, scale) normalizing the step's advantages
+        (group-centred by the engines) to mean 0 and std 1 over every trained sample."""
+        if self.config.algorithm.advantage != "reinforce_plus_plus_baseline":
+            return None
+        return batch_shift_scale(
+            sum(r.stats.samples for r in results),
+            sum(r.stats.advantage_sum for r in results),
+            sum(r.stats.advantage_square_sum for r in results),
+        )
 
     def _within_staleness(self, results: list) -> tuple[list, int, int]:
         """The results within `algorithm.max_staleness` versions of the trainer's weights, the

@@ -64,6 +64,9 @@ class RolloutStats:
     truncated: int = 0
     generate_seconds: float = 0.0
     weight_versions: set[int] = field(default_factory=set)
+    advantage_sum: float = 0.0
+    advantage_square_sum: float = 0.0
+    """Of the advantages as stored (for the step-wide normalization of REINFORCE++)."""
 
 
 @dataclass
@@ -130,10 +133,12 @@ class RolloutActor:
         self._check_not_cancelled()
         rewards = self._rewards(groups, completions, r.samples_per_prompt, self.cancelled)
         self._check_not_cancelled()
+        a = self.config.algorithm
         advantages = (
             group_advantages(
                 torch.tensor(rewards).view(len(groups), r.samples_per_prompt),
-                self.config.algorithm.normalize_advantage_std,
+                # REINFORCE++'s baseline: the group mean only; the driver normalizes the step.
+                a.normalize_advantage_std and a.advantage == "group",
             )
             .view(-1)
             .tolist()
@@ -208,6 +213,8 @@ class RolloutActor:
         stats.response_tokens += response_tokens
         stats.truncated += sum(completions[i].finish_reason == "length" for i in rows)
         stats.weight_versions.add(version)
+        stats.advantage_sum += sum(advantages[i] for i in rows)
+        stats.advantage_square_sum += sum(advantages[i] ** 2 for i in rows)
         return RolloutBatchRef(
             ref=ray.put(build_rollout_batch(columns)),
             num_samples=len(rows),

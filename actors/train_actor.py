@@ -16,6 +16,8 @@ scales, quantized as the buckets are packed (runs of same-shape experts in one b
 
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+import pyarrow as pa
 import ray
 import torch
 import torch.distributed as dist
@@ -64,11 +66,21 @@ class TrainActor:
         self.backend = create_backend(self.config, self.device)
         return self.backend.data_parallel_rank
 
-    def train(self, batches: list[RolloutBatchRef], normalizer: float) -> TrainStats:
-        """One optimizer step on this rank's share; rows are read zero-copy from the store."""
+    def train(
+        self,
+        batches: list[RolloutBatchRef],
+        normalizer: float,
+        advantage_shift_scale: tuple[float, float] | None = None,
+    ) -> TrainStats:
+        """One optimizer step on this rank's share; rows are read zero-copy from the store.
+        `advantage_shift_scale` (shift, scale): advantages become (a - shift) * scale first
+        (REINFORCE++'s normalization over the whole step, computed by the driver)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        stats = self.backend.train(ray.get([b.ref for b in batches]), normalizer)
+        tables = ray.get([b.ref for b in batches])
+        if advantage_shift_scale is not None:
+            tables = [normalized_advantages(t, *advantage_shift_scale) for t in tables]
+        stats = self.backend.train(tables, normalizer)
         stats.record_memory(self.device)
         return stats
 
@@ -139,3 +151,12 @@ class TrainActor:
             self.sender.group.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def normalized_advantages(batch: pa.RecordBatch, shift: float, scale: float) -> pa.RecordBatch:
+    """`batch` with its advantage column replaced by (advantage - shift) * scale (float32);
+    the other columns are the same buffers (zero-copy)."""
+    index = batch.schema.get_field_index("advantage")
+    column = batch.column(index).to_numpy(zero_copy_only=False).astype(np.float64)
+    new = pa.array(((column - shift) * scale).astype(np.float32))
+    return batch.set_column(index, batch.schema.field(index), new)

@@ -298,6 +298,14 @@ class AlgorithmConfig:
     normalize_advantage_std: bool = True
     """Divide group-centred rewards by the group's std (GRPO); False gives Dr.GRPO."""
 
+    advantage: Literal["group", "reinforce_plus_plus_baseline"] = "group"
+    """`group`: each sample's reward against its prompt group's (GRPO, or Dr.GRPO without
+    the std). `reinforce_plus_plus_baseline` (REINFORCE++ with a group baseline, Hu et al.
+    2025; slime's --advantage-estimator reinforce_plus_plus_baseline): the group mean is
+    subtracted, then the whole step's batch is normalized by its own mean and std, which
+    keeps the scale stable without dividing each group by its own (noisy, often tiny) std;
+    normalize_advantage_std is then not used."""
+
     loss: Literal["grpo", "gspo"] = "grpo"
     """Policy loss. `grpo`: PPO's clipped surrogate per token (with clip-higher). `gspo`
     (Group Sequence Policy Optimization, Zheng et al. 2025; slime's --advantage-estimator

@@ -31,8 +31,26 @@ class SeedFlag:
     """(flag value, key value) pairs, for a switch whose key is no boolean: `--use-tis`
     (true) sets algorithm.tis to `on`."""
 
+    keyed_values: tuple[tuple[str, str, str], ...] = ()
+    """(flag value, key, key value): a flag whose values set different keys of ours. slime's
+    --advantage-estimator names losses and advantages alike: `gspo` is our algorithm.loss,
+    `reinforce_plus_plus_baseline` our algorithm.advantage. Other values are refused."""
+
+    def key_for(self, raw: str) -> str:
+        """The key that what the user gave the flag sets."""
+        if not self.keyed_values:
+            return self.key
+        for value, key, _ in self.keyed_values:
+            if raw.lower() == value:
+                return key
+        known = ", ".join(value for value, _, _ in self.keyed_values)
+        raise UserError(f"command line: {raw!r} is not one of the values Sluice has: {known}")
+
     def key_value(self, raw: str) -> str:
         """The value for the key of what the user gave the flag."""
+        for value, _, key_value in self.keyed_values:
+            if raw.lower() == value:
+                return key_value
         return dict(self.values).get(raw.lower(), raw) if self.values else raw
 
 
@@ -69,6 +87,14 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--use-tis": SeedFlag("algorithm.tis", switch=True, values=(("true", "on"), ("false", "off"))),
     "--tis-clip": SeedFlag("algorithm.tis_cap"),
     "--tis-clip-low": SeedFlag("algorithm.tis_floor"),
+    "--advantage-estimator": SeedFlag(
+        "algorithm.loss",
+        keyed_values=(
+            ("grpo", "algorithm.loss", "grpo"),
+            ("gspo", "algorithm.loss", "gspo"),
+            ("reinforce_plus_plus_baseline", "algorithm.advantage", "reinforce_plus_plus_baseline"),
+        ),
+    ),
     # slime's `--seed` needs no entry: our top-level key `seed` is already the flag `--seed`.
 }
 
@@ -102,6 +128,9 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
                 metavar="BOOL",
                 help=f"= --{alias.key} {alias.key_value(_SWITCH_ON)}",
             )
+        elif alias.keyed_values:
+            choices = "; ".join(f"{v} = --{k} {kv}" for v, k, kv in alias.keyed_values)
+            group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=choices)
         else:
             group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=f"= --{alias.key}")
 
@@ -120,7 +149,7 @@ def merge_aliases(keyed: dict[str, Any], aliased: dict[str, str]) -> dict[str, A
     when an alias and its key disagree."""
     merged = dict(keyed)
     for flag, raw in aliased.items():
-        key = SEED_FLAGS[flag].key
+        key = SEED_FLAGS[flag].key_for(raw)
         # Read as the key's type now, so an error names the flag the user typed.
         value = typed_value(key, SEED_FLAGS[flag].key_value(raw), where=f"command line {flag}")
         if key in keyed and typed_value(key, keyed[key]) != value:

@@ -47,6 +47,19 @@ def group_advantages(rewards: Tensor, normalize_std: bool, eps: float = 1e-6) ->
     return centred.float()
 
 
+def batch_shift_scale(
+    count: int, total: float, square_total: float, eps: float = 1e-6
+) -> tuple[float, float]:
+    """(shift, scale) so that (a - shift) * scale has mean 0 and std 1 over a batch of `count`
+    advantages with sum `total` and sum of squares `square_total` (population std, + eps):
+    REINFORCE++'s global batch normalization, from sums each engine computes over its share."""
+    if count <= 0:
+        raise ValueError(f"count must be > 0, got {count}")
+    mean = total / count
+    variance = max(square_total / count - mean * mean, 0.0)  # rounding can dip below 0
+    return mean, 1.0 / (math.sqrt(variance) + eps)
+
+
 def log_probs_from_logits(
     logits: Tensor, targets: Tensor, temperature: float, *, chunk_elements: int = 1 << 25
 ) -> Tensor:

@@ -380,7 +380,7 @@ def seed_keys(argv: list[str]) -> set[str]:
     """The config keys that seed flags `argv` set (every --sglang-* one: the server_args)."""
     flags = [w for w in argv if w.startswith("--")]
     assert all(w in SEED_FLAGS or w.startswith(CLI_PREFIX) for w in flags), flags
-    keys = {SEED_FLAGS[w].key for w in flags if w in SEED_FLAGS}
+    keys = {SEED_FLAGS[w].key for w in flags if w in SEED_FLAGS}  # (no keyed-value flags)
     if any(w.startswith(CLI_PREFIX) for w in flags):
         keys.add("rollout.sglang.server_args")
     return keys

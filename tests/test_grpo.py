@@ -2,11 +2,15 @@
 
 import math
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
+from actors.train_actor import normalized_advantages
 from rl.grpo import (
     aggregate,
+    batch_shift_scale,
     group_advantages,
     kl_penalty,
     log_prob_mismatch,
@@ -312,3 +316,31 @@ def test_log_prob_mismatch_of_identical_log_probs():
     assert stats["kl_k3"].item() == 0.0
     empty = log_prob_mismatch(log_probs, log_probs + 1, torch.zeros(3, 4))
     assert all(value.item() == 0.0 for value in empty.values())
+
+
+def test_reinforce_plus_plus_baseline_normalizes_group_centred_rewards_over_the_batch():
+    """REINFORCE++ with a baseline: group mean subtracted (no group std), then the step's whole
+    batch standardized, from the sums the engines report; against numpy on the samples."""
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.25, 1.0]])
+    centred = group_advantages(torch.tensor(rewards), normalize_std=False).double().numpy()
+    assert np.allclose(centred, rewards - rewards.mean(axis=1, keepdims=True))
+    engines = [centred[:2].ravel(), centred[2:].ravel()]  # two engines' shares
+    shift, scale = batch_shift_scale(
+        sum(len(e) for e in engines),
+        sum(float(e.sum()) for e in engines),
+        sum(float((e**2).sum()) for e in engines),
+    )
+    flat = centred.ravel()
+    expected = (flat - flat.mean()) / (flat.std() + 1e-6)
+    assert np.allclose((flat - shift) * scale, expected, atol=1e-7)
+    batch = pa.RecordBatch.from_pydict(
+        {"advantage": pa.array(flat, pa.float32()), "reward": pa.array(rewards.ravel())}
+    )
+    normalized = normalized_advantages(batch, shift, scale)
+    assert normalized.schema == batch.schema
+    assert np.allclose(normalized.column("advantage").to_numpy(), expected, atol=1e-6)
+    assert normalized.column("reward").equals(batch.column("reward"))
+    # A batch whose samples all scored alike: zero advantages, no division by zero.
+    assert batch_shift_scale(4, 0.0, 0.0) == (0.0, 1e6)
+    with pytest.raises(ValueError, match="count must be > 0"):
+        batch_shift_scale(0, 0.0, 0.0)

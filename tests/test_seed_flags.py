@@ -99,6 +99,13 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         (["--use-tis", "false"], "algorithm.tis", "off"),
         (["--tis-clip", "1.5"], "algorithm.tis_cap", 1.5),
         (["--tis-clip-low", "0.1"], "algorithm.tis_floor", 0.1),
+        (["--advantage-estimator", "gspo"], "algorithm.loss", "gspo"),
+        (["--advantage-estimator", "grpo"], "algorithm.loss", "grpo"),
+        (
+            ["--advantage-estimator", "reinforce_plus_plus_baseline"],
+            "algorithm.advantage",
+            "reinforce_plus_plus_baseline",
+        ),
     ],
 )
 def test_each_value_flag_sets_its_key(argv, key, expected):
@@ -160,6 +167,13 @@ def test_an_alias_and_its_key_with_different_values_is_exit_code_2(capsys, argv,
     assert "different values" in line
 
 
+def test_an_advantage_estimator_sluice_lacks_is_refused_with_the_ones_it_has(capsys):
+    line = cli_error(capsys, "--advantage-estimator", "ppo")
+    assert "'ppo' is not one of the values Sluice has: grpo, gspo" in line
+    line = cli_error(capsys, "--advantage-estimator", "gspo", "--algorithm.loss", "grpo")
+    assert "--advantage-estimator gspo and --algorithm.loss grpo" in line
+
+
 def test_a_bad_value_names_the_alias(capsys):
     line = cli_error(capsys, "--sequence-parallel", "4")
     assert "--sequence-parallel" in line and "train.parallel.sequence=4 should be bool" in line
@@ -182,6 +196,10 @@ def test_help_lists_every_alias_with_its_key():
     section = text[text.index("Megatron / slime flag names:") :]
     compact = " ".join(section.split())  # argparse wraps long lines
     for flag, alias in SEED_FLAGS.items():
+        if alias.keyed_values:  # one key per value: each is listed
+            for value, key, key_value in alias.keyed_values:
+                assert f"{value} = --{key} {key_value}" in compact
+            continue
         assert f"{flag} {'[BOOL]' if alias.switch else 'VALUE'} = --{alias.key}" in compact
     assert "--rollout-batch-size" in compact
 
