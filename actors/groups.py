@@ -281,13 +281,18 @@ class RolloutGroup:
         Engine e samples step s with seed (run seed, s, e), never with a carried-over RNG state."""
         return self.collect(self.start_generate(prompts, step))
 
-    def start_generate(self, prompts: list[PromptRecord], step: int) -> list[EngineCall]:
-        """`generate` without waiting: one call per live engine, to pass to `collect`."""
+    def start_generate(
+        self, prompts: list[PromptRecord], step: int, round_: int = 0
+    ) -> list[EngineCall]:
+        """`generate` without waiting: one call per live engine, to pass to `collect`.
+        `round_`: a refill round of dynamic sampling (its own seeds)."""
         calls = []
         engines = self._live_or_rejoined()
         for e, share in zip(engines, split_evenly(prompts, len(engines)), strict=True):
-            seed = hash((self.config.seed, step, e)) & 0x7FFFFFFF
-            calls.append(self._call(e, "generate", (share, self._next_group_id, seed)))
+            key = (self.config.seed, step, e) + ((round_,) if round_ else ())
+            seed = hash(key) & 0x7FFFFFFF
+            if share:  # (a refill round may have fewer groups than engines)
+                calls.append(self._call(e, "generate", (share, self._next_group_id, seed)))
             self._next_group_id += len(share)
         return calls
 

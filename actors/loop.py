@@ -126,6 +126,9 @@ class Driver:
                 config.algorithm.max_staleness,
                 config.num_steps,
                 config.rollout.partial,
+                refill_rounds=config.rollout.dynamic_sampling_max_rounds
+                if config.rollout.dynamic_sampling
+                else 0,
             )
             self.start_from = start_from
             self.start_state = self._loop_state()  # where a lost training group goes back to
@@ -166,20 +169,27 @@ class Driver:
             normalizer = sum(b.num_loss_tokens for b in batches)
         else:
             normalizer = sum(b.num_samples for b in batches)
-        with self._phase("train", step):
-            if self.layout.colocate:  # colocated engines give their GPU memory to the trainers
-                self.engines.release_memory()
-            train_stats = self.trainers.train(shares, normalizer, self._advantage_norm(results))
+        train_stats, sync = [], SyncStats(self.version, 0, 0.0, 0)
+        if batches:
+            with self._phase("train", step):
+                if self.layout.colocate:  # colocated engines give the trainers their memory
+                    self.engines.release_memory()
+                advantage_norm = self._advantage_norm(results)
+                train_stats = self.trainers.train(shares, normalizer, advantage_norm)
+        else:  # dynamic sampling found no group with a learning signal: nothing to train on
+            print(f"sluice: step {step} has no sample to train on; weights unchanged", flush=True)
         train_done = time.perf_counter()
-        self.version += 1
-        with self._phase("rollout", step):  # what runs ahead finishes or aborts first
-            self.rollouts.before_weight_update()
+        if batches:
+            self.version += 1
+            with self._phase("rollout", step):  # what runs ahead finishes or aborts first
+                self.rollouts.before_weight_update()
         ahead_done = time.perf_counter()
-        with self._phase("sync", step):
-            if self.engines.check_engines(self.weights.members):  # restarted, back or gone
-                self.weights.rebuild(self.engines.live())
-            sync = self._sync_weights()
-        self.rollouts.after_weight_update()
+        if batches:
+            with self._phase("sync", step):
+                if self.engines.check_engines(self.weights.members):  # restarted, back, gone
+                    self.weights.rebuild(self.engines.live())
+                sync = self._sync_weights()
+            self.rollouts.after_weight_update()
         end = time.perf_counter()
         self.steps_done += 1
         metrics = {
@@ -196,6 +206,7 @@ class Driver:
             "async/version_lag": lag,
             "async/dropped_samples": dropped,
             "async/aborted_groups": self.rollouts.aborted_groups,
+            "rollout/sampling_rounds": self.rollouts.sampling_rounds,
             "fault/engine_restarts": self.engines.restarts,
             "fault/reissued_groups": self.engines.reissued_groups,
             "fault/trainer_restarts": self.trainer_restarts,
@@ -222,7 +233,7 @@ class Driver:
         bound = self.config.algorithm.max_staleness
         kept, lag, dropped = [], 0, 0
         for result in results:
-            result_lag = self.version - min(result.stats.weight_versions)
+            result_lag = self.version - min(result.stats.weight_versions, default=self.version)
             if result_lag > bound:
                 dropped += result.stats.samples
             else:
@@ -481,16 +492,28 @@ def _saved_at(root: str, step: int) -> bool:
 
 
 def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
+    """Reward and accuracy over every sample scored (with dynamic sampling, the dropped groups'
+    too: the policy's own figures); lengths and tokens over the samples trained on."""
     samples = sum(r.stats.samples for r in results)
+    trained = max(samples, 1)
+    # (rollouts queued in a checkpoint of an older version have no `scored` counts)
+    scored = sum(r.stats.scored or r.stats.samples for r in results)
+    reward_sum = sum(r.stats.scored_reward_sum if r.stats.scored else r.stats.reward_sum
+                     for r in results)  # fmt: skip
+    correct = sum(r.stats.scored_correct if r.stats.scored else r.stats.correct for r in results)
     response_tokens = sum(r.stats.response_tokens for r in results)
     return {
         "rollout/samples": samples,
-        "rollout/reward_mean": sum(r.stats.reward_sum for r in results) / samples,
-        "rollout/accuracy": sum(r.stats.correct for r in results) / samples,
-        "rollout/response_length_mean": response_tokens / samples,
-        "rollout/truncated_fraction": sum(r.stats.truncated for r in results) / samples,
+        "rollout/groups": sum(r.stats.groups for r in results),
+        "rollout/filtered_groups": sum(r.stats.filtered_groups for r in results),
+        "rollout/reward_mean": reward_sum / max(scored, 1),
+        "rollout/accuracy": correct / max(scored, 1),
+        "rollout/response_length_mean": response_tokens / trained,
+        "rollout/truncated_fraction": sum(r.stats.truncated for r in results) / trained,
         "rollout/tokens": response_tokens + sum(r.stats.prompt_tokens for r in results),
         "rollout/generate_seconds": max(r.stats.generate_seconds for r in results),
         "rollout/tokens_per_s": response_tokens / seconds if seconds > 0 else 0.0,
-        "rollout/weight_version": min(v for r in results for v in r.stats.weight_versions),
+        "rollout/weight_version": min(
+            (v for r in results for v in r.stats.weight_versions), default=-1
+        ),
     }

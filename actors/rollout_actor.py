@@ -34,7 +34,7 @@ from inference import create_engine
 from inference.engine import Completion, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_tokenizer
-from rl.grpo import group_advantages
+from rl.grpo import group_advantages, rewards_differ
 from rl.rewards import compute_reward, load_reward_fn
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo
@@ -67,6 +67,14 @@ class RolloutStats:
     advantage_sum: float = 0.0
     advantage_square_sum: float = 0.0
     """Of the advantages as stored (for the step-wide normalization of REINFORCE++)."""
+    groups: int = 0
+    """Prompt groups in the batches (all of them unless dynamic sampling dropped some)."""
+    filtered_groups: int = 0
+    """Prompt groups dropped by dynamic sampling (all their rewards equal)."""
+    scored: int = 0
+    scored_reward_sum: float = 0.0
+    scored_correct: int = 0
+    """Of every sample scored, dropped groups' too: the policy's reward, unfiltered."""
 
 
 @dataclass
@@ -97,11 +105,13 @@ class RolloutActor:
         self.reward_fn = load_reward_fn(self.reward_path)
         # `ray.cancel` on a running call only raises a flag (the actor keeps its state); the
         # engine polls it between decoding steps, the rewards between samples.
-        self.cancelled = ray.get_runtime_context().is_canceled
+        context = ray.get_runtime_context()
+        in_actor = context.get_actor_id() is not None  # (not when built directly, in tests)
+        self.cancelled = context.is_canceled if in_actor else lambda: False
         self.engine.should_stop = self.cancelled
         with warnings.catch_warnings():  # the property reads Ray's own deprecated actor_id
             warnings.simplefilter("ignore")
-            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            self.restarted = in_actor and context.was_current_actor_reconstructed
         """Ray restarted this actor after its process died, and no weight update came since."""
         if self.restarted:
             print(
@@ -143,13 +153,16 @@ class RolloutActor:
             .view(-1)
             .tolist()
         )
+        n = r.samples_per_prompt
+        kept = list(range(len(groups)))
+        if r.dynamic_sampling:  # DAPO: a group whose samples all scored alike teaches nothing
+            kept = [g for g in kept if rewards_differ(rewards[g * n : (g + 1) * n])]
+        stats.groups, stats.filtered_groups = len(kept), len(groups) - len(kept)
+        stats.scored, stats.scored_reward_sum = len(rewards), float(sum(rewards))
+        stats.scored_correct = sum(reward >= CORRECT_REWARD for reward in rewards)
         batches = []
-        per_batch = r.groups_per_batch
-        for first in range(0, len(groups), per_batch):
-            rows = range(
-                first * r.samples_per_prompt,
-                min(first + per_batch, len(groups)) * r.samples_per_prompt,
-            )
+        for first in range(0, len(kept), r.groups_per_batch):
+            rows = [g * n + k for g in kept[first : first + r.groups_per_batch] for k in range(n)]
             batches.append(
                 self._put_batch(
                     rows, repeated, completions, rewards, advantages, group_id_start, stats

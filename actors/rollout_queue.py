@@ -41,6 +41,8 @@ class _Pending:
     results: list[RolloutResult | None]
     aborted_groups: int = 0
     """Prompt groups whose generation was aborted at a weight update and started again."""
+    rounds: int = 0
+    """Refill rounds of dynamic sampling started for this step."""
 
     @classmethod
     def started(cls, step: int, calls: list[EngineCall]) -> "_Pending":
@@ -82,9 +84,13 @@ class RolloutQueue:
         max_staleness: int,
         num_steps: int,
         partial: str = "finish",
+        refill_rounds: int = 0,
     ):
+        """`refill_rounds`: with dynamic sampling, the extra rounds a step may take to replace
+        the prompt groups the engines dropped (0: none)."""
         self.engines = engines
         self.partial = partial
+        self.refill_rounds = refill_rounds
         self.prompts = prompts
         self.prompts_per_step = prompts_per_step
         self.ahead = max_staleness
@@ -92,6 +98,8 @@ class RolloutQueue:
         self.pending: deque[_Pending] = deque()
         self.aborted_groups = 0
         """Of the rollouts `results_for` returned last: groups aborted and generated again."""
+        self.sampling_rounds = 1
+        """Of the rollouts `results_for` returned last: generation rounds they took."""
         self.next_step = 1
         """The first step whose generation has not started."""
 
@@ -105,13 +113,30 @@ class RolloutQueue:
             self.next_step += 1
         head = self.pending.popleft()
         assert head.step == step, f"queued rollouts of step {head.step}, not {step}"
-        self.aborted_groups = head.aborted_groups
-        return head.finish(self.engines)
+        results = self._finish(head)
+        self.aborted_groups, self.sampling_rounds = head.aborted_groups, 1 + head.rounds
+        return results
+
+    def _finish(self, pending: _Pending) -> list[RolloutResult]:
+        """`pending`'s results, refilled (dynamic sampling) with fresh prompts, one round at a
+        time, until the step has `prompts_per_step` groups or its rounds run out."""
+        results = pending.finish(self.engines)
+        while pending.rounds < self.refill_rounds:
+            missing = self.prompts_per_step - sum(r.stats.groups for r in results)
+            if missing <= 0:
+                break
+            pending.rounds += 1
+            prompts = self.prompts.next_groups(missing)
+            calls = self.engines.start_generate(prompts, pending.step, pending.rounds)
+            pending.calls += calls
+            pending.results += [None] * len(calls)
+            results = pending.finish(self.engines)
+        return results
 
     def finish_in_flight(self) -> None:
         """Wait for every generation still running."""
         for pending in self.pending:
-            pending.finish(self.engines)
+            self._finish(pending)
 
     def before_weight_update(self) -> None:
         """No generation may run while the weights change: finish them, or with
@@ -120,7 +145,7 @@ class RolloutQueue:
             if self.partial == "abort":
                 pending.abort(self.engines)
             else:
-                pending.finish(self.engines)
+                self._finish(pending)
 
     def after_weight_update(self) -> None:
         """Generate the aborted prompt groups again, now with the new weights."""
@@ -143,8 +168,8 @@ class RolloutQueue:
         folder.mkdir(parents=True, exist_ok=True)
         index = []
         for pending in self.pending:
-            for engine, result in enumerate(pending.results):
-                name = f"step{pending.step}-engine{engine}.arrow"
+            for part, result in enumerate(pending.results):
+                name = f"step{pending.step}-part{part}.arrow"  # one per engine and round
                 batches = ray.get([b.ref for b in result.batches])
                 if batches:
                     with (

@@ -133,6 +133,17 @@ class RolloutConfig:
     max_batch_size: int = 256
     """Sequences one static generate call decodes together."""
 
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025; slime's --dynamic-sampling-filter-path with its
+    check_reward_nonzero_std filter): prompt groups whose rewards are all equal (all right,
+    all wrong: zero advantage, no gradient) are dropped, and more prompts are sampled, in up to
+    `dynamic_sampling_max_rounds` extra rounds, until the step has `batch_size` samples of
+    groups that teach something. Each step reports rollout/filtered_groups and
+    rollout/sampling_rounds; a step still short after the last round trains on fewer."""
+
+    dynamic_sampling_max_rounds: int = 4
+    """Extra generation rounds a step may take to refill what dynamic sampling dropped."""
+
     partial: Literal["finish", "abort"] = "finish"
     """What a weight update does to generations still running ahead of training
     (algorithm.max_staleness >= 1): `finish` waits for them, so their samples are up to
@@ -548,6 +559,10 @@ class SluiceConfig:
             )
         if a.max_staleness < 0:
             raise UserError(f"algorithm.max_staleness={a.max_staleness} must be >= 0")
+        if r.dynamic_sampling_max_rounds < 0:
+            raise UserError(
+                f"rollout.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0"
+            )
         if r.partial == "abort" and not a.max_staleness:
             raise UserError(
                 "rollout.partial=abort cancels generations running ahead of training at a "

@@ -47,6 +47,13 @@ def group_advantages(rewards: Tensor, normalize_std: bool, eps: float = 1e-6) ->
     return centred.float()
 
 
+def rewards_differ(group_rewards: list[float]) -> bool:
+    """DAPO's dynamic-sampling filter (slime's check_reward_nonzero_std): a prompt group is
+    kept only if its rewards are not all equal; an all-equal group has zero advantages under
+    any group baseline, so it adds no gradient, only noise to the normalizer."""
+    return max(group_rewards) > min(group_rewards)
+
+
 def batch_shift_scale(
     count: int, total: float, square_total: float, eps: float = 1e-6
 ) -> tuple[float, float]:
