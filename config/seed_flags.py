@@ -95,6 +95,16 @@ SEED_FLAGS: dict[str, SeedFlag] = {
             ("reinforce_plus_plus_baseline", "algorithm.advantage", "reinforce_plus_plus_baseline"),
         ),
     ),
+    "--dynamic-sampling-filter-path": SeedFlag(
+        "rollout.dynamic_sampling",
+        keyed_values=(
+            (
+                "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+                "rollout.dynamic_sampling",
+                "true",
+            ),
+        ),
+    ),
     # slime's `--seed` needs no entry: our top-level key `seed` is already the flag `--seed`.
 }
 

@@ -102,6 +102,14 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         (["--advantage-estimator", "gspo"], "algorithm.loss", "gspo"),
         (["--advantage-estimator", "grpo"], "algorithm.loss", "grpo"),
         (
+            [
+                "--dynamic-sampling-filter-path",
+                "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
+            ],
+            "rollout.dynamic_sampling",
+            True,
+        ),
+        (
             ["--advantage-estimator", "reinforce_plus_plus_baseline"],
             "algorithm.advantage",
             "reinforce_plus_plus_baseline",
@@ -170,6 +178,8 @@ def test_an_alias_and_its_key_with_different_values_is_exit_code_2(capsys, argv,
 def test_an_advantage_estimator_sluice_lacks_is_refused_with_the_ones_it_has(capsys):
     line = cli_error(capsys, "--advantage-estimator", "ppo")
     assert "'ppo' is not one of the values Sluice has: grpo, gspo" in line
+    line = cli_error(capsys, "--dynamic-sampling-filter-path", "my_filters.keep_hard")
+    assert "'my_filters.keep_hard' is not one of the values Sluice has" in line
     line = cli_error(capsys, "--advantage-estimator", "gspo", "--algorithm.loss", "grpo")
     assert "--advantage-estimator gspo and --algorithm.loss grpo" in line
 
@@ -196,9 +206,10 @@ def test_help_lists_every_alias_with_its_key():
     section = text[text.index("Megatron / slime flag names:") :]
     compact = " ".join(section.split())  # argparse wraps long lines
     for flag, alias in SEED_FLAGS.items():
-        if alias.keyed_values:  # one key per value: each is listed
+        if alias.keyed_values:  # one key per value: each is listed (long words wrap anywhere)
+            squashed = "".join(section.split())
             for value, key, key_value in alias.keyed_values:
-                assert f"{value} = --{key} {key_value}" in compact
+                assert f"{value}=--{key}{key_value}" in squashed
             continue
         assert f"{flag} {'[BOOL]' if alias.switch else 'VALUE'} = --{alias.key}" in compact
     assert "--rollout-batch-size" in compact
@@ -211,8 +222,10 @@ def test_every_alias_names_a_key_and_no_alias_shadows_one():
     for flag, alias in SEED_FLAGS.items():
         assert alias.key in keys, flag
         assert flag not in flags_of_keys, flag
-        # A switch sets a boolean key, or maps true/false onto the key's own values.
-        assert alias.switch == (alias.key in bools or bool(alias.values)), flag
+        # A switch sets a boolean key, or maps true/false onto the key's own values; a flag
+        # whose values name what they set takes a value.
+        switch = (alias.key in bools and not alias.keyed_values) or bool(alias.values)
+        assert alias.switch == switch, flag
     assert not set(NOT_ALIASED) & set(SEED_FLAGS)
 
 
