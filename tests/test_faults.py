@@ -1,9 +1,11 @@
 """Processes killed with SIGKILL in the middle of a run, on real Ray: the run survives.
 
-- A rollout actor (with the transformers engine, also its engine) dies while it scores a
-  step's samples: Ray restarts it in its bundle, its prompt groups go to the live engine, it
-  rejoins the weight group with the current weights before it generates again, every step
-  trains exactly its batch, and the job still learns from chance to >= 0.9.
+- In a one-step-off run (`algorithm.max_staleness 1`), a rollout actor (with the
+  transformers engine, also its engine) dies while it scores a step's samples: Ray restarts it
+  in its bundle, its prompt groups go to the live engine, it rejoins the weight group with the
+  current weights before it generates again, every step trains exactly its batch, every
+  trained sample is exactly one version old (the first step's: none), and the job still
+  learns from chance to >= 0.9.
 - A training actor dies between steps: the driver replaces the training group and resumes
   from the last checkpoint by itself; the repeated step equals the one the dead group ran, bit
   for bit (the torch backend resumes exactly), and the engines stay up.
@@ -67,11 +69,12 @@ def read_steps(out: Path) -> list[dict]:
 
 
 @pytest.mark.learning
-def test_a_rollout_actor_killed_mid_rollout_is_restarted_and_the_run_learns(trigger, tmp_path):
+def test_one_step_off_learns_through_a_rollout_actor_killed_mid_rollout(trigger, tmp_path):
     out = tmp_path / "run"
     config = load_config(
         TINY,
         {
+            "algorithm.max_staleness": "1",
             "rollout.reward": "tests.dying_reward:reward",
             "logging.output_dir": str(out),
             "logging.progress_bar": "false",
@@ -99,9 +102,14 @@ def test_a_rollout_actor_killed_mid_rollout_is_restarted_and_the_run_learns(trig
     # Every step trained its whole batch once: 32 prompt groups x 8 samples.
     assert all(m["rollout/samples"] == m["train/samples"] == 256 for m in steps)
     # The dead engine's share (16 groups) went to the live one; nothing was generated with
-    # weights other than the trainer's (a restarted engine's first weights are stale).
+    # weights other than the ones before the trainer's last update (a restarted engine's
+    # first weights are stale): step 1 trains on the initial weights' samples, every later
+    # step on those of the version before.
     assert steps[-1]["fault/reissued_groups"] == 16
-    assert all(m["async/version_lag"] == 0 and m["async/dropped_samples"] == 0 for m in steps)
+    assert [m["async/version_lag"] for m in steps] == [0] + [1] * 79
+    assert all(m["weight_version"] - m["rollout/weight_version"] == 1 + (m["step"] > 1)
+               for m in steps)  # fmt: skip
+    assert sum(m["async/dropped_samples"] for m in steps) == 0
 
 
 def test_a_training_actor_killed_between_steps_is_replaced_from_the_last_checkpoint(

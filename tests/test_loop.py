@@ -164,28 +164,3 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
     assert steps[-1]["memory/train_gpu_peak_gb"] == 0.0
     assert (out / "final_model" / "config.json").is_file()
     assert any((out / "tensorboard").iterdir())
-
-
-@pytest.mark.learning
-def test_one_step_off_learns_and_trains_samples_at_most_one_version_old(tmp_path):
-    """`driver.py --algorithm.max_staleness 1`: the next step's rollouts are generated while a
-    step trains, and the job still learns from chance to >= 0.9."""
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    env.pop("RAY_ADDRESS", None)
-    out = tmp_path / "run"
-    command = [
-        sys.executable, "driver.py", "--algorithm.max_staleness", "1",
-        "--logging.output_dir", str(out), "--logging.progress_bar", "false",
-    ]  # fmt: skip
-    subprocess.run(command, cwd=REPO, env=env, check=True, timeout=600)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["first_eval_accuracy"] <= 0.3
-    assert summary["last_eval_accuracy"] >= 0.9
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in metrics if "train/loss" in m]
-    assert len(steps) == summary["steps"]
-    # Step 1 trains on the initial weights' samples; every later step on the version before.
-    assert [m["async/version_lag"] for m in steps] == [0] + [1] * (len(steps) - 1)
-    assert all(m["weight_version"] - m["rollout/weight_version"] == 1 + (m["step"] > 1)
-               for m in steps)  # fmt: skip
-    assert sum(m["async/dropped_samples"] for m in steps) == 0
