@@ -134,7 +134,9 @@ class TrainGroup:
             ready, pending = ray.wait(pending, timeout=max(0.0, end - time.monotonic()))
             if not ready:
                 break
-            ready += ray.wait(pending, num_returns=len(pending), timeout=0)[0]
+            if pending:  # and whatever else has answered by now
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
             dead = sorted(rank_of[probe] for probe in ready if _dies(probe))
         return dead
 

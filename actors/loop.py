@@ -170,26 +170,25 @@ class Driver:
         else:
             normalizer = sum(b.num_samples for b in batches)
         train_stats, sync = [], SyncStats(self.version, 0, 0.0, 0)
+        train_done = ahead_done = time.perf_counter()
         if batches:
             with self._phase("train", step):
                 if self.layout.colocate:  # colocated engines give the trainers their memory
                     self.engines.release_memory()
                 advantage_norm = self._advantage_norm(results)
                 train_stats = self.trainers.train(shares, normalizer, advantage_norm)
-        else:  # dynamic sampling found no group with a learning signal: nothing to train on
-            print(f"sluice: step {step} has no sample to train on; weights unchanged", flush=True)
-        train_done = time.perf_counter()
-        if batches:
+            train_done = time.perf_counter()
             self.version += 1
             with self._phase("rollout", step):  # what runs ahead finishes or aborts first
                 self.rollouts.before_weight_update()
-        ahead_done = time.perf_counter()
-        if batches:
+            ahead_done = time.perf_counter()
             with self._phase("sync", step):
                 if self.engines.check_engines(self.weights.members):  # restarted, back, gone
                     self.weights.rebuild(self.engines.live())
                 sync = self._sync_weights()
             self.rollouts.after_weight_update()
+        else:  # dynamic sampling found no group with a learning signal: nothing to train on
+            print(f"sluice: step {step} has no sample to train on; weights unchanged", flush=True)
         end = time.perf_counter()
         self.steps_done += 1
         metrics = {
@@ -200,7 +199,7 @@ class Driver:
             "time/rollout_ahead_wait": ahead_done - train_done,
             "time/sync": end - ahead_done,
             "time/step": end - start,
-            "sync/gb_per_s": sync.gb_per_s,
+            "sync/gb_per_s": sync.gb_per_s if sync.nbytes else 0.0,
             "sync/bytes": sync.nbytes,
             "weight_version": self.version,
             "async/version_lag": lag,
