@@ -57,7 +57,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(ray_local, tmp_
         "rng_rank0.pt", "rng_rank1.pt", "rollouts_ahead", "sluice_state.json", "torch_state.pt"
     ]  # fmt: skip
     assert sorted(p.name for p in (step2 / "rollouts_ahead").iterdir()) == [
-        "index.json", "step3-engine0.arrow", "step3-engine1.arrow"
+        "index.json", "step3-part0.arrow", "step3-part1.arrow"  # one per engine (and round)
     ]  # fmt: skip
 
     run_driver(
