@@ -277,7 +277,7 @@ class Driver:
             self.rollouts.discard(next_step=self.start_state["steps_done"] + 1)
             self.trainers.kill()
             self.trainers = TrainGroup(c, self.placement, incarnation=self.trainer_restarts)
-            self.weights.replace_trainers(self.trainers, self.engines.live())
+            self.weights.rebuild(self.engines.live(), trainers=self.trainers)
             self._set_loop_state(self.start_state)
             if source is not None:
                 self._load(source)

@@ -94,21 +94,12 @@ class WeightSync:
         deadline.get(joins)
         self.plan = deadline.get(self.leader.weight_plan.remote(self.config.bucket_size_mb << 20))
 
-    def replace_trainers(self, trainers: TrainGroup, members: list[int]) -> None:
-        """A new group of a restarted training group's leader and the engines `members`:
-        those engines leave the old group (whose trainer end died with it) first."""
-        self.trainers, self.leader = trainers, trainers.leader
-        if self.backend != "ipc":
-            calls = {f"engine {e}": self.all_engines[e].destroy_weights_update_group.remote()
-                     for e in members}  # fmt: skip
-            _wait_all(calls, self.config.timeout_s, "leaving the old weight group")
-        self.generation += 1
-        self.setup(members)
-
-    def rebuild(self, members: list[int] | None = None) -> None:
+    def rebuild(self, members: list[int] | None = None, trainers: TrainGroup | None = None) -> None:
         """A new group of the engines `members` (default: all) after an engine restarted (a
         restarted server is in no group), came back, or died (a dead member would fail the
-        broadcast). Members of the old group that are gone are not asked to leave it.
+        broadcast), or, given `trainers`, around a restarted training group's new leader.
+        Members of the old group that are gone (a dead engine, a dead leader) are not asked
+        to leave it.
 
         Every engine leaves the old group while the trainer closes its end, all at once: under
         NCCL each side's shutdown waits for the others (SGLang's destroy calls
@@ -119,8 +110,11 @@ class WeightSync:
         if self.backend != "ipc":
             calls = {f"engine {e}": self.all_engines[e].destroy_weights_update_group.remote()
                      for e in self.members if e in members}  # fmt: skip
-            calls["trainer"] = self.leader.close_weights_update_group.remote()
+            if trainers is None:
+                calls["trainer"] = self.leader.close_weights_update_group.remote()
             _wait_all(calls, self.config.timeout_s, "leaving the old weight group")
+        if trainers is not None:
+            self.trainers, self.leader = trainers, trainers.leader
         self.generation += 1
         self.setup(members)
 
