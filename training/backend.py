@@ -121,14 +121,14 @@ class TrainStats:
                 else:
                     setattr(total, f.name, getattr(total, f.name) + value)
         tokens = max(total.tokens, 1.0)
-        tis = {}
+        corrections = {}
         if total.tis_tokens:
-            tis = {
+            corrections = {
                 "mismatch/tis_clip_fraction": total.tis_truncated_sum / total.tis_tokens,
                 "mismatch/tis_weight_mean": total.tis_weight_sum / total.tis_tokens,
             }
         if total.mis_tokens:
-            tis["mismatch/mis_masked_fraction"] = total.mis_masked_sum / total.mis_tokens
+            corrections["mismatch/mis_masked_fraction"] = total.mis_masked_sum / total.mis_tokens
         return {
             "train/loss": total.loss,
             "train/policy_loss": total.policy_loss,
@@ -144,7 +144,7 @@ class TrainStats:
             "mismatch/kl_k3": total.rollout_kl_sum / tokens,
             "memory/train_gpu_peak_gb": total.gpu_peak_gb,
             "memory/train_host_rss_gb": total.host_rss_gb,
-            **tis,
+            **corrections,
         }
 
 
