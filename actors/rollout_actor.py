@@ -217,6 +217,8 @@ class RolloutActor:
             "weight_version": [version] * len(rows),
             "finish_reason": [completions[i].finish_reason for i in rows],
         }
+        if self.config.algorithm.routing_replay:
+            columns["routed_experts"] = [completions[i].routed_experts for i in rows]
         prompt_tokens = sum(len(prompts[i]) for i in rows)
         response_tokens = sum(len(completions[i].token_ids) for i in rows)
         stats.samples += len(rows)

@@ -389,6 +389,14 @@ class AlgorithmConfig:
     """`token_mean`: every response token of the step weighs the same (across all ranks);
     `sequence_mean`: each sample's tokens are averaged first."""
 
+    routing_replay: bool = False
+    """Rollout routing replay (R3, Ma et al. 2025; slime's --use-rollout-routing-replay): the
+    engines record which experts every token was routed to in every MoE layer, the ids travel
+    in the rollout batch (`routed_experts`, one byte per id up to 256 experts), and the
+    trainers force the same experts in their forwards (the loss and any log-prob recompute),
+    their gate weights still trained through the softmax at those experts. Removes the
+    mismatch that comes from the trainer's router picking other experts than the engine's."""
+
 
 @dataclass
 class WeightSyncConfig:
@@ -559,6 +567,12 @@ class SluiceConfig:
             )
         if a.max_staleness < 0:
             raise UserError(f"algorithm.max_staleness={a.max_staleness} must be >= 0")
+        if a.routing_replay and r.engine == "transformers" and r.batching == "continuous":
+            raise UserError(
+                "algorithm.routing_replay records each token's experts during generation, which "
+                "the transformers engine does with static batching only: set "
+                "rollout.batching=static, or use rollout.engine=sglang"
+            )
         if r.dynamic_sampling_max_rounds < 0:
             raise UserError(
                 f"rollout.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0"

@@ -95,6 +95,11 @@ SEED_FLAGS: dict[str, SeedFlag] = {
             ("reinforce_plus_plus_baseline", "algorithm.advantage", "reinforce_plus_plus_baseline"),
         ),
     ),
+    # R3. slime's --use-routing-replay (R2) replays the routing the trainer itself recorded in
+    # its log-prob recompute; R3 gives both of the trainer's forwards the engine's routing, so
+    # it covers R2's consistency too, and both spellings turn it on.
+    "--use-rollout-routing-replay": SeedFlag("algorithm.routing_replay", switch=True),
+    "--use-routing-replay": SeedFlag("algorithm.routing_replay", switch=True),
     "--dynamic-sampling-filter-path": SeedFlag(
         "rollout.dynamic_sampling",
         keyed_values=(

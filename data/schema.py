@@ -4,7 +4,7 @@ One row per sample. RolloutActors build record batches of whole prompt groups, p
 Ray object store and hand back only `RolloutBatchRef`s; trainers `ray.get` them, which maps the
 Arrow buffers straight out of shared memory (no copy, no unpickling of rows).
 
-Version 1 columns:
+Version 2 columns:
 
 | column | type | meaning |
 | --- | --- | --- |
@@ -18,6 +18,11 @@ Version 1 columns:
 | sample_index | int32 | index of the sample inside its group |
 | weight_version | int64 | weight version of the engine that generated it |
 | finish_reason | string | `stop` (EOS) or `length` (max_new_tokens reached) |
+| routed_experts | list<uint8> (list<uint16> past 256 experts) | routing replay: see below |
+
+`routed_experts` is null unless routing replay is on; then it holds the engine's expert ids of
+every input position, MoE layer and top-k slot, flattened from [prompt + response - 1, layers,
+top_k] (`models.routing`).
 
 Bump `SCHEMA_VERSION` on any change; readers reject batches of another version.
 """
@@ -29,7 +34,7 @@ import pyarrow as pa
 import ray
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERSION_KEY = b"sluice.rollout_schema_version"
 
 ROLLOUT_SCHEMA = pa.schema(
@@ -44,6 +49,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("sample_index", pa.int32(), nullable=False),
         pa.field("weight_version", pa.int64(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("routed_experts", pa.list_(pa.uint8())),
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -62,9 +68,39 @@ class RolloutBatchRef:
 
 
 def build_rollout_batch(columns: dict[str, list]) -> pa.RecordBatch:
-    """A record batch of `ROLLOUT_SCHEMA` from per-row Python values, one list per column."""
-    arrays = [pa.array(columns[field.name], type=field.type) for field in ROLLOUT_SCHEMA]
-    return pa.RecordBatch.from_arrays(arrays, schema=ROLLOUT_SCHEMA)
+    """A record batch of `ROLLOUT_SCHEMA` from per-row Python values, one list per column.
+
+    `routed_experts`, if given, is one integer numpy array per row (any shape: it is stored
+    flattened), all of one dtype, uint8 or uint16; absent or all None, the column is null."""
+    routed = columns.get("routed_experts")
+    schema, arrays = ROLLOUT_SCHEMA, []
+    for field in ROLLOUT_SCHEMA:
+        if field.name != "routed_experts":
+            arrays.append(pa.array(columns[field.name], type=field.type))
+        elif routed is None or all(row is None for row in routed):
+            arrays.append(pa.nulls(len(columns["prompt_ids"]), type=field.type))
+        else:
+            array = _flat_lists(routed)
+            schema = schema.set(schema.get_field_index(field.name), field.with_type(array.type))
+            arrays.append(array)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _flat_lists(rows: list[np.ndarray]) -> pa.ListArray:
+    """One list per row from numpy arrays, built from one concatenated buffer (no per-element
+    Python objects: a step's routing is hundreds of bytes per token)."""
+    if any(row is None for row in rows):
+        raise ValueError(
+            "routed_experts: some completions have routed experts and some none (routing "
+            "replay needs every engine to record them)"
+        )
+    dtypes = {row.dtype for row in rows}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (np.uint8, np.uint16):
+        raise ValueError(f"routed_experts rows must share one dtype, uint8 or uint16: {dtypes}")
+    lengths = np.array([row.size for row in rows], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate([row.reshape(-1) for row in rows])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def check_schema(batch: pa.RecordBatch) -> None:

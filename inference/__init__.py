@@ -19,6 +19,7 @@ def _transformers_engine(
     from inference.transformers_engine import TransformersEngine
     from models.fp8_checkpoint import rollout_fp8_format
     from models.loading import load_model, load_tokenizer
+    from models.routing import replay_routing_shape
 
     tokenizer = load_tokenizer(config.model)
     fp8 = rollout_fp8_format(config.model)
@@ -37,6 +38,7 @@ def _transformers_engine(
         else tokenizer.eos_token_id,
         batching=config.rollout.batching,
         max_batch_size=config.rollout.max_batch_size,
+        routing=replay_routing_shape(config) if config.algorithm.routing_replay else None,
     )
 
 

@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo
 from weights.sync import SyncStats
@@ -34,6 +36,9 @@ class Completion:
     trainer recomputes), so the importance ratio is 1 when both sides hold the same weights."""
     finish_reason: str
     """`stop` (ended on EOS, which is included in token_ids) or `length`."""
+    routed_experts: np.ndarray | None = None
+    """With routing replay: the experts of every input position (prompt, then the response
+    but its last token), [positions, moe_layers, top_k], uint8 (uint16 past 256 experts)."""
 
 
 WEIGHT_MEMORY = ("weights",)

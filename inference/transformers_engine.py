@@ -6,6 +6,8 @@ log-probs are taken after its logits processors, so it is only offered where tho
 distribution untouched (top_p = 1, top_k = 0); config validation refuses the rest.
 """
 
+import contextlib
+
 import torch
 from transformers import (
     ContinuousBatchingConfig,
@@ -17,6 +19,7 @@ from transformers import (
 
 from inference.engine import Completion, InferenceEngine, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
+from models.routing import RoutingRecorder, RoutingShape, generation_routing
 from weights.checksum import tensor_checksums
 from weights.errors import WeightSyncError
 from weights.ipc import open_bucket
@@ -35,8 +38,11 @@ class TransformersEngine(InferenceEngine):
         pad_token_id: int,
         batching: str = "static",
         max_batch_size: int = 256,
+        routing: RoutingShape | None = None,
     ):
+        """`routing`: record each completion's experts (routing replay), of this shape."""
         self.model = model.eval()
+        self.routing = routing
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.batching = batching
@@ -65,21 +71,34 @@ class TransformersEngine(InferenceEngine):
     ) -> list[Completion]:
         input_ids, attention_mask = self._left_pad(prompts)
         stop = [] if self.should_stop is None else [_StopWhen(self.should_stop)]
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=self._generation_config(params, output_logits=True),
-            stopping_criteria=StoppingCriteriaList(stop),
-        )
+        recorder = RoutingRecorder(self.model) if self.routing else contextlib.nullcontext()
+        with recorder:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=self._generation_config(params, output_logits=True),
+                stopping_criteria=StoppingCriteriaList(stop),
+            )
         responses = output.sequences[:, input_ids.shape[1] :]
         temperature = 1.0 if params.greedy else params.temperature
         # Raw logits (before any processor), tempered: the distribution the trainer scores.
         logits = torch.stack(output.logits, dim=1).float() / temperature
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1))
-        return [
+        completions = [
             self._completion(row.tolist(), lp.squeeze(-1).tolist())
             for row, lp in zip(responses, log_probs, strict=True)
         ]
+        if self.routing:
+            routed = generation_routing(
+                recorder.calls,
+                [len(p) for p in prompts],
+                [len(c.token_ids) for c in completions],
+                input_ids.shape[1],
+                self.routing.dtype,
+            )
+            for completion, experts in zip(completions, routed, strict=True):
+                completion.routed_experts = experts
+        return completions
 
     def _generate_continuous(
         self, prompts: list[list[int]], params: SamplingParams

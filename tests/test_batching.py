@@ -20,6 +20,7 @@ from data.schema import (
     check_schema,
     ragged,
 )
+from models.routing import RoutingShape
 from training.batch import (
     Rows,
     pad_micro_batch,
@@ -97,6 +98,7 @@ def sample_row(prompt, response, log_probs, mask, advantage, group=0, index=0) -
         "sample_index": index,
         "weight_version": 3,
         "finish_reason": "stop" if mask[-1] else "length",
+        "routed_experts": None,
     }
 
 
@@ -245,6 +247,50 @@ def test_pad_micro_batch_of_a_subset_in_another_order():
     assert mb.input_ids.tolist() == [[4, 4, 1, 0, 0], [5, 6, 7, 8, 9]]
     assert mb.loss_mask.tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]
     assert mb.advantages.tolist() == [[0.25], [1.0]]
+
+
+# --- routed experts (routing replay) -----------------------------------------------------------
+
+
+def with_routing(row: dict, shape: RoutingShape, seed: int) -> dict:
+    """`row` with random routing for its prompt + response - 1 positions."""
+    positions = len(row["prompt_ids"]) + len(row["response_ids"]) - 1
+    size = (positions, shape.layers, shape.top_k)
+    experts = np.random.default_rng(seed).integers(0, shape.num_experts, size)
+    return row | {"routed_experts": experts.astype(shape.dtype)}
+
+
+@pytest.mark.parametrize("num_experts, arrow_type", [(128, pa.uint8()), (384, pa.uint16())])
+def test_routed_experts_travel_compactly_and_pad_into_micro_batches(num_experts, arrow_type):
+    shape = RoutingShape(layers=3, top_k=2, num_experts=num_experts)
+    routed_a, routed_b = with_routing(ROW_A, shape, 1), with_routing(ROW_B, shape, 2)
+    batch = build_rollout_batch(columns_of([routed_a, routed_b]))
+    assert batch.schema.field("routed_experts").type == pa.list_(arrow_type)
+    # one id per position, layer and slot: 4 + 3 positions x 3 layers x top-2
+    assert batch.column("routed_experts").values.nbytes == 42 * arrow_type.byte_width
+    rows = rows_of([pickle.loads(pickle.dumps(batch))], shape)  # as Ray moves it
+    mb = pad_micro_batch(rows, [0, 1])
+    assert mb.routed_experts.shape == (2, 5, 3, 2)  # [B, T, layers, top_k]
+    np.testing.assert_array_equal(mb.routed_experts[0, :4], routed_a["routed_experts"])
+    np.testing.assert_array_equal(mb.routed_experts[1, :3], routed_b["routed_experts"])
+    # the last token of each row and the padding were never fed: experts 0, 1
+    assert mb.routed_experts[0, 4:].tolist() == [[[0, 1]] * 3]
+    assert mb.routed_experts[1, 3:].tolist() == [[[0, 1]] * 3] * 2
+    # routing replay off: the column is not read
+    assert pad_micro_batch(rows_of([batch]), [0]).routed_experts is None
+
+
+def test_routed_experts_of_another_model_or_none_are_refused():
+    shape = RoutingShape(layers=3, top_k=2, num_experts=128)
+    batch = build_rollout_batch(columns_of([with_routing(ROW_A, shape, 1)]))
+    with pytest.raises(ValueError, match="holds 24 ids, expected 4 positions x 2 MoE layers"):
+        rows_of([batch], RoutingShape(layers=2, top_k=2, num_experts=128))
+    without = build_rollout_batch(columns_of([ROW_A]))
+    assert without.column("routed_experts").null_count == 1
+    with pytest.raises(ValueError, match="carries no routed_experts"):
+        rows_of([without], shape)
+    with pytest.raises(ValueError, match="some completions have routed experts and some none"):
+        build_rollout_batch(columns_of([with_routing(ROW_A, shape, 1), ROW_B]))
 
 
 def rows_of_lengths(lengths: list[int]) -> Rows:

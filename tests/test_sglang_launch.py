@@ -322,6 +322,10 @@ def test_recipe_server_args_and_command_line_flags_merge(qwen3_30b, tmp_path):
         (["--sglang-chunked-prefill-size", "lots"], "'lots' is not an int"),
         (["--sglang-mem-fraction-static"], "needs a value"),
         (["--sglang-cuda-graph-bs", "1", "--sglang-cuda-graph-bs-decode", "2"], "only one"),
+        (
+            ["--use-rollout-routing-replay", "--sglang-enable-return-routed-experts", "false"],
+            "enable-return-routed-experts false: algorithm.routing_replay needs",
+        ),
     ],
 )
 def test_bad_sglang_flags_are_errors_naming_the_fix(capsys, qwen3_30b, argv, message):
@@ -361,3 +365,13 @@ def test_describe_engines_refuses_a_cpu_plan(qwen3_30b):
     layout = plan_layout(synthetic_cluster(1, 0, 8.0), config)
     with pytest.raises(UserError, match="runs on GPUs"):
         describe_engines(config, layout)
+
+
+def test_routing_replay_makes_the_server_return_routed_experts(qwen3_30b):
+    argv = [*colocated(qwen3_30b, 8), *SEED_8_GPU, "--use-rollout-routing-replay"]
+    config, _, resolved, launches = launches_for(argv, 1)
+    assert config.algorithm.routing_replay
+    assert sglang_resolve(list(launches[0].argv)).enable_return_routed_experts
+    assert any("enable-return-routed-experts added" in note for note in resolved.notes)
+    *_, off = launches_for([*colocated(qwen3_30b, 8), *SEED_8_GPU], 1)
+    assert not sglang_resolve(list(off[0].argv)).enable_return_routed_experts

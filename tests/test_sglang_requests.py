@@ -265,7 +265,7 @@ def test_parse_generate_response():
             sglang_output("r1", [13, 14], [-2.0, -0.75], FINISH_LENGTH(length=2)),
         ]
     )
-    assert req.parse_generate_response(payload, 2) == [
+    assert req.parse_generate_response(payload, [[1, 2, 3]] * 2) == [
         Completion([11, 12, 2], [-0.5, -1.25, -0.01], "stop"),
         Completion([13, 14], [-2.0, -0.75], "length"),
     ]
@@ -275,32 +275,80 @@ def test_parse_generate_response_refuses_abort():
     aborted = FINISH_ABORT(message="Abort all requests", status_code=None)
     payload = over_the_wire([sglang_output("rid-9", [5], [-0.1], aborted)])
     with pytest.raises(SglangError, match=r"request rid-9 was aborted.*Abort all requests"):
-        req.parse_generate_response(payload, 1)
+        req.parse_generate_response(payload, [[1, 2, 3]] * 1)
 
 
 def test_parse_generate_response_refuses_mismatches():
     good = sglang_output("r0", [1, 2], [-0.1, -0.2], FINISH_LENGTH(length=2))
     with pytest.raises(SglangError, match="answered 1 outputs for 2 prompts"):
-        req.parse_generate_response(over_the_wire([good]), 2)
+        req.parse_generate_response(over_the_wire([good]), [[1, 2, 3]] * 2)
     with pytest.raises(SglangError, match="expected a list"):
-        req.parse_generate_response(over_the_wire(good), 1)
+        req.parse_generate_response(over_the_wire(good), [[1, 2, 3]] * 1)
 
     shifted = over_the_wire([good])
     shifted[0]["output_ids"] = [1, 2, 3]
     with pytest.raises(SglangError, match=r"request r0: output_ids \(3 tokens\) differ"):
-        req.parse_generate_response(shifted, 1)
+        req.parse_generate_response(shifted, [[1, 2, 3]] * 1)
 
     miscounted = over_the_wire([good])
     miscounted[0]["meta_info"]["completion_tokens"] = 5
     with pytest.raises(SglangError, match="request r0: completion_tokens is 5"):
-        req.parse_generate_response(miscounted, 1)
+        req.parse_generate_response(miscounted, [[1, 2, 3]] * 1)
 
     no_logprobs = over_the_wire([good])
     del no_logprobs[0]["meta_info"]["output_token_logprobs"]
     with pytest.raises(SglangError, match="no output_token_logprobs"):
-        req.parse_generate_response(no_logprobs, 1)
+        req.parse_generate_response(no_logprobs, [[1, 2, 3]] * 1)
 
     unfinished = over_the_wire([good])
     unfinished[0]["meta_info"]["finish_reason"] = None
     with pytest.raises(SglangError, match="no usable finish_reason"):
-        req.parse_generate_response(unfinished, 1)
+        req.parse_generate_response(unfinished, [[1, 2, 3]] * 1)
+
+
+# --- routing replay ----------------------------------------------------------------------------
+
+
+def test_generate_body_asks_for_routed_experts_only_with_routing_replay():
+    body = req.generate_body([[1, 2, 3]], SamplingParams(4), routed_experts=True)
+    obj = admitted_generate(body)
+    assert obj.return_routed_experts is True and obj[0].return_routed_experts is True
+    assert "return_routed_experts" not in req.generate_body([[1, 2, 3]], SamplingParams(4))
+
+
+def routed_output(prompt: list[int], tokens: list[int], experts):
+    """A reply entry with routed experts as the tokenizer manager encodes them: base64 of the
+    int32 [seqlen - 1, layers, top_k] tensor's bytes."""
+    import pybase64
+    import torch
+
+    out = sglang_output("r0", tokens, [-0.5] * len(tokens), FINISH_LENGTH(length=len(tokens)))
+    tensor = torch.tensor(experts, dtype=torch.int32)
+    out["meta_info"]["routed_experts"] = pybase64.b64encode(tensor.numpy().tobytes()).decode()
+    return out
+
+
+def test_parse_generate_response_reads_routed_experts():
+    import numpy as np
+    from sglang.srt.state_capturer.routed_experts import extract_routed_experts_from_meta_info
+
+    from models.routing import RoutingShape
+
+    shape = RoutingShape(layers=2, top_k=2, num_experts=128)
+    prompt, tokens = [1, 2, 3], [11, 12]
+    experts = np.arange(4 * 2 * 2).reshape(4, 2, 2) % 128  # 3 + 2 - 1 positions
+    payload = over_the_wire([routed_output(prompt, tokens, experts)])
+    (completion,) = req.parse_generate_response(payload, [prompt], shape)
+    assert completion.routed_experts.dtype == np.uint8
+    np.testing.assert_array_equal(completion.routed_experts, experts)
+    # SGLang's own decoder reads the same ids
+    decoded = extract_routed_experts_from_meta_info(payload[0])
+    np.testing.assert_array_equal(decoded, experts.ravel())
+
+    short = over_the_wire([routed_output(prompt, tokens, experts[:3])])
+    with pytest.raises(SglangError, match="holds 12 ids, expected 4 positions x 2 MoE layers"):
+        req.parse_generate_response(short, [prompt], shape)
+    missing = over_the_wire([routed_output(prompt, tokens, experts)])
+    del missing[0]["meta_info"]["routed_experts"]
+    with pytest.raises(SglangError, match="--enable-return-routed-experts"):
+        req.parse_generate_response(missing, [prompt], shape)

@@ -5,13 +5,14 @@ token t + 1 (the model's next-token prediction), so the response token j of a sa
 P-token prompt sits at position P - 1 + j.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from data.schema import check_schema, ragged
+from models.routing import RoutingShape
 
 
 @dataclass
@@ -28,9 +29,15 @@ class MicroBatch:
     """[B, T-1] the engine's log-prob of each target (0 off the mask)."""
     advantages: torch.Tensor
     """[B, 1] one advantage per sample, broadcast over its tokens."""
+    routed_experts: torch.Tensor | None = None
+    """[B, T, moe_layers, top_k] the engine's experts of each input position, to replay
+    (routing replay on); positions it did not feed (the last token, padding) hold experts
+    0..top_k-1, which can change nothing the loss reads."""
 
     def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(**{k: v.to(device) for k, v in vars(self).items()})
+        return MicroBatch(
+            **{k: v.to(device) if v is not None else None for k, v in vars(self).items()}
+        )
 
 
 @dataclass
@@ -42,6 +49,10 @@ class Rows:
     rollout_log_probs: list[np.ndarray]
     loss_masks: list[np.ndarray]
     advantages: np.ndarray
+    routing: RoutingShape | None = None
+    """Set when the engines' routing is read for replay; `routed_experts` then has a
+    [prompt + response - 1, layers, top_k] array per row."""
+    routed_experts: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -50,9 +61,10 @@ class Rows:
         return len(self.prompts[i]) + len(self.responses[i])
 
 
-def rows_of(batches: list[pa.RecordBatch]) -> Rows:
-    """Views of every row; nothing is copied until a micro-batch is padded."""
-    rows = Rows([], [], [], [], np.zeros(0, dtype=np.float32))
+def rows_of(batches: list[pa.RecordBatch], routing: RoutingShape | None = None) -> Rows:
+    """Views of every row; nothing is copied until a micro-batch is padded. With `routing`
+    (routing replay on), each row's `routed_experts` too, checked against that shape."""
+    rows = Rows([], [], [], [], np.zeros(0, dtype=np.float32), routing)
     advantages = []
     for batch in batches:
         check_schema(batch)
@@ -65,10 +77,39 @@ def rows_of(batches: list[pa.RecordBatch]) -> Rows:
             rows.responses.append(columns[1].row(i))
             rows.rollout_log_probs.append(columns[2].row(i))
             rows.loss_masks.append(columns[3].row(i))
+        if routing is not None:
+            rows.routed_experts += _routed_rows(batch, routing, rows, len(rows) - batch.num_rows)
         advantages.append(batch.column("advantage").to_numpy(zero_copy_only=False))
     if advantages:
         rows.advantages = np.concatenate(advantages)
     return rows
+
+
+def _routed_rows(
+    batch: pa.RecordBatch, routing: RoutingShape, rows: Rows, first: int
+) -> list[np.ndarray]:
+    """The batch's routing, one [positions, layers, top_k] view per row (rows `first`... of
+    `rows` hold its prompts and responses)."""
+    column = batch.column("routed_experts")
+    if column.null_count:
+        raise ValueError(
+            "algorithm.routing_replay is on but a rollout batch carries no routed_experts: "
+            "the engines must record routing (SGLang: --enable-return-routed-experts, which "
+            "Sluice sets when routing replay is on)"
+        )
+    routed = ragged(batch, "routed_experts")
+    out = []
+    for i in range(batch.num_rows):
+        positions = rows.length(first + i) - 1
+        row = routed.row(i)
+        if row.size != positions * routing.per_position:
+            raise ValueError(
+                f"routed_experts of a row holds {row.size} ids, expected {positions} positions "
+                f"x {routing.layers} MoE layers x top-{routing.top_k}: the engine's model is "
+                f"not the trainer's"
+            )
+        out.append(row.reshape(positions, routing.layers, routing.top_k))
+    return out
 
 
 def split_by_token_budget(rows: Rows, max_tokens: int) -> list[list[int]]:
@@ -116,7 +157,18 @@ def pad_micro_batch(rows: Rows, indices: list[int]) -> MicroBatch:
         loss_mask=loss_mask,
         rollout_log_probs=rollout_log_probs,
         advantages=advantages,
+        routed_experts=_pad_routing(rows, indices, width) if rows.routing else None,
     )
+
+
+def _pad_routing(rows: Rows, indices: list[int], width: int) -> torch.Tensor:
+    shape = rows.routing
+    filler = torch.arange(shape.top_k, dtype=torch.int32)  # any k distinct experts will do
+    out = filler.expand(len(indices), width, shape.layers, shape.top_k).clone()
+    for b, i in enumerate(indices):
+        routed = rows.routed_experts[i]
+        out[b, : len(routed)] = torch.from_numpy(routed.astype(np.int32))
+    return out
 
 
 def response_log_probs(

@@ -20,6 +20,7 @@ from config.errors import UserError
 from config.schema import SluiceConfig
 from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_model, load_tokenizer, trainer_model
+from models.routing import replay_routing, replay_routing_shape
 from rl.grpo import aggregate, kl_penalty, log_probs_from_logits
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
@@ -40,6 +41,9 @@ class TorchBackend(TrainingBackend):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.loss_settings = LossSettings.of(config)
+        self.routing = None
+        if config.algorithm.routing_replay:
+            self.routing = replay_routing_shape(config)
         self.model = load_model(trainer_model(config.model), config.seed, device).train()
         self.module = self.model
         if self.world_size > 1:
@@ -61,12 +65,16 @@ class TorchBackend(TrainingBackend):
             ).requires_grad_(False)
 
     def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        # The policy replays the engines' routing (routing replay on); the frozen reference
+        # routes on its own.
+        replay = mb.routed_experts is not None and model is not self.reference
+        with replay_routing(self.model, mb.routed_experts) if replay else contextlib.nullcontext():
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
         return log_probs_from_logits(logits[:, :-1], mb.targets, self.config.rollout.temperature)
 
     @torch.no_grad()
     def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
-        rows = rows_of(batches)
+        rows = rows_of(batches, self.routing)
         out: list[torch.Tensor] = []
         for indices in split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch):
             mb = pad_micro_batch(rows, indices).to(self.device)
@@ -78,7 +86,7 @@ class TorchBackend(TrainingBackend):
 
     def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
         start = time.perf_counter()
-        rows = rows_of(batches)
+        rows = rows_of(batches, self.routing)
         plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
         stats = TrainStats(samples=len(rows), micro_batches=len(plan))
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -28,6 +28,9 @@ from inference.sglang.requests import (
     generate_body,
     parse_generate_response,
 )
+
+if TYPE_CHECKING:
+    from models.routing import RoutingShape
 
 SGLANG_HEALTH_CHECK_S = 20
 """sglang 0.5.23's bound on its own /health (`HEALTH_CHECK_TIMEOUT`, env
@@ -88,14 +91,17 @@ class SglangClient:
         max_in_flight: int,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         reprobe_interval_s: float = REPROBE_INTERVAL_S,
+        routing: "RoutingShape | None" = None,
     ):
         """`urls`: base URLs such as `http://10.0.0.1:30000`, index 0 the caller's own engine.
 
         `timeout_s` bounds one request, a whole `/generate` batch included: a server slower than
         that is treated as unreachable. `max_in_flight` caps this client's concurrent
         `/generate` requests per server. A down server is probed with `/health` (each probe
-        allowed `health_timeout_s`) at most every `reprobe_interval_s`.
+        allowed `health_timeout_s`) at most every `reprobe_interval_s`. `routing`: ask for each
+        completion's routed experts, of that shape (routing replay).
         """
+        self.routing = routing
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.timeout_s = timeout_s
@@ -244,7 +250,8 @@ class SglangClient:
                 continue
             rids = [f"sluice-{uuid.uuid4().hex}-{i}" for i in range(len(group))]
             try:
-                payload = self.post(url, GENERATE, generate_body(group, params, rids))
+                body = generate_body(group, params, rids, routed_experts=bool(self.routing))
+                payload = self.post(url, GENERATE, body)
             except EngineUnreachable as e:
                 self.mark_down(url, e.reason)
                 self._abort(url, rids)
@@ -253,7 +260,7 @@ class SglangClient:
             finally:
                 self._release(url)
             try:
-                return parse_generate_response(payload, len(group))
+                return parse_generate_response(payload, group, self.routing)
             except SglangError as e:
                 raise SglangError(f"{url}: {e}") from e
 

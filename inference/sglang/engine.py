@@ -119,8 +119,16 @@ class SglangEngine(InferenceEngine):
         for note in self.resolved.notes:
             print(f"[sglang engine {engine_index}] note: {note}", flush=True)
         self.url = self._start(self.resolved)
+        routing = None
+        if config.algorithm.routing_replay:
+            from models.routing import replay_routing_shape
+
+            routing = replay_routing_shape(config)
         self.client = SglangClient(
-            [self.url], self.settings.request_timeout_s, self.settings.max_inflight_per_engine
+            [self.url],
+            self.settings.request_timeout_s,
+            self.settings.max_inflight_per_engine,
+            routing=routing,
         )
         self.peers: list[str] = []
         self.group_name: str | None = None

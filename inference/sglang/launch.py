@@ -108,6 +108,7 @@ def resolve_server_args(config: SluiceConfig, num_experts: int | None) -> Resolv
     notes += _redundant_experts(args, num_experts)
     notes += _expert_balancing(args)
     notes += _dtype(args, config)
+    notes += _routing_replay(args, config)
     if config.placement.colocate and not args.get("enable-memory-saver"):
         args["enable-memory-saver"] = True
         notes.append(
@@ -115,6 +116,24 @@ def resolve_server_args(config: SluiceConfig, num_experts: int | None) -> Resolv
             f"memory while the trainers step"
         )
     return ResolvedServerArgs(args, tuple(notes))
+
+
+def _routing_replay(args: dict[str, Any], config: SluiceConfig) -> list[str]:
+    """Routing replay needs the server to record every token's experts."""
+    if not config.algorithm.routing_replay:
+        return []
+    if args.get("enable-return-routed-experts") is False:
+        raise UserError(
+            f"{CLI_PREFIX}enable-return-routed-experts false: algorithm.routing_replay needs "
+            f"the engines' routing; remove the flag, or turn routing replay off"
+        )
+    if args.get("enable-return-routed-experts"):
+        return []
+    args["enable-return-routed-experts"] = True
+    return [
+        f"{CLI_PREFIX}enable-return-routed-experts added: algorithm.routing_replay replays the "
+        f"experts SGLang routed each token to"
+    ]
 
 
 def _dtype(args: dict[str, Any], config: SluiceConfig) -> list[str]:

@@ -21,11 +21,17 @@ Replies, as the server builds them:
   `{"object": "error", "message", ...}` (validation) or plain text; `error_message` reads them all.
 """
 
-from typing import Any, Literal
+import base64
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 from inference.engine import Completion, SamplingParams
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo
+
+if TYPE_CHECKING:
+    from models.routing import RoutingShape
 
 GENERATE = "/generate"
 INIT_WEIGHTS_UPDATE_GROUP = "/init_weights_update_group"
@@ -73,7 +79,10 @@ class SglangError(RuntimeError):
 
 
 def generate_body(
-    prompts: list[list[int]], params: SamplingParams, rids: list[str] | None = None
+    prompts: list[list[int]],
+    params: SamplingParams,
+    rids: list[str] | None = None,
+    routed_experts: bool = False,
 ) -> dict[str, Any]:
     """One `/generate` request for a batch of token-id prompts.
 
@@ -81,7 +90,9 @@ def generate_body(
     for the log-prob of each output token only (`logprob_start_len=-1`): SGLang returns them
     under the tempered, untruncated distribution (`log_softmax(logits / T)`, before top-p/top-k),
     which is what `Completion.log_probs` promises. `rids`, one per prompt, name the requests so
-    that one given up on can be aborted (`abort_body`).
+    that one given up on can be aborted (`abort_body`). `routed_experts` (routing replay) asks
+    for every position's experts (`return_routed_experts`; the server must run with
+    `--enable-return-routed-experts`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_body needs at least one prompt, and no empty prompt")
@@ -95,6 +106,8 @@ def generate_body(
     }
     if rids is not None:
         body["rid"] = list(rids)
+    if routed_experts:
+        body["return_routed_experts"] = True
     return body
 
 
@@ -123,13 +136,18 @@ def sampling_params_body(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def parse_generate_response(payload: Any, expected: int) -> list[Completion]:
-    """The completions of a batched `/generate` reply, in prompt order.
+def parse_generate_response(
+    payload: Any, prompts: list[list[int]], routing: "RoutingShape | None" = None
+) -> list[Completion]:
+    """The completions of a batched `/generate` reply to `prompts`, in prompt order.
 
     Tokens and log-probs both come from `meta_info.output_token_logprobs`, which pairs them
-    1:1; `output_ids` and `completion_tokens`, when present, must agree with it. Raises
+    1:1; `output_ids` and `completion_tokens`, when present, must agree with it. With
+    `routing` (routing replay), `meta_info.routed_experts` too: base64 of int32 expert ids,
+    [prompt + completion - 1, layers, top_k] (SGLang's positions `[0, seqlen - 1)`). Raises
     `SglangError` on a wrong count, an aborted request, or a misaligned output.
     """
+    expected = len(prompts)
     if not isinstance(payload, list):
         raise SglangError(
             f"{GENERATE} answered a {type(payload).__name__}, expected a list of {expected} "
@@ -137,7 +155,32 @@ def parse_generate_response(payload: Any, expected: int) -> list[Completion]:
         )
     if len(payload) != expected:
         raise SglangError(f"{GENERATE} answered {len(payload)} outputs for {expected} prompts")
-    return [_completion(item) for item in payload]
+    completions = [_completion(item) for item in payload]
+    if routing is not None:
+        for item, prompt, done in zip(payload, prompts, completions, strict=True):
+            done.routed_experts = _routed_experts(item["meta_info"], prompt, done, routing)
+    return completions
+
+
+def _routed_experts(
+    meta: dict[str, Any], prompt: list[int], completion: Completion, routing: "RoutingShape"
+) -> np.ndarray:
+    rid = meta.get("id", "<no id>")
+    encoded = meta.get("routed_experts")
+    if not isinstance(encoded, str):
+        raise SglangError(
+            f"request {rid} has no routed_experts: routing replay needs the server started "
+            f"with --enable-return-routed-experts (Sluice adds it when "
+            f"algorithm.routing_replay is on) and return_routed_experts in the request"
+        )
+    ids = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    positions = len(prompt) + len(completion.token_ids) - 1
+    if ids.size != positions * routing.per_position:
+        raise SglangError(
+            f"request {rid}: routed_experts holds {ids.size} ids, expected {positions} positions "
+            f"x {routing.layers} MoE layers x top-{routing.top_k}"
+        )
+    return ids.reshape(positions, routing.layers, routing.top_k).astype(routing.dtype)
 
 
 def _completion(item: Any) -> Completion:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from config.schema import BUILTIN_MODEL, SluiceConfig
 from models.loading import DTYPES, check_checkpoint_dir, load_tokenizer, trainer_model
+from models.routing import RoutingShape, replay_routing_shape
 from rl.grpo import aggregate, kl_penalty
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
@@ -47,6 +48,7 @@ from training.megatron.hf_weights import export_hf_weights, hf_weight_specs, loa
 from training.megatron.model import build_gpt_model, init_model_parallel
 from training.megatron.model_config import load_hf_config, model_shape
 from training.megatron.parallel import check_megatron_config
+from training.megatron.routing_replay import MegatronRoutingReplay, take_router_replays
 from weights.manifest import TensorSpec
 from weights.runs import StreamItem, pairs
 
@@ -63,7 +65,15 @@ class MegatronBackend(TrainingBackend):
         parallel = config.train.parallel
         check_megatron_config(config.train, config.model.dtype, self.shape)
         init_model_parallel(parallel, config.seed)
-        model = self._build_model_with_hf_weights()
+        replay = config.algorithm.routing_replay
+        self.routing = replay_routing_shape(config) if replay else None
+        take_router_replays()  # another model's, built earlier in this process
+        model = self._build_model_with_hf_weights(routing_replay=replay)
+        self.routing_replay = None
+        if replay:
+            self.routing_replay = MegatronRoutingReplay(
+                take_router_replays(), self.shape, parallel.sequence
+            )
         self.model = _wrap_ddp(model, config)
         self.optimizer = _build_optimizer(self.model, config)
         _connect_schedule(model.config, self.model, self.optimizer)
@@ -83,10 +93,15 @@ class MegatronBackend(TrainingBackend):
     def data_parallel_rank(self) -> int:
         return self._data_parallel_rank
 
-    def _build_model_with_hf_weights(self) -> Any:
+    def _build_model_with_hf_weights(self, routing_replay: bool = False) -> Any:
         c = self.config
         model = build_gpt_model(
-            self.hf_config, c.train.parallel, c.model.dtype, self.device, c.train.layer_spec
+            self.hf_config,
+            c.train.parallel,
+            c.model.dtype,
+            self.device,
+            c.train.layer_spec,
+            routing_replay,
         )
         load_hf_weights(model, _checkpoint_reader(c), self.shape, model.config)
         return model
@@ -163,9 +178,14 @@ class MegatronBackend(TrainingBackend):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         references = iter(reference) if reference is not None else None
+        # The policy replays the engines' routing (routing replay on); the reference routes
+        # on its own.
+        replay = self.routing_replay if model is self.model else None
 
         def forward_step(data_iterator, chunk):
             mb = next(data_iterator)
+            if replay is not None:
+                replay.set_micro_batch(mb.routed_experts)
             positions = torch.arange(mb.input_ids.shape[1], device=self.device)
             logits = chunk(mb.input_ids, positions.expand_as(mb.input_ids), attention_mask=None)
             ref = next(references) if references is not None else None
@@ -183,13 +203,14 @@ class MegatronBackend(TrainingBackend):
         )
 
     def _micro_batches(self, batches: list[pa.RecordBatch]) -> tuple[list[MicroBatch], "_Plan"]:
-        rows = rows_of(batches)
+        rows = rows_of(batches, self.routing)
         plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
         count = torch.tensor([len(plan)], dtype=torch.long, device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # see the module docstring
         multiple = self.config.train.parallel.tensor if self.config.train.parallel.sequence else 1
         micro_batches = [_pad_to(pad_micro_batch(rows, i), multiple) for i in plan]
-        micro_batches += [_empty_micro_batch(multiple)] * (int(count.item()) - len(plan))
+        padding = _empty_micro_batch(multiple, self.routing)
+        micro_batches += [padding] * (int(count.item()) - len(plan))
         return [mb.to(self.device) for mb in micro_batches], _Plan(plan, rows)
 
     # Weights out.
@@ -270,12 +291,26 @@ def _pad_to(mb: MicroBatch, multiple: int) -> MicroBatch:
         loss_mask=pad(mb.loss_mask, (0, extra)),
         rollout_log_probs=pad(mb.rollout_log_probs, (0, extra)),
         advantages=mb.advantages,
+        routed_experts=_pad_routing(mb.routed_experts, extra),
     )
 
 
-def _empty_micro_batch(multiple: int) -> MicroBatch:
+def _pad_routing(routed: torch.Tensor | None, extra: int) -> torch.Tensor | None:
+    """`extra` more positions routed to experts 0..top_k-1, as `training.batch` pads."""
+    if routed is None:
+        return None
+    b, _, layers, top_k = routed.shape
+    filler = torch.arange(top_k, dtype=routed.dtype).expand(b, extra, layers, top_k)
+    return torch.cat([routed, filler], dim=1)
+
+
+def _empty_micro_batch(multiple: int, routing: RoutingShape | None) -> MicroBatch:
     """One padding row with no loss tokens, for a rank with fewer micro-batches."""
     width = max(2, multiple)
+    routed = None
+    if routing is not None:
+        none_yet = torch.zeros(1, 0, routing.layers, routing.top_k, dtype=torch.int32)
+        routed = _pad_routing(none_yet, width)
     return MicroBatch(
         input_ids=torch.zeros(1, width, dtype=torch.long),
         attention_mask=torch.zeros(1, width, dtype=torch.long),
@@ -283,6 +318,7 @@ def _empty_micro_batch(multiple: int) -> MicroBatch:
         loss_mask=torch.zeros(1, width - 1),
         rollout_log_probs=torch.zeros(1, width - 1),
         advantages=torch.zeros(1, 1),
+        routed_experts=routed,
     )
 
 

@@ -29,13 +29,16 @@ def build_gpt_model(
     dtype: str,
     device: torch.device,
     layer_spec: str = "torch",
+    routing_replay: bool = False,
 ):
     """This rank's part of the model, uninitialised (weights are loaded from a checkpoint).
-    `layer_spec` picks the expert and attention modules (`layers.LAYER_SPECS`)."""
+    `layer_spec` picks the expert and attention modules (`layers.LAYER_SPECS`);
+    `routing_replay` gives each router megatron-core's `RouterReplay`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     config = transformer_config(hf_config, parallel, dtype)
+    config.moe_enable_routing_replay = routing_replay
     config.use_cpu_initialization = device.type == "cpu"
     config.perform_initialization = False
     shape = model_shape(hf_config)
