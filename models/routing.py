@@ -121,8 +121,11 @@ def generation_routing(
     left-padded `generate`: call 0 is the prefill of [rows, width] prompts (row b's prompt in
     its last prompt_lengths[b] columns), call j >= 1 feeds response token j - 1 of every row."""
     rows = len(prompt_lengths)
-    per_call = [torch.stack(layers, dim=1).view(rows, -1, *layers[0].shape[1:]) for layers in calls]
-    # per_call[i]: [rows, tokens of call i, layers, top_k]
+    # per call: [rows, tokens of the call, layers, top_k]
+    per_call = [
+        torch.stack(layers, dim=1).view(rows, -1, len(layers), layers[0].shape[1])
+        for layers in calls
+    ]
     prefill = per_call[0].cpu().numpy()
     steps = torch.cat(per_call[1:], dim=1).cpu().numpy() if len(per_call) > 1 else None
     out = []
