@@ -27,6 +27,9 @@ SHIM_SITE = ROOT / "tests" / "megatron" / "site"
 TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2", "dp2-bf16", "dp2-bf16-cpuadam"]
 LOCAL_SPEC_LAYOUTS = ["tp1", "tp2-sp", "ep2"]
 """Also run with megatron-core's local layer spec (`-local`), to compare with ours."""
+ROUTING_REPLAY_LAYOUTS = ["tp2-sp-r3", "ep2-r3", "pp2-r3"]
+"""Also run with routing replay (`-r3`): the sequence-parallel slice, the expert-parallel
+dispatch and the pipeline stage's own layers."""
 
 
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
@@ -41,8 +44,9 @@ def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("layouts")
-    results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local"])
+    results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local", "tp1-r3"])
     two = TWO_RANK_LAYOUTS + [f"{name}-local" for name in LOCAL_SPEC_LAYOUTS[1:]]
+    two += ROUTING_REPLAY_LAYOUTS
     results |= run_layouts(out / "two.json", 2, two)
     return results, out
 
@@ -97,6 +101,19 @@ def test_parallel_layouts_train_like_tp1(layouts, layout):
     # ~1e-7 with layouts.py's eps 1e-4 (1e-5 was seen with the default 1e-8).
     for name in reference:
         torch.testing.assert_close(trained[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("layout", ["tp1-r3", *ROUTING_REPLAY_LAYOUTS])
+def test_routing_replay_forces_the_rows_experts(layouts, layout):
+    """Under routing replay, Megatron's log-probs are the Hugging Face model's with the rows'
+    (random) routing forced, not with its own; and the parallel layouts train like TP1."""
+    results, _ = layouts
+    assert results[layout]["logprob_abs_diff_mean"] < 1e-4
+    assert results[layout]["free_logprob_abs_diff_mean"] > 1e-3  # the forcing changed them
+    expected = results["tp1-r3"]["losses"]
+    assert expected != pytest.approx(results["tp1"]["losses"], rel=1e-4)
+    assert results[layout]["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.megatron

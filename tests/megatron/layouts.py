@@ -4,14 +4,17 @@ Started by tests/test_megatron.py as
     torchrun --nproc-per-node N tests/megatron/layouts.py OUT.json LAYOUT [LAYOUT ...]
 with the CPU shim on PYTHONPATH. Each layout (e.g. `dp2`, `tp2-sp`, `ep2`, `pp2`,
 `tp2-sp-etp2`, `dp2-bf16-cpuadam`; `-local` for megatron-core's local layer spec instead of
-ours) builds a fresh `MegatronBackend` over the same built-in model and the same rollout rows,
+ours; `-r3` for routing replay of the rows' random routing) builds a fresh `MegatronBackend`
+over the same built-in model and the same rollout rows,
 runs three optimizer steps and records, on rank 0: the step losses and gradient norms, the
-log-probs of the rows before training against the Hugging Face model's, whether the export
+log-probs of the rows before training against the Hugging Face model's (forced to the same
+routing under `-r3`, and also against its own routing then), whether the export
 before training equals the Hugging Face tensors bit for bit, and (in OUT.json.LAYOUT.pt) the
 exported weights after.
 Paying megatron-core's import once for many layouts keeps the suite fast.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,12 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from config.schema import ParallelConfig, SluiceConfig
 from data.schema import build_rollout_batch
 from models.checkpoint_format import checkpoint_tensors
+from models.routing import RoutingShape, replay_routing
 from models.tiny import build_tiny_model
 from training.backend import TrainStats
 from training.batch import pad_micro_batch, response_log_probs, rows_of
 
 STEPS = 3
 SEED = 7
+ROUTING = RoutingShape(layers=2, top_k=2, num_experts=8)  # the built-in model's
 
 
 def layout_config(name: str, world: int) -> SluiceConfig:
@@ -64,6 +69,8 @@ def layout_config(name: str, world: int) -> SluiceConfig:
             config.algorithm.kl_coef = 0.1
         elif part == "local":  # megatron-core's local spec instead of our torch spec
             config.train.layer_spec = "local"
+        elif part == "r3":
+            config.algorithm.routing_replay = True
     config.train.parallel = p
     return config
 
@@ -85,16 +92,29 @@ def rollout_rows(num_rows: int = 24) -> list:
     columns["sample_index"] = [0] * num_rows
     columns["weight_version"] = [0] * num_rows
     columns["finish_reason"] = ["stop"] * num_rows
+    columns["routed_experts"] = [  # read only by the `-r3` layouts
+        random_routing(rng, len(p) + len(r) - 1)
+        for p, r in zip(columns["prompt_ids"], columns["response_ids"], strict=True)
+    ]
     batch = build_rollout_batch(columns)
     return [batch.slice(i, 4) for i in range(0, num_rows, 4)]
 
 
-def hf_log_probs(batches) -> list[torch.Tensor]:
+def random_routing(rng, positions: int) -> np.ndarray:
+    """Distinct random experts per position and layer, as an engine would record them."""
+    shape = (positions, ROUTING.layers, ROUTING.num_experts)
+    ranked = np.argsort(rng.random(shape), axis=-1)
+    return ranked[..., : ROUTING.top_k].astype(ROUTING.dtype)
+
+
+def hf_log_probs(batches, replay: bool = False) -> list[torch.Tensor]:
+    """The Hugging Face model's log-probs of the rows, replaying their routing if `replay`."""
     model = build_tiny_model(SEED).eval()
-    rows = rows_of(batches)
+    rows = rows_of(batches, ROUTING if replay else None)
     indices = list(range(len(rows)))
     mb = pad_micro_batch(rows, indices)
-    with torch.no_grad():
+    forced = replay_routing(model, mb.routed_experts) if replay else contextlib.nullcontext()
+    with torch.no_grad(), forced:
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
     lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, mb.targets[..., None])[..., 0]
     return response_log_probs(lp, rows, indices)
@@ -117,13 +137,17 @@ def run_layout(name: str, batches, out: str) -> dict:
     normalizer = float(sum(b.column("loss_mask").flatten().to_numpy().sum() for b in batches))
     result: dict = {}
     log_probs = backend.compute_log_probs(share)
+    replay = "r3" in name.split("-")
     if log_probs:  # on the last pipeline stage
-        reference = hf_log_probs(share)
-        diffs = torch.cat([(a - b).abs() for a, b in zip(log_probs, reference, strict=True)])
-        result["logprob_abs_diff_mean"] = diffs.mean().item()
-    gathered_diffs = [None] * world
-    dist.all_gather_object(gathered_diffs, result.get("logprob_abs_diff_mean"))
-    result["logprob_abs_diff_mean"] = max(d for d in gathered_diffs if d is not None)
+        keys = (("logprob_abs_diff_mean", replay), ("free_logprob_abs_diff_mean", False))
+        for key, forced in keys:
+            reference = hf_log_probs(share, replay=forced)
+            diffs = torch.cat([(a - b).abs() for a, b in zip(log_probs, reference, strict=True)])
+            result[key] = diffs.mean().item()
+    for key in ("logprob_abs_diff_mean", "free_logprob_abs_diff_mean"):
+        gathered_diffs = [None] * world
+        dist.all_gather_object(gathered_diffs, result.get(key))
+        result[key] = max(d for d in gathered_diffs if d is not None)
     losses, grad_norms = [], []
     for _ in range(STEPS):
         stats = backend.train(share, normalizer)
