@@ -3,7 +3,8 @@
 - dynamic sampling drops the prompt groups whose rewards are all equal and refills the step
   with fresh prompts, in bounded rounds;
 - REINFORCE++ with a group baseline trains on advantages normalized over the whole step;
-- the built-in task learns from chance to >= 0.9 with GSPO and dynamic sampling together.
+- the built-in task learns from chance to >= 0.9 with GSPO, dynamic sampling and rollout routing
+  replay (R3) together.
 
 The formulas themselves are tested against direct re-implementations in
 tests/test_sequence_and_masked_losses.py and tests/test_grpo.py.
@@ -86,9 +87,10 @@ def test_reinforce_plus_plus_trains_on_step_normalized_advantages(local_ray, tmp
 
 
 @pytest.mark.learning
-def test_the_task_is_learned_with_gspo_and_dynamic_sampling(local_ray, tmp_path):
-    """GSPO's sequence ratio with its own narrow clip range and sequence-mean aggregation, and
-    DAPO's dynamic sampling, on the built-in task: from chance to >= 0.9."""
+def test_the_task_is_learned_with_gspo_dynamic_sampling_and_routing_replay(local_ray, tmp_path):
+    """GSPO's sequence ratio with its own narrow clip range and sequence-mean aggregation,
+    DAPO's dynamic sampling, and R3 (the engines' routing in every batch, which the trainer
+    refuses to train without, forced in its forward), on the built-in task: chance to >= 0.9."""
     config = tiny(
         tmp_path,
         **{
@@ -97,6 +99,7 @@ def test_the_task_is_learned_with_gspo_and_dynamic_sampling(local_ray, tmp_path)
             "algorithm.clip_high": "4e-4",
             "algorithm.loss_aggregation": "sequence_mean",
             "rollout.dynamic_sampling": "true",
+            "algorithm.routing_replay": "true",
             "logging.save_final_model": "false",
         },
     )
