@@ -7,9 +7,12 @@ the reference and then touches the rows (sums every response token through the z
 memory copy of every Arrow buffer of the batch: `np.copy` (into fresh memory, as `ray.put`
 writes into a fresh object) and `np.copyto` into buffers allocated and touched beforehand (the
 machine's copy bandwidth). Medians over `--repeats` rounds after one warm-up round.
+`--routing LAYERSxTOPK` adds routing replay's `routed_experts` column (one uint8 id per fed
+position, MoE layer and top-k slot; Qwen3-30B-A3B is 48x8), whose bytes then dominate the batch.
 
     uv run python -m bench.bench_object_store
     uv run python -m bench.bench_object_store --target-mb 200 --repeats 7
+    uv run python -m bench.bench_object_store --routing 48x8
 """
 
 import argparse
@@ -32,9 +35,11 @@ BYTES_PER_ROW = 4 * 4 + 4 + 4 + 8 + 4 + 8 + 4 + 4
 """Four list offsets, the scalar columns, and finish_reason's offset plus its 4 characters."""
 
 
-def rows_for(target_mb: float, prompt_len: int, response_len: int) -> int:
-    """Rows that make a batch of about `target_mb` MB (10^6 bytes)."""
+def rows_for(target_mb: float, prompt_len: int, response_len: int, routing: int = 0) -> int:
+    """Rows that make a batch of about `target_mb` MB (10^6 bytes); `routing` expert ids per
+    fed position (layers x top_k, 0 without routing replay)."""
     row = BYTES_PER_ROW + 4 * prompt_len + BYTES_PER_TOKEN * response_len
+    row += (4 + routing * (prompt_len + response_len - 1)) if routing else 0
     return max(1, int(target_mb * 1e6 / row))
 
 
@@ -44,7 +49,9 @@ def list_column(values: np.ndarray, rows: int, width: int, kind: pa.DataType) ->
     return pa.ListArray.from_arrays(offsets, pa.array(values, type=kind))
 
 
-def build_batch(rows: int, prompt_len: int, response_len: int, seed: int) -> pa.RecordBatch:
+def build_batch(
+    rows: int, prompt_len: int, response_len: int, seed: int, routing: int = 0
+) -> pa.RecordBatch:
     """A `ROLLOUT_SCHEMA` batch of random rows, built from numpy arrays (no Python rows)."""
     rng = np.random.default_rng(seed)
     tokens = rows * response_len
@@ -69,7 +76,12 @@ def build_batch(rows: int, prompt_len: int, response_len: int, seed: int) -> pa.
         "sample_index": pa.array(np.arange(rows, dtype=np.int32) % 8),
         "weight_version": pa.array(np.zeros(rows, dtype=np.int64)),
         "finish_reason": pa.array(finish.tolist(), type=pa.string()),
+        "routed_experts": pa.nulls(rows, pa.list_(pa.uint8())),
     }
+    if routing:
+        width = routing * (prompt_len + response_len - 1)
+        ids = rng.integers(0, 128, rows * width, dtype=np.uint8)
+        columns["routed_experts"] = list_column(ids, rows, width, pa.uint8())
     batch = pa.RecordBatch.from_arrays(
         [columns[f.name] for f in ROLLOUT_SCHEMA], schema=ROLLOUT_SCHEMA
     )
@@ -107,8 +119,8 @@ class PutTiming:
 class Producer:
     """Holds one batch; puts it into the object store and copies its buffers, both timed."""
 
-    def __init__(self, rows: int, prompt_len: int, response_len: int, seed: int):
-        self.batch = build_batch(rows, prompt_len, response_len, seed)
+    def __init__(self, rows: int, prompt_len: int, response_len: int, seed: int, routing: int):
+        self.batch = build_batch(rows, prompt_len, response_len, seed, routing)
         self.buffers = buffers_of(self.batch)
         self.targets = [np.ones_like(b) for b in self.buffers]  # touched: pages are mapped
 
@@ -215,7 +227,14 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--object-store-gb", type=float, default=1.5)
+    parser.add_argument(
+        "--routing", default="", help="LAYERSxTOPK: add a routed_experts column (e.g. 48x8)"
+    )
     args = parser.parse_args()
+    routing = 0
+    if args.routing:
+        layers, top_k = (int(n) for n in args.routing.lower().split("x"))
+        routing = layers * top_k
     ray.init(
         address="local",
         num_cpus=max(2, os.cpu_count() or 2),
@@ -223,14 +242,20 @@ def main() -> None:
         include_dashboard=False,
         logging_level="WARNING",
     )
-    rows = rows_for(args.target_mb, args.prompt_len, args.response_len)
-    producer = Producer.remote(rows, args.prompt_len, args.response_len, seed=0)
+    rows = rows_for(args.target_mb, args.prompt_len, args.response_len, routing)
+    producer = Producer.remote(rows, args.prompt_len, args.response_len, 0, routing)
     consumer = Consumer.remote()
     rows, nbytes, expected = ray.get(producer.describe.remote())
     print(
         f"object store: {rows} rows x ({args.prompt_len} prompt + {args.response_len} response "
         f"tokens), {nbytes / 1e6:.1f} MB, CPU x{os.cpu_count()}, median of {args.repeats}"
     )
+    if routing:
+        per_token = routing + BYTES_PER_TOKEN
+        print(
+            f"routed_experts: {routing} ids ({args.routing}) = {routing} bytes per token, "
+            f"{routing / per_token:.0%} of the batch's per-token bytes"
+        )
     report(run_rounds(producer, consumer, args.repeats, expected), nbytes)
     ray.shutdown()
 
