@@ -28,7 +28,6 @@ import time
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv as is
 
 import ray
-from ray.util.state import list_actors
 
 from config.loader import load_config
 from driver import Driver
@@ -38,9 +37,9 @@ VICTIMS = {"rollout": "sluice-rollout-1", "trainer": "sluice-train-1"}
 
 
 def pid_of(name: str) -> int:
-    address = ray.get_runtime_context().gcs_address
-    alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-    return next(a.pid for a in alive if a.name == name)
+    """The process id of a named actor, asked of the actor itself (Ray's state API needs the
+    dashboard, which the GPU machine's Ray lacks)."""
+    return ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
 
 
 def measure(recipe: str, overrides: dict[str, str], fault: str, args) -> dict:
@@ -57,6 +56,7 @@ def measure(recipe: str, overrides: dict[str, str], fault: str, args) -> dict:
             },
         )
         with Driver(config) as driver:
+            victim = pid_of(VICTIMS[fault])  # asked while idle: busy, it would answer late
             for _ in range(args.warmup):
                 driver.step()
             steps = []
@@ -68,7 +68,7 @@ def measure(recipe: str, overrides: dict[str, str], fault: str, args) -> dict:
                 driver.step()  # the kill comes one step before the next checkpoint
             before = driver.steps_done
             killed = time.perf_counter()
-            os.kill(pid_of(VICTIMS[fault]), signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
             first = driver.step()
             next_step = time.perf_counter() - killed
             repeated = before + 1 - driver.steps_done  # steps trained again (trainer restart)
