@@ -29,7 +29,7 @@ if not os.environ.get("RAY_ADDRESS"):
 
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
-from config.schema import BUILTIN_MODEL
+from config.schema import config_json_readable
 from config.seed_flags import (
     add_seed_flags,
     alias_names,
@@ -107,8 +107,7 @@ def unknown_flag_message(unknown: list[str]) -> str:
 
 
 def _model_config_readable(config: SluiceConfig) -> bool:
-    model = config.model.hf_checkpoint
-    return model == BUILTIN_MODEL or os.path.isfile(os.path.join(model, "config.json"))
+    return config_json_readable(config.model.hf_checkpoint)
 
 
 def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:

@@ -6,6 +6,7 @@ starts; each check names the field and the fix.
 """
 
 import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
@@ -13,6 +14,15 @@ from config.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
 BUILTIN_TASK = "builtin:digits"
+
+
+def config_json_readable(model: str) -> bool:
+    """Whether `model` (a checkpoint directory, or the built-in model) has a config.json on
+    this machine: a cluster's model directory may exist only on its nodes, where the actors
+    read it."""
+    return model == BUILTIN_MODEL or os.path.isfile(os.path.join(model, "config.json"))
+
+
 TIS_WITH_ROLLOUT_RATIO = (
     "algorithm.old_log_probs=rollout puts the engine's log-probs into the PPO ratio, and TIS "
     "would correct the same trainer/engine mismatch a second time; set algorithm.old_log_probs "

@@ -157,16 +157,14 @@ def test_replayed_router_weights_are_the_softmax_at_the_given_experts_with_gradi
     assert all("forward" not in vars(r) for r in routers)  # the class's forward is back
 
 
-def test_routing_replay_refusals(tmp_path):
+def test_routing_replay_refusals(tmp_path, capsys):
     with pytest.raises(UserError, match="static batching only"):
         config(True, "--rollout.batching", "continuous")
     from transformers import Qwen3Config
 
-    Qwen3Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
-        tmp_path
-    )
-    dense = config(False)
-    dense.model.hf_checkpoint = str(tmp_path)
-    dense.algorithm.routing_replay = True
-    with pytest.raises(UserError, match="has none"):
-        replay_routing_shape(dense)
+    dense = Qwen3Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    dense.save_pretrained(tmp_path)
+    argv = ["--use-rollout-routing-replay", "--model.hf_checkpoint", str(tmp_path), "--dry-run"]
+    assert driver.main(argv) == 2  # before any actor starts
+    err = capsys.readouterr().err
+    assert err.startswith("error: algorithm.routing_replay=true") and "has none" in err

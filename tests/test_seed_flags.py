@@ -96,6 +96,8 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         (["--rollout-num-gpus-per-engine", "8"], "rollout.gpus_per_engine", 8),
         (["--lr=3e-4"], "train.lr", 3e-4),
         (["--use-tis"], "algorithm.tis", "on"),
+        (["--use-rollout-routing-replay"], "algorithm.routing_replay", True),
+        (["--use-routing-replay"], "algorithm.routing_replay", True),
         (["--use-tis", "false"], "algorithm.tis", "off"),
         (["--tis-clip", "1.5"], "algorithm.tis_cap", 1.5),
         (["--tis-clip-low", "0.1"], "algorithm.tis_floor", 0.1),

@@ -43,6 +43,13 @@ def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> N
 
         shape = model_shape(load_hf_config(trainer_model(config.model))) if model_readable else None
         check_megatron_config(t, config.model.dtype, shape)
+    if config.algorithm.routing_replay and model_readable:
+        from config.schema import config_json_readable
+        from models.loading import trainer_model
+        from models.routing import replay_routing_shape
+
+        if config_json_readable(trainer_model(config.model).hf_checkpoint):
+            replay_routing_shape(config)  # refuses a dense model
     if t.backend == "torch":
         p = t.parallel
         sizes = {
