@@ -135,15 +135,26 @@ def all_keys(cls: type = SluiceConfig, prefix: str = "") -> list[str]:
 
 def nearest_keys(dotted: str, also: Iterable[str] = ()) -> list[str]:
     """Valid keys closest to a mistyped one (a bare field name finds its section; a mistyped
-    section name finds sections). `also`: more names to offer, e.g. the command line's aliases."""
+    section name finds sections). `also`: more names to offer, e.g. the command line's aliases.
+
+    Spellings are compared first: dashes for underscores (`num-steps` is `num_steps`), a leaf
+    name alone (`output-dir` is `logging.output_dir`), an alias with underscores
+    (`use_tis` is `use-tis`); then by similarity."""
     keys = all_keys()
+    spelled = dotted.replace("-", "_")
+    if spelled in keys:
+        return [spelled]
+    same_leaf = [k for k in keys if "." not in spelled and k.rsplit(".", 1)[-1] == spelled]
+    same_alias = [a for a in also if a == dotted.replace("_", "-")]
+    if same_leaf or same_alias:
+        return [*same_leaf, *same_alias]
     candidates = keys
     if "." not in dotted:
         candidates = sorted({k.rsplit(".", 1)[0] for k in keys})  # sections and top-level keys
     candidates = sorted({*candidates, *also})
     nearest = difflib.get_close_matches(dotted, candidates, n=3, cutoff=0.5)
     if not nearest:
-        leaf = dotted.rsplit(".", 1)[-1]
+        leaf = spelled.rsplit(".", 1)[-1]
         nearest = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
     return nearest
 

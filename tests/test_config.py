@@ -185,6 +185,23 @@ def test_unknown_override_suggests_the_nearest_key():
     assert "did you mean num_steps" in message
 
 
+@pytest.mark.parametrize(
+    "argv, meant",
+    [
+        (["--output-dir", "x"], "--logging.output_dir"),  # a leaf, dashes for underscores
+        (["--num-steps", "3"], "--num_steps"),
+        (["--rollout.max-new-tokens", "3"], "--rollout.max_new_tokens"),
+        (["--use_tis"], "--use-tis"),  # slime's name with underscores
+    ],
+)
+def test_unknown_flags_suggest_across_spellings(argv, meant):
+    import driver
+
+    with pytest.raises(UserError) as error:
+        driver.parse_args(argv)
+    assert f"did you mean {meant}?" in str(error.value)
+
+
 def test_a_bare_field_name_finds_its_section():
     assert "train.grad_clip" in config_error(None, {"grad_clip": "1"})
 
