@@ -377,7 +377,9 @@ class Driver:
         bar = tqdm(
             total=c.num_steps,
             initial=self.steps_done,
-            disable=not c.logging.progress_bar,
+            # Not in a log file or `ray job logs`: its carriage returns would interleave with
+            # the step lines, which carry the same progress.
+            disable=not c.logging.progress_bar or not sys.stdout.isatty(),
             desc="sluice",
             unit="step",
             file=sys.stdout,

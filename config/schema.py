@@ -452,7 +452,8 @@ class LoggingConfig:
     """Evaluate every N steps (0 = only before the first and after the last step)."""
 
     progress_bar: bool = True
-    """Show a progress bar on the driver's terminal."""
+    """Show a progress bar on the driver's terminal; never when stdout is not a terminal (a
+    log file, `ray job logs`), which gets one line per step either way."""
 
     save_final_model: bool = True
     """Write the trained policy as a Hugging Face directory at the end."""

@@ -126,21 +126,18 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "run"
-    subprocess.run(
-        [
-            sys.executable,
-            "driver.py",
-            "--logging.output_dir",
-            str(out),
-            "--logging.progress_bar",
-            "false",
-        ],
+    done = subprocess.run(  # stdout a pipe, as in a log file or `ray job logs`
+        [sys.executable, "driver.py", "--logging.output_dir", str(out)],
         cwd=REPO,
         env=env,
         check=True,
         timeout=600,
+        capture_output=True,  # bytes: text mode would turn a carriage return into a newline
     )
     summary = json.loads((out / "summary.json").read_text())
+    assert b"\r" not in done.stdout  # no progress bar without a terminal
+    step_lines = [line for line in done.stdout.decode().splitlines() if line.startswith("step ")]
+    assert len(step_lines) == summary["steps"]
     assert summary["first_eval_accuracy"] <= 0.3
     assert summary["last_eval_accuracy"] >= 0.9
     assert summary["wall_seconds"] < 600
