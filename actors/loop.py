@@ -45,7 +45,7 @@ from placement.multinode import apply_cpu_adam_rule, check_paths_on_nodes
 from placement.planner import plan_layout
 from rl.grpo import batch_shift_scale
 from rl.rewards import load_reward_fn
-from tracking.metrics import MetricsWriter, step_line
+from tracking.metrics import MetricsWriter, start_line, step_line
 from tracking.ray_metrics import RayMetrics
 from training import check_backend_config
 from training.backend import TrainStats
@@ -93,6 +93,7 @@ class Driver:
         train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
         self.prompts = PromptStream(train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
+        print(start_line(config), flush=True)
         connect_ray(ray_address)
         if stop is not None:
             stop.install()  # after ray.init, whose own SIGTERM handler exits at once

@@ -136,7 +136,10 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert b"\r" not in done.stdout  # no progress bar without a terminal
-    step_lines = [line for line in done.stdout.decode().splitlines() if line.startswith("step ")]
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].startswith("sluice: 80 steps of GRPO on builtin:tiny-qwen3-moe")  # at once
+    assert f"writing to {out}" in lines[0]
+    step_lines = [line for line in lines if line.startswith("step ")]
     assert len(step_lines) == summary["steps"]
     assert summary["first_eval_accuracy"] <= 0.3
     assert summary["last_eval_accuracy"] >= 0.9

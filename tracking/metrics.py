@@ -3,8 +3,12 @@
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
+
+if TYPE_CHECKING:
+    from config.schema import SluiceConfig
 
 
 class MetricsWriter:
@@ -41,6 +45,19 @@ class MetricsWriter:
     def close(self) -> None:
         self.jsonl.close()
         self.tensorboard.close()
+
+
+def start_line(config: "SluiceConfig") -> str:
+    """What a run is about to do and where it writes: the job log's first line, printed before
+    Ray and the actors start (a minute on a small machine, which would otherwise be silent)."""
+    t, r = config.train, config.rollout
+    return (
+        f"sluice: {config.num_steps} steps of {config.algorithm.loss.upper()} on "
+        f"{config.model.hf_checkpoint} with {config.data.prompt_data}; {t.num_workers} "
+        f"{t.backend} trainer(s), {r.num_engines} {r.engine} engine(s); writing to "
+        f"{config.logging.output_dir} (metrics.jsonl, tensorboard/, summary.json); starting Ray "
+        f"and the actors..."
+    )
 
 
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
