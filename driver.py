@@ -19,6 +19,7 @@ errors answer in a second; torch, transformers and Ray load when a run starts.
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
     """Recipe + `--section.key value` overrides (or their slime names, see
     `config.seed_flags`) -> a validated config (UserError otherwise)."""
     argv, sglang_flags = split_cli_flags(argv)
-    args, unknown = build_parser().parse_known_args(argv)
+    args, unknown = build_parser().parse_known_args(_negative_values_attached(argv))
     if unknown:
         raise UserError(unknown_flag_message(unknown))
     keyed = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
@@ -95,6 +96,22 @@ def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
         config.rollout.sglang.server_args = {**server_args, **sglang_flags}
         config.validate()
     return config, args
+
+
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """`--key -1e-3` as `--key=-1e-3`: argparse takes a token that starts with a dash for an
+    option unless it reads as a plain negative number, and exponents do not. The command
+    line has no positional arguments, so a number after a flag is always its value."""
+    out: list[str] = []
+    for token in argv:
+        if out and NEGATIVE_NUMBER.match(token) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def unknown_flag_message(unknown: list[str]) -> str:

@@ -39,6 +39,11 @@ def load_config(
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"recipe {path} is a directory; pass --config with a recipe file, such as one of "
+            f"recipes/*.yaml"
+        )
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; pass --config with a file from recipes/")
     try:

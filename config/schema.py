@@ -520,6 +520,8 @@ class SluiceConfig:
             _positive(t.parallel, name, "train.parallel.")
         if t.lr <= 0:
             raise UserError(f"train.lr={t.lr} must be > 0")
+        if t.weight_decay < 0:
+            raise UserError(f"train.weight_decay={t.weight_decay} must be >= 0")
         if t.adam_eps <= 0:
             raise UserError(f"train.adam_eps={t.adam_eps} must be > 0 (Adam divides by it)")
         if r.temperature <= 0:

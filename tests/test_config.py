@@ -202,6 +202,24 @@ def test_unknown_flags_suggest_across_spellings(argv, meant):
     assert f"did you mean {meant}?" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # a negative number is the flag's value, exponent or not (argparse took it for a flag)
+        (["--train.lr", "-1e-3"], "train.lr=-0.001 must be > 0"),
+        (["--train.weight_decay", "-.5"], "train.weight_decay=-0.5 must be >= 0"),
+        (["--config", "recipes"], "recipe recipes is a directory; pass --config with a recipe"),
+    ],
+)
+def test_command_line_mistakes_are_named_as_they_are(argv, message):
+    import driver
+
+    with pytest.raises(UserError, match=message):
+        driver.parse_args(argv)
+    config, _ = driver.parse_args(["--algorithm.clip_low", "0.1", "--train.adam_eps=1e-8"])
+    assert config.algorithm.clip_low == 0.1 and config.train.adam_eps == 1e-8
+
+
 def test_a_bare_field_name_finds_its_section():
     assert "train.grad_clip" in config_error(None, {"grad_clip": "1"})
 
