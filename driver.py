@@ -196,6 +196,11 @@ def parse_cluster_spec(spec: str) -> ClusterShape:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Modules in the working directory (a reward function) import here as in the actors
+    # (actors.runtime.worker_pythonpath) and as under `ray job submit --working-dir .`; a
+    # script's own sys.path holds only its folder.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         config, args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.dry_run:

@@ -118,10 +118,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def run_fresh(argv: list[str], env: dict[str, str], timeout: float) -> Result:
+def run_fresh(argv: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> Result:
     done = subprocess.run(
-        [sys.executable, "driver.py", *argv],
-        cwd=REPO,
+        [sys.executable, str(REPO / "driver.py"), *argv],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -294,12 +294,13 @@ def test_help_lists_every_config_key_with_its_doc_and_default(quick):
 
 @pytest.fixture(scope="module")
 def bad_reward(tmp_path_factory) -> Result:
-    """One real run (Ray, a trainer, an engine) whose reward function returns 'yes'."""
+    """One real run (Ray, a trainer, an engine) whose reward function returns 'yes'. Its
+    module sits in the job's working directory, not on PYTHONPATH: the driver and the Ray
+    workers import it from there."""
     tmp = tmp_path_factory.mktemp("reward")
     (tmp / "bad_reward.py").write_text("def reward(prompt, response, label):\n    return 'yes'\n")
     argv = [*SMALL, "--rollout.reward", "bad_reward:reward", "--logging.output_dir", str(tmp / "o")]
-    # On PYTHONPATH so that the Ray workers, not only the driver, import the module.
-    return run_fresh(argv, cli_env(PYTHONPATH=str(tmp)), timeout=600)
+    return run_fresh(argv, cli_env(), timeout=600, cwd=tmp)
 
 
 def test_a_reward_that_returns_a_non_number_stops_the_run(bad_reward):
