@@ -7,7 +7,7 @@
 #   usage, from the repository root, carrying .whl and .whl-extra (see bench/run_gpu.sh;
 #   cp ../shared/device/moe_ceiling.py .whl-extra/):
 #     OUT=/some/dir [GPUS=1] [LAYERS=2] [LAYOUTS=...] [PROFILE=LAYOUT,...] [MICRO_TOKENS=16384]
-#       [BUCKET_MB=64] [CEILING=0] bench/run_gpu_speed.sh
+#       [ROWS=64] [BUCKET_MB=64] [CEILING=0] bench/run_gpu_speed.sh
 # TESTS="tests/..." runs those pytest files first. Writes into $OUT: env.txt, tests.log,
 # ceiling.log, bench.log, megatron_bench.json, profile_LAYOUT.txt.
 set -uo pipefail
@@ -19,7 +19,7 @@ source bench/gpu_env.sh && gpu_env .whl/megatron_core-*.whl .whl-extra/*.whl
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import torch; print("torch", torch.__version__)'
-  echo "GPUS=$GPUS LAYERS=$LAYERS LAYOUTS=$LAYOUTS"
+  echo "GPUS=$GPUS LAYERS=$LAYERS LAYOUTS=$LAYOUTS ROWS=${ROWS:-64}"
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${CEILING:-1}" = 1 ]; then
@@ -30,5 +30,5 @@ fi
 [ -n "${TESTS:-}" ] && step tests 300 python3 -m pytest -p no:cacheprovider -p no:warnings -q -rs $TESTS
 step bench "${BENCH_LIMIT:-420}" python3 -m torch.distributed.run --nproc-per-node "$GPUS" \
   bench/bench_megatron.py --model topology --layers "$LAYERS" --layouts "$LAYOUTS" \
-  --steps "${STEPS:-4}" --warmup 2 --profile "${PROFILE:-}" \
+  --steps "${STEPS:-4}" --warmup 2 --profile "${PROFILE:-}" --rows "${ROWS:-64}" \
   --micro-tokens "${MICRO_TOKENS:-16384}" --bucket-mb "${BUCKET_MB:-64}" --out "$OUT"
