@@ -30,7 +30,6 @@ if not os.environ.get("RAY_ADDRESS"):
 
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
-from config.schema import config_json_readable
 from config.seed_flags import (
     add_seed_flags,
     alias_names,
@@ -123,44 +122,18 @@ def unknown_flag_message(unknown: list[str]) -> str:
     )
 
 
-def _model_config_readable(config: SluiceConfig) -> bool:
-    return config_json_readable(config.model.hf_checkpoint)
-
-
 def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
-    """Print the resolved config and where every actor would go; starts nothing."""
+    """Print the resolved config and where every actor would go; starts nothing.
+
+    It runs the checks a run makes before starting Ray (actors/preflight.py), in planning
+    mode: the model, data or checkpoint of a cluster's shared file system may not be visible
+    where one plans, so what is not readable here is said to be read at start-up."""
     import yaml
 
-    from inference import check_engine_config, check_fp8_engines
-    from models.fp8_checkpoint import check_rollout_checkpoint
-    from training import check_backend_config
-    from training.loss import LossSettings
+    from actors.preflight import check_hardware, check_run
 
-    # A cluster's model directory may not be visible where the dry run runs: then whether its
-    # rollouts are fp8, SGLang's expert count and the Megatron layout's fit to the model are
-    # said to be decided at start-up.
-    readable = _model_config_readable(config)
-    check_backend_config(config, model_readable=readable)
-    check_engine_config(config)
-    fp8 = check_rollout_checkpoint(config) if readable else None
-    loss = LossSettings.resolve(config.algorithm, fp8 is not None)
-    print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip(), end="\n\n")
-    weights = "as trained"
-    if fp8 is not None:
-        weights = f"fp8 e4m3 in {fp8.block_size[0]}x{fp8.block_size[1]} blocks ({fp8.source})"
-    tis = f"on, cap {loss.tis_cap:g}" if loss.tis else "off"
-    line = f"rollout weights: {weights}; TIS {tis}; ratio denominator: {loss.old_log_probs}"
-    if not readable:
-        line = (
-            f"rollout weights: {config.model.hf_checkpoint}/config.json is not readable here; "
-            f"fp8 or not (and TIS with it) is decided from it at start-up"
-        )
-        if config.train.backend == "megatron":
-            line += (
-                "; the Megatron layout was checked against the world size only, and against "
-                "the model's heads, experts and layers at start-up"
-            )
-    print(f"# {line}\n")
+    inputs = check_run(config, planning=True)
+    loss, fp8 = inputs.loss, inputs.fp8
     if cluster_spec:
         cluster = parse_cluster_spec(cluster_spec)
     elif os.environ.get("RAY_ADDRESS"):
@@ -174,8 +147,18 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
 
         cluster = synthetic_cluster(1, torch.cuda.device_count(), float(os.cpu_count() or 1))
     layout = plan_layout(cluster, config)
-    if readable:
-        check_fp8_engines(config, layout.use_gpus)
+    check_hardware(config, layout.use_gpus, layout.colocate, inputs.model_readable)
+    # Every check passed: print the plan (an error above leaves stdout empty).
+    print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip(), end="\n\n")
+    weights = "as trained"
+    if fp8 is not None:
+        weights = f"fp8 e4m3 in {fp8.block_size[0]}x{fp8.block_size[1]} blocks ({fp8.source})"
+    tis = f"on, cap {loss.tis_cap:g}" if loss.tis else "off"
+    if inputs.model_readable:  # else whether the rollouts are fp8 is not known here
+        print(f"# rollout weights: {weights}; TIS {tis}; ratio denominator: {loss.old_log_probs}")
+    for note in inputs.notes:
+        print(f"# {note}")
+    print()
     print(layout.describe())
     from placement.multinode import apply_cpu_adam_rule
 
@@ -201,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     # script's own sys.path holds only its folder.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    config = None
     try:
         config, args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.dry_run:
@@ -217,19 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             summary = driver.run()
         print(json.dumps(summary))
         return stop.exit_code
-    except UserError as error:
-        # An actor's UserError arrives as a RayTaskError that is also a UserError; print the
-        # original message, not the remote traceback.
-        cause = getattr(error, "cause", None)
-        print(f"error: {cause if isinstance(cause, UserError) else error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # before the stop handler was in place
+        print("sluice: interrupted before the run started", file=sys.stderr)
+        return 130
     except Exception as error:
-        from actors.deadline import PhaseTimeout
+        from actors.failures import report
 
-        if not isinstance(error, PhaseTimeout):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        output_dir = Path(config.logging.output_dir) if config is not None else None
+        failure = report(error, output_dir)
+        print(f"error: {failure.line}", file=sys.stderr)
+        return failure.exit_code
 
 
 def __getattr__(name: str):

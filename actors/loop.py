@@ -14,6 +14,7 @@ and resume from the last checkpoint, the engines staying up (`checkpoint.max_res
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,39 +25,29 @@ from tqdm import tqdm
 
 from actors import deadline
 from actors.groups import RolloutGroup, TrainGroup
+from actors.preflight import LOOP_STATE_FILE, check_hardware, check_run, local_use_gpus
 from actors.rollout_queue import RolloutQueue
 from actors.runtime import connect_ray
 from actors.stopping import StopRequest
 from actors.weight_sync import WeightSync
 from config import SluiceConfig
-from config.errors import UserError
 from config.loader import to_dict
-from config.schema import BUILTIN_MODEL
 from data.balance import balance_by_tokens
 from data.prompts import PromptStream
-from data.sources import load_train_and_eval
-from inference import check_engine_config, check_fp8_engines
 from inference.engine import CACHE_MEMORY, WEIGHT_MEMORY
-from models.fp8_checkpoint import check_rollout_checkpoint
-from models.loading import check_checkpoint_dir
 from placement.cluster import read_cluster_shape
 from placement.groups import create_placement
 from placement.multinode import apply_cpu_adam_rule, check_paths_on_nodes
 from placement.planner import plan_layout
 from rl.grpo import batch_shift_scale
-from rl.rewards import load_reward_fn
 from tracking.metrics import MetricsWriter, start_line, step_line
 from tracking.ray_metrics import RayMetrics
-from training import check_backend_config
 from training.backend import TrainStats
-from training.loss import LossSettings
 from weights.sync import SyncStats
 
 SHUTDOWN_TIMEOUT_S = 60.0
 STUCK_SHUTDOWN_TIMEOUT_S = 10.0
 """After a phase timed out: enough for the idle actors (SGLang servers stop with them)."""
-LOOP_STATE_FILE = "sluice_state.json"
-"""The driver's part of a checkpoint: step, weight version, data position, group ids."""
 
 
 class Driver:
@@ -72,16 +63,13 @@ class Driver:
         without it, signals keep their defaults (a Python caller owns them)."""
         self.created = time.perf_counter()  # summary.json's wall_seconds counts start-up too
         self.stop = stop
-        self.config = config.validate()
-        check_backend_config(config)
-        check_engine_config(config)
-        # Inputs that actors would otherwise trip over fail here, before any actor starts.
-        load_reward_fn(config.rollout.reward)
-        if config.model.hf_checkpoint != BUILTIN_MODEL:
-            check_checkpoint_dir(config.model.hf_checkpoint)
-        fp8 = check_rollout_checkpoint(config)
-        loss = LossSettings.resolve(config.algorithm, fp8 is not None)  # refuses contradictions
-        if fp8 is not None:
+        self.config = config
+        # Every input and setting, checked before Ray and any actor start (actors/preflight.py).
+        inputs = check_run(config)
+        if not (ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+            check_hardware(config, local_use_gpus(config), config.placement.colocate)
+        if inputs.fp8 is not None:
+            fp8, loss = inputs.fp8, inputs.loss
             tis = f"TIS on (cap {loss.tis_cap:g})" if loss.tis else "TIS off"
             print(
                 f"[sluice] fp8 rollouts: weights quantized to e4m3 in {fp8.block_size[0]}x"
@@ -89,9 +77,9 @@ class Driver:
                 f"denominator: {loss.old_log_probs} log-probs",
                 flush=True,
             )
-        start_from = _checkpoint_to_load(config.checkpoint.load)
-        train, self.eval_prompts = load_train_and_eval(config.data, config.seed)
-        self.prompts = PromptStream(train, config.seed, config.data.shuffle)
+        start_from = inputs.start_from
+        self.eval_prompts = inputs.eval_prompts
+        self.prompts = PromptStream(inputs.train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
         print(start_line(config), flush=True)
         connect_ray(ray_address)
@@ -100,8 +88,8 @@ class Driver:
         self.layout = plan_layout(read_cluster_shape(), config)
         if notice := apply_cpu_adam_rule(config, self.layout):
             print(f"note: {notice}", flush=True)
-        check_fp8_engines(config, self.layout.use_gpus)
         check_paths_on_nodes(config, self.layout)  # every node sees the model, data, checkpoints
+        check_hardware(config, self.layout.use_gpus, self.layout.colocate)
         self.placement = create_placement(self.layout)
         try:
             if self.layout.colocate:
@@ -141,9 +129,14 @@ class Driver:
         except BaseException:
             self.placement.remove()  # frees the bundles and kills the actors already made
             raise
-        self.metrics = MetricsWriter(self.output_dir)
+        # Nothing is written into the output folder before the first metrics (tracking/run_dir).
+        self.metrics = MetricsWriter(
+            self.output_dir,
+            json.dumps(to_dict(config), indent=2),
+            replace=config.logging.overwrite and not inputs.resuming,
+            resume_step=self.steps_done if inputs.resuming else None,
+        )
         self.ray_metrics = RayMetrics(run=str(self.output_dir))  # the dashboard's Metrics page
-        (self.output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def step(self) -> dict[str, float]:
         """One RL step: rollout, train, weight sync. Returns the step's metrics.
@@ -461,22 +454,6 @@ class Driver:
     def __exit__(self, exc_type, exc, traceback) -> None:
         stuck = isinstance(exc, deadline.PhaseTimeout)  # its stuck actors never get to shut down
         self.close(STUCK_SHUTDOWN_TIMEOUT_S if stuck else SHUTDOWN_TIMEOUT_S)
-
-
-def _checkpoint_to_load(path: str | None) -> Path | None:
-    """The checkpoint directory `checkpoint.load` names, checked before any actor starts."""
-    if not path:
-        return None
-    from training.megatron.checkpoint import latest
-
-    directory = latest(path)
-    if directory is None:
-        raise UserError(
-            f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt, "
-            f"no torch_dist metadata.json, no torch_state.pt); point at a checkpoint.save "
-            f"directory, or convert a model with tools/convert_hf_to_torch_dist.py (Megatron)"
-        )
-    return directory
 
 
 def _failed(ref: ray.ObjectRef) -> bool:

@@ -458,6 +458,12 @@ class LoggingConfig:
     save_final_model: bool = True
     """Write the trained policy as a Hugging Face directory at the end."""
 
+    overwrite: bool = False
+    """Replace the results of an earlier run in output_dir (its metrics.jsonl, summary.json,
+    config.json, tensorboard/, final_model/) once this run writes its first metrics. Without
+    it a folder holding another run's results is refused, unless the run resumes from a
+    checkpoint (--load), whose metrics then continue from the checkpoint's step."""
+
 
 @dataclass
 class SluiceConfig:

@@ -28,6 +28,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def first_unknown_word(text: str) -> str | None:
+    """The first whitespace-separated word of `text` that `build_tokenizer` has no token for
+    (it would encode as padding), or None when every word is known."""
+    known = set(WORDS)
+    return next((word for word in text.split() if word not in known), None)
+
+
 def tiny_config(vocab_size: int = len(VOCAB)) -> Qwen3MoeConfig:
     """A real Qwen3-MoE architecture (GQA, qk-norm, routed experts), scaled down to ~150k params."""
     return Qwen3MoeConfig(

@@ -144,7 +144,8 @@ def _decide_use_gpus(cluster: ClusterShape, config: SluiceConfig) -> bool:
     if mode == "yes" and cluster.num_gpus == 0:
         raise UserError(
             f"placement.use_gpus=yes but the cluster's {len(cluster.nodes)} node(s) have no GPU; "
-            "start Ray on GPU nodes or set placement.use_gpus=auto"
+            "start Ray on GPU nodes or set placement.use_gpus=auto (a dry run plans for a GPU "
+            "cluster from any machine with --cluster NODESxGPUS, e.g. 1x8)"
         )
     return mode != "no" and cluster.num_gpus > 0
 

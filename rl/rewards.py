@@ -12,8 +12,9 @@ The contract of a reward function (named in `rollout.reward`)::
   data file (before any chat template), `response` the generated text, `label` the reference
   answer from the data's label column ("" for a row without one).
 - It returns a finite number: a float, an int or a bool (True -> 1.0, False -> 0.0). Any other
-  type, NaN or infinity stops the run with an error naming the function. An exception raised
-  inside the function propagates unchanged, with its traceback.
+  type, NaN or infinity stops the run with an error naming the function. So does an exception
+  raised inside the function: one `error:` line naming it, its traceback in
+  `<output_dir>/error.log`.
 - It may run in a thread other than the process's main thread, so it must not rely on signals
   (`signal.alarm`); `math_reward` shows how to bound the time of a slow check.
 """
@@ -114,16 +115,27 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def _short(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def compute_reward(fn: RewardFn, path: str, prompt: str, response: str, label: str) -> float:
     """Call a reward function by keyword and check what it returns: a finite real number or a
     bool (-> 0.0 / 1.0). Anything else raises UserError naming `path`, the type and the fix."""
-    value = fn(prompt=prompt, response=response, label=label)
-    if not isinstance(value, numbers.Real | np.bool_):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    try:
+        value = fn(prompt=prompt, response=response, label=label)
+    except Exception as error:
+        # The user's code failed: one line naming the function, its error and the sample;
+        # the traceback (chained to this error) goes to the run's error.log.
         raise UserError(
-            f"reward function {path} returned {type(value).__name__} {shown}; it must return a "
-            f"float, int or bool (convert the score, e.g. return float(score))"
+            f"reward function {path} raised {_one_line(error)} on a sample of prompt "
+            f"{_short(prompt)}; fix the function, or return 0.0 for responses it cannot score"
+        ) from error
+    if not isinstance(value, numbers.Real | np.bool_):
+        raise UserError(
+            f"reward function {path} returned {type(value).__name__} {_short(value)}; it must "
+            f"return a float, int or bool (convert the score, e.g. return float(score))"
         )
     reward = float(value)
     if not math.isfinite(reward):

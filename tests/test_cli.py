@@ -8,8 +8,8 @@ Ray therefore run in one helper interpreter that pays for those imports once and
 child per case: the child runs `driver.py` as
 `__main__` with its own argv, stdout, stderr and exit status, as `python driver.py ...` does
 once its imports are done. Set SLUICE_TEST_CLI_FRESH=1 to run each of them as its own
-`python driver.py ...` instead. The non-number reward case always runs fresh: it starts a
-local Ray cluster whose workers must import the user's reward module from PYTHONPATH.
+`python driver.py ...` instead. The raising-reward case always runs fresh: it starts a local
+Ray cluster whose workers must import the user's reward module from the working directory.
 """
 
 import json
@@ -153,7 +153,14 @@ def write_inputs(data: Path) -> dict[str, list[str]]:
     rows = ['{"prompt": "1 2 3 4 =", "label": "1"}', "", '{"prompt": "5 6 7 8 =", "label": "5"}']
     (data / "rows.jsonl").write_text("\n".join([*rows, '{"question": "9 9 9 9 ="}']) + "\n")
     (data / "typo.yaml").write_text("num_steps: 1\ntrain:\n  lrr: 0.1\n")
+    (data / "words.jsonl").write_text('{"prompt": "1 2 =", "label": "1"}\n{"prompt": "3,7="}\n')
+    (data / "broken.jsonl").write_text('{"prompt": "1 2 ="}\n{"prompt": "1 2", "label": 1 "x"}\n')
+    (data / "a_file").write_text("")
+    earlier = data / "earlier_run"  # another run's results, which must survive
+    earlier.mkdir()
+    (earlier / "metrics.jsonl").write_text('{"step": 1, "rollout/reward_mean": 0.5}\n')
     small = [*SMALL, "--logging.output_dir", str(data / "out")]
+    megatron = ["--train.backend", "megatron", "--expert-model-parallel-size", "2"]
     return {
         "missing_file": [*small, "--data.prompt_data", str(data / "missing.jsonl")],
         # Tests run as root, which reads any file whatever its mode, so "unreadable" is a
@@ -181,6 +188,27 @@ def write_inputs(data: Path) -> dict[str, list[str]]:
             *("--rollout.gpus_per_engine", "8"),
         ],
         "help": ["--help"],
+        "output_dir_is_a_file": [*SMALL, "--logging.output_dir", str(data / "a_file")],
+        "output_dir_inside_a_file": [*SMALL, "--logging.output_dir", str(data / "a_file/run")],
+        "output_dir_holds_another_run": [*SMALL, "--logging.output_dir", str(earlier)],
+        "dry_run_output_dir_holds_another_run": ["--dry-run", "--logging.output_dir", str(earlier)],
+        "nccl_without_gpus": [*small, "--weight_sync.backend", "nccl"],
+        "dry_run_nccl_without_gpus": ["--dry-run", "--weight_sync.backend", "nccl"],
+        # The README's own Megatron line, on a machine without GPUs (and no CPU shim).
+        "megatron_without_gpus": [*megatron],
+        "dry_run_megatron_without_gpus": ["--dry-run", *megatron],
+        "dry_run_megatron_on_a_gpu_cluster": ["--dry-run", "--cluster", "1x4", *megatron],
+        "words_the_builtin_tokenizer_cannot_encode": [
+            *(*small, "--data.prompt_data", str(data / "words.jsonl")),
+        ],
+        "broken_json_line": [*small, "--data.prompt_data", str(data / "broken.jsonl")],
+        **{
+            f"dry_run_{recipe.stem}": [
+                *("--config", str(recipe), "--dry-run", "--cluster"),
+                "3x8" if "24gpu" in recipe.stem else "1x8",
+            ]
+            for recipe in sorted((REPO / "recipes").glob("qwen3-30b-a3b*.yaml"))
+        },
     }
 
 
@@ -219,6 +247,22 @@ def quick(data) -> dict[str, Result]:
             ["rollout.batch_size=250 is not divisible by rollout.samples_per_prompt=8", "248"],
         ),
         ("dry_run_layout_the_backend_cannot_run", ["train.parallel.tensor=4", "torch backend"]),
+        ("output_dir_is_a_file", ["a_file is a file, not a folder", "--logging.output_dir DIR"]),
+        ("output_dir_inside_a_file", ["a_file/run is inside", "a_file, which is a file"]),
+        (
+            "output_dir_holds_another_run",
+            ["earlier_run holds another run's results (metrics.jsonl)", "--logging.overwrite true"],
+        ),
+        ("dry_run_output_dir_holds_another_run", ["holds another run's results"]),
+        ("nccl_without_gpus", ["weight_sync.backend=nccl needs", "distinct GPUs", "auto or gloo"]),
+        ("dry_run_nccl_without_gpus", ["weight_sync.backend=nccl needs"]),
+        ("megatron_without_gpus", ["train.backend=megatron needs NVIDIA GPUs", "--cluster"]),
+        ("dry_run_megatron_without_gpus", ["train.backend=megatron needs NVIDIA GPUs"]),
+        (
+            "words_the_builtin_tokenizer_cannot_encode",
+            ["words.jsonl:2:", "cannot encode '3,7='", "--model.hf_checkpoint"],
+        ),
+        ("broken_json_line", ["broken.jsonl:2: not valid JSON", "at column 30"]),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_code_2(quick, case, expected):
@@ -228,6 +272,33 @@ def test_bad_input_is_one_error_line_and_exit_code_2(quick, case, expected):
         assert text in line
     assert result.returncode == 2
     assert result.stdout == ""
+
+
+def test_a_refused_output_folder_is_left_as_it_was(quick, data):
+    assert quick["output_dir_holds_another_run"].returncode == 2
+    earlier = data / "earlier_run"
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl"]
+    assert (earlier / "metrics.jsonl").read_text().count("\n") == 1
+    assert (data / "a_file").read_text() == ""
+
+
+def test_every_qwen3_recipe_dry_runs_without_its_model_or_data(quick):
+    recipes = sorted((REPO / "recipes").glob("qwen3-30b-a3b*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        result = quick[f"dry_run_{recipe.stem}"]
+        assert result.returncode == 0, (recipe.name, result.stderr)
+        assert result.stderr == "", recipe.name
+        # /models and /data are not on this machine: said, not refused
+        assert "config.json is not readable here" in result.stdout, recipe.name
+        assert "not found here; read at start-up" in result.stdout, recipe.name
+        assert "placement: " in result.stdout
+
+
+def test_a_megatron_run_plans_on_a_gpu_cluster_from_a_machine_without_gpus(quick):
+    result = quick["dry_run_megatron_on_a_gpu_cluster"]
+    assert result.returncode == 0, result.stderr
+    assert "placement: 4 GPUs on 1 node(s)" in result.stdout
 
 
 def test_errors_name_the_full_path_of_the_file(quick, data):
@@ -289,28 +360,33 @@ def test_help_lists_every_config_key_with_its_doc_and_default(quick):
     assert "--dry-run" in result.stdout and "--cluster" in result.stdout
 
 
-# --- a reward that returns a non-number: only found once the engines score samples ----------
+# --- a reward that raises: only found once the engines score samples -------------------------
 
 
 @pytest.fixture(scope="module")
-def bad_reward(tmp_path_factory) -> Result:
-    """One real run (Ray, a trainer, an engine) whose reward function returns 'yes'. Its
-    module sits in the job's working directory, not on PYTHONPATH: the driver and the Ray
-    workers import it from there."""
+def raising_reward(tmp_path_factory) -> tuple[Result, Path]:
+    """One real run (Ray, a trainer, an engine) whose reward function raises. Its module sits
+    in the job's working directory, not on PYTHONPATH: the driver and the Ray workers import it
+    from there. The first evaluation scores samples, so the run fails before any step."""
     tmp = tmp_path_factory.mktemp("reward")
-    (tmp / "bad_reward.py").write_text("def reward(prompt, response, label):\n    return 'yes'\n")
-    argv = [*SMALL, "--rollout.reward", "bad_reward:reward", "--logging.output_dir", str(tmp / "o")]
-    return run_fresh(argv, cli_env(), timeout=600, cwd=tmp)
+    (tmp / "bad_reward.py").write_text(
+        "def reward(prompt, response, label):\n    raise ValueError('no answer found')\n"
+    )
+    out = tmp / "o"
+    argv = [*SMALL, "--rollout.reward", "bad_reward:reward", "--logging.output_dir", str(out)]
+    return run_fresh(argv, cli_env(), timeout=600, cwd=tmp), out
 
 
-def test_a_reward_that_returns_a_non_number_stops_the_run(bad_reward):
-    assert bad_reward.returncode == 2, bad_reward.stderr
-    assert "Traceback" not in bad_reward.stderr
-    errors = [line for line in bad_reward.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, bad_reward.stderr
-    assert "reward function bad_reward:reward returned str 'yes'" in errors[0]
-    assert "float, int or bool" in errors[0]
+def test_a_reward_that_raises_is_one_error_line_naming_it(raising_reward):
+    result, out = raising_reward
+    assert result.returncode == 2, result.stderr
+    line = result.error_line()  # the only line on stderr, no traceback
+    assert "reward function bad_reward:reward raised ValueError: no answer found" in line
+    assert f"traceback in {out / 'error.log'}" in line
 
 
-def test_a_reward_that_returns_a_non_number_is_the_only_line_on_stderr(bad_reward):
-    assert "bad_reward:reward" in bad_reward.error_line()
+def test_a_failed_start_leaves_only_its_error_log(raising_reward):
+    _, out = raising_reward
+    assert sorted(p.name for p in out.iterdir()) == ["error.log"]
+    log = (out / "error.log").read_text()
+    assert "Traceback" in log and "bad_reward.py" in log  # the user's frame is in it

@@ -30,7 +30,7 @@ import ray
 import yaml
 
 import driver
-from actors.loop import _checkpoint_to_load
+from actors.preflight import checkpoint_to_load
 from actors.weight_sync import transport_backend
 from config import UserError, load_config
 from config.loader import to_dict
@@ -211,7 +211,7 @@ def test_every_recipe_loads_and_passes_the_start_up_checks(recipe, shared_fs):
     assert train and (held_out or config.data.eval_data is None)
     assert reward(prompt=train[0].text, response="\\boxed{0}", label=train[0].label) in (0, 1)
     if config.checkpoint.load:
-        assert _checkpoint_to_load(config.checkpoint.load) == Path(config.checkpoint.load)
+        assert checkpoint_to_load(config.checkpoint.load) == Path(config.checkpoint.load)
 
 
 @pytest.mark.parametrize("recipe", CLUSTER_RECIPES, ids=lambda path: path.name)

@@ -7,34 +7,72 @@ from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
 
+from tracking.run_dir import begin_run
+
 if TYPE_CHECKING:
     from config.schema import SluiceConfig
 
 
 class MetricsWriter:
-    """Appends `{"step": n, ...}` to `metrics.jsonl` and mirrors every number to TensorBoard."""
+    """Appends `{"step": n, ...}` to `metrics.jsonl` and mirrors every number to TensorBoard.
 
-    def __init__(self, output_dir: Path):
-        output_dir.mkdir(parents=True, exist_ok=True)
+    The folder is only touched at the first `write` (`tracking.run_dir`): then the previous
+    run's files go (`replace`), or a resumed run's metrics are cut back to the checkpoint's
+    step (`resume_step`), and `config.json` (`config_text`) is written beside them."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        config_text: str = "",
+        replace: bool = False,
+        resume_step: int | None = None,
+    ):
         self.output_dir = output_dir
-        self.jsonl = (output_dir / "metrics.jsonl").open("a")
-        self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.config_text = config_text
+        self.replace = replace
+        self.resume_step = resume_step
+        self.started = False
+        """Whether the run has written anything into its folder."""
+        self.jsonl = None
+        self.tensorboard = None
+
+    def _begin(self) -> None:
+        self.started = True
+        begin_run(self.output_dir, self.replace)
+        if self.config_text:
+            (self.output_dir / "config.json").write_text(self.config_text)
+        if self.resume_step is not None:
+            self._cut_to(self.resume_step)
+        else:
+            self._open()
+
+    def _open(self, purge_step: int | None = None) -> None:
+        self.jsonl = (self.output_dir / "metrics.jsonl").open("a")
+        self.tensorboard = SummaryWriter(
+            log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step
+        )
 
     def rewind(self, step: int) -> None:
         """Forget the steps after `step` (the run went back to a checkpoint and repeats them):
         metrics.jsonl keeps its lines up to `step`, and TensorBoard discards later events."""
+        if not self.started:  # nothing written yet: the same cut, at the first write
+            self.resume_step = step
+            return
         self.close()
+        self._cut_to(step)
+
+    def _cut_to(self, step: int) -> None:
         path = self.output_dir / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
         staging = path.with_suffix(".jsonl.tmp")
         staging.write_text("".join(f"{line}\n" for line in kept))
         staging.replace(path)  # never a half-written metrics file
-        self.jsonl = path.open("a")
-        self.tensorboard = SummaryWriter(
-            log_dir=str(self.output_dir / "tensorboard"), purge_step=step + 1
-        )
+        self._open(purge_step=step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.started:
+            self._begin()
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
@@ -43,8 +81,10 @@ class MetricsWriter:
         self.tensorboard.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.tensorboard.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.tensorboard.close()
+            self.jsonl = self.tensorboard = None
 
 
 def start_line(config: "SluiceConfig") -> str:

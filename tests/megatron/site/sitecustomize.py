@@ -9,6 +9,7 @@ own daemons) pay nothing. Tests put this folder on PYTHONPATH for the processes 
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -35,3 +36,6 @@ class _InstallAfterTorch(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _InstallAfterTorch())
+# Tells the driver's hardware check (actors/preflight.py) that megatron-core may run without
+# GPUs here; the driver's children (Ray workers, torchrun ranks) inherit it with PYTHONPATH.
+os.environ.setdefault("SLUICE_MEGATRON_CPU_SHIM", "1")

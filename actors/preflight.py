@@ -1,0 +1,172 @@
+"""Everything about a run that can be known before Ray starts, checked in one pass.
+
+`check_run` reads every input the run names (reward function, model and checkpoint folders,
+data files, the output folder) and checks the config against the backends; `check_hardware`
+checks what the backends need from the machines (Megatron and NCCL weight sync need GPUs).
+The driver runs both before it starts a local Ray cluster, then `check_hardware` again against
+the shape of the cluster it joined. `driver.py --dry-run` runs the same pass in planning mode:
+a model, data or checkpoint path that does not exist here (a cluster's shared file system is
+often not mounted where one plans) is reported as read at launch instead of refused.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.errors import UserError
+from config.schema import BUILTIN_MODEL, BUILTIN_TASK, SluiceConfig, config_json_readable
+from data.prompts import PromptRecord
+
+LOOP_STATE_FILE = "sluice_state.json"
+"""The driver's part of a checkpoint: step, weight version, data position, group ids. A
+checkpoint with it resumes a run; one without (a converted model) only gives weights."""
+
+MEGATRON_CPU_SHIM_ENV = "SLUICE_MEGATRON_CPU_SHIM"
+"""Set by the test-only shim that runs megatron-core on the CPU (tests/megatron/site)."""
+
+
+@dataclass
+class RunInputs:
+    """What the pass read, for the driver to use rather than read again."""
+
+    train: list[PromptRecord] = field(default_factory=list)
+    eval_prompts: list[PromptRecord] = field(default_factory=list)
+    fp8: object = None
+    """The rollout checkpoint's fp8 settings (`models.fp8_checkpoint`), None for bf16."""
+    loss: object = None
+    """`training.loss.LossSettings` resolved for this run."""
+    start_from: Path | None = None
+    """The checkpoint folder `checkpoint.load` names, if any."""
+    resuming: bool = False
+    """`start_from` is a saved run (model, optimizer and loop state), not only weights."""
+    model_readable: bool = True
+    """Planning mode: whether the model's config.json could be read here."""
+    notes: list[str] = field(default_factory=list)
+    """Planning mode: what was not readable here and is checked at launch."""
+
+
+def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
+    """Check the config and every input it names; `UserError` on the first problem."""
+    from inference import check_engine_config
+    from models.fp8_checkpoint import check_rollout_checkpoint
+    from models.loading import check_checkpoint_dir
+    from rl.rewards import load_reward_fn
+    from training import check_backend_config
+    from training.loss import LossSettings
+
+    config.validate()
+    inputs = RunInputs()
+    model = config.model.hf_checkpoint
+    model_here = model == BUILTIN_MODEL or not planning or config_json_readable(model)
+    inputs.model_readable = model_here
+    if not model_here:
+        inputs.notes.append(
+            f"{model}/config.json is not readable here; fp8 or not (and TIS with it) is "
+            f"decided from it at start-up"
+            + (
+                "; the Megatron layout was checked against the world size only, and against "
+                "the model's heads, experts and layers at start-up"
+                if config.train.backend == "megatron"
+                else ""
+            )
+        )
+    check_backend_config(config, model_readable=model_here)
+    check_engine_config(config)
+    load_reward_fn(config.rollout.reward)  # imports the user's module here, as actors will
+    if model != BUILTIN_MODEL and model_here:
+        check_checkpoint_dir(model)
+    inputs.fp8 = check_rollout_checkpoint(config) if model_here else None
+    inputs.loss = LossSettings.resolve(config.algorithm, inputs.fp8 is not None)
+    load = config.checkpoint.load
+    if load and (not planning or Path(load).exists()):
+        inputs.start_from = checkpoint_to_load(load)
+        inputs.resuming = (inputs.start_from / LOOP_STATE_FILE).is_file()
+    elif load:
+        inputs.notes.append(f"checkpoint.load={load} is not found here; read at start-up")
+    missing = [p for p in _data_paths(config) if planning and not Path(p).exists()]
+    if missing:
+        inputs.notes.append(f"{', '.join(missing)} not found here; read at start-up")
+    else:
+        from data.sources import load_train_and_eval
+
+        inputs.train, inputs.eval_prompts = load_train_and_eval(config.data, config.seed)
+        if model == BUILTIN_MODEL:
+            _check_builtin_vocabulary(inputs.train + inputs.eval_prompts)
+    from tracking.run_dir import check_output_dir
+
+    check_output_dir(
+        Path(config.logging.output_dir), config.logging.overwrite, resuming=inputs.resuming
+    )
+    return inputs
+
+
+def check_hardware(
+    config: SluiceConfig, use_gpus: bool, colocate: bool, model_readable: bool = True
+) -> None:
+    """Refuse backends the machines cannot run: Megatron without GPUs (megatron-core assumes
+    CUDA), a weight transport without the devices it moves weights between, an fp8 checkpoint
+    in the transformers engine without GPUs (checked where the model is readable)."""
+    from actors.weight_sync import transport_backend
+    from inference import check_fp8_engines
+
+    megatron_on_cpu = bool(os.environ.get(MEGATRON_CPU_SHIM_ENV))
+    if config.train.backend == "megatron" and not use_gpus and not megatron_on_cpu:
+        raise UserError(
+            "train.backend=megatron needs NVIDIA GPUs (megatron-core assumes CUDA) and there "
+            "is none to place the trainers on; train on the CPU with --train.backend torch, "
+            "plan a GPU cluster from here with --dry-run --cluster NODESxGPUS (e.g. 1x8), or "
+            "start Ray on GPU nodes"
+        )
+    transport_backend(config.weight_sync, _Placement(use_gpus, colocate), config.rollout.engine)
+    if model_readable:
+        check_fp8_engines(config, use_gpus)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """The two facts of a placement plan that `transport_backend` reads."""
+
+    use_gpus: bool
+    colocate: bool
+
+
+def local_use_gpus(config: SluiceConfig) -> bool:
+    """Whether a local cluster started on this machine would place actors on GPUs."""
+    import torch
+
+    return config.placement.use_gpus != "no" and torch.cuda.device_count() > 0
+
+
+def checkpoint_to_load(path: str) -> Path:
+    """The checkpoint folder `checkpoint.load` names (the newest under a save root)."""
+    from training.megatron.checkpoint import latest
+
+    directory = latest(path)
+    if directory is None:
+        raise UserError(
+            f"checkpoint.load={path} holds no checkpoint (no latest_checkpointed_iteration.txt, "
+            f"no torch_dist metadata.json, no torch_state.pt); point at a checkpoint.save "
+            f"directory, or convert a model with tools/convert_hf_to_torch_dist.py (Megatron)"
+        )
+    return directory
+
+
+def _data_paths(config: SluiceConfig) -> list[str]:
+    data = config.data
+    return [p for p in (data.prompt_data, data.eval_data) if p and p != BUILTIN_TASK]
+
+
+def _check_builtin_vocabulary(prompts: list[PromptRecord]) -> None:
+    """The built-in model's tokenizer knows only the digits and '='; anything else would
+    silently become padding, and such prompts cannot be learned."""
+    from models.tiny import WORDS, first_unknown_word
+
+    for record in prompts:
+        word = first_unknown_word(record.text)
+        if word is not None:
+            raise UserError(
+                f"{record.source}: the built-in model's tokenizer cannot encode {word!r} in "
+                f"prompt {record.text[:60]!r} (it knows only {' '.join(WORDS)}, separated by "
+                f"spaces); use a model with its own tokenizer (--model.hf_checkpoint DIR) or "
+                f"write the prompts in that vocabulary"
+            )

@@ -1,0 +1,78 @@
+"""The run's output folder (`logging.output_dir`): one run's results, never two runs mixed.
+
+`check_output_dir` runs in the pass before any actor starts (and in the dry run): the folder
+must be a folder, and must not hold another run's results unless the user asked to replace
+them (`logging.overwrite`) or this run resumes a checkpoint (its steps continue that run's).
+
+Nothing is written into the folder until the run has its first metrics to show
+(`MetricsWriter` calls `begin_run`): a run that fails before that leaves the folder as it
+found it, except for `error.log`. Only then are a replaced run's files removed, so a run that
+never got going loses nothing of the one it was to replace.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from config.errors import UserError
+
+RESULT_FILES = ("metrics.jsonl", "summary.json")
+"""Files whose presence (non-empty) means the folder holds a run's results."""
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "error.log")
+RUN_DIRS = ("tensorboard", "final_model", "stuck")
+ERROR_LOG = "error.log"
+
+
+def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse an output folder this run cannot write, or one that holds another run."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == path else f"is inside {existing}, which is"
+        raise UserError(
+            f"logging.output_dir={path} {where} a file, not a folder; choose another folder "
+            f"with --logging.output_dir DIR"
+        )
+    if not os.access(existing, os.W_OK):
+        raise UserError(
+            f"logging.output_dir={path}: {existing} is not writable; choose a folder you can "
+            f"write with --logging.output_dir DIR"
+        )
+    if overwrite or resuming or existing != path:
+        return
+    held = [name for name in RESULT_FILES if _non_empty(path / name)]
+    if held:
+        raise UserError(
+            f"logging.output_dir={path} holds another run's results ({', '.join(held)}); "
+            f"write this run elsewhere (--logging.output_dir DIR), replace that run "
+            f"(--logging.overwrite true), or resume it from its checkpoint (--load DIR)"
+        )
+
+
+def begin_run(path: Path, replace: bool) -> None:
+    """Make the folder; with `replace`, remove the previous run's files first (only those a run
+    writes: anything else the user keeps there stays)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not replace:
+        return
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(path / name, ignore_errors=True)
+
+
+def write_error_log(path: Path, text: str) -> Path | None:
+    """`<output_dir>/error.log` with `text` (a traceback); None if it cannot be written (the
+    error being reported may be that very folder)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        log = path / ERROR_LOG
+        log.write_text(text)
+    except OSError:
+        return None
+    return log
+
+
+def _non_empty(file: Path) -> bool:
+    return file.is_file() and file.stat().st_size > 0
