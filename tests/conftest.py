@@ -49,6 +49,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto`: one worker more than cores, since most of a worker's time is spent waiting
-    for processes to start; at most four, each holding a Ray cluster of ~3-4 GB."""
-    return max(2, min((os.cpu_count() or 1) + 1, 4))
+    """`-n auto`: one worker per core, at least two and at most four. A worker running a
+    learning or fault test holds a Ray cluster of four actors that import torch (5-7 GB with
+    the driver); three such workers on the 24 GB two-core machine reached Ray's out-of-memory
+    killer (95 % of memory) on 2026-12-05, two stay well below it."""
+    return max(2, min(os.cpu_count() or 1, 4))
