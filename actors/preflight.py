@@ -57,7 +57,12 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     config.validate()
     inputs = RunInputs()
     model = config.model.hf_checkpoint
-    model_here = model == BUILTIN_MODEL or not planning or config_json_readable(model)
+    model_here = (
+        model == BUILTIN_MODEL
+        or not planning
+        or Path(model).exists()
+        or config_json_readable(model)
+    )
     inputs.model_readable = model_here
     if not model_here:
         inputs.notes.append(
@@ -92,8 +97,10 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
         inputs.train, inputs.eval_prompts = load_train_and_eval(config.data, config.seed)
         if model == BUILTIN_MODEL:
             _check_builtin_vocabulary(inputs.train + inputs.eval_prompts)
-    from tracking.run_dir import check_output_dir
+    from tracking.run_dir import check_output_dir, check_writable_folder
 
+    if config.checkpoint.save:
+        check_writable_folder(Path(config.checkpoint.save), "checkpoint.save", "--save DIR")
     check_output_dir(
         Path(config.logging.output_dir), config.logging.overwrite, resuming=inputs.resuming
     )

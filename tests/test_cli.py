@@ -202,6 +202,7 @@ def write_inputs(data: Path) -> dict[str, list[str]]:
             *(*small, "--data.prompt_data", str(data / "words.jsonl")),
         ],
         "broken_json_line": [*small, "--data.prompt_data", str(data / "broken.jsonl")],
+        "save_into_a_file": [*small, "--save", str(data / "a_file")],
         **{
             f"dry_run_{recipe.stem}": [
                 *("--config", str(recipe), "--dry-run", "--cluster"),
@@ -263,6 +264,7 @@ def quick(data) -> dict[str, Result]:
             ["words.jsonl:2:", "cannot encode '3,7='", "--model.hf_checkpoint"],
         ),
         ("broken_json_line", ["broken.jsonl:2: not valid JSON", "at column 30"]),
+        ("save_into_a_file", ["checkpoint.save=", "a_file is a file, not a folder", "--save DIR"]),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_code_2(quick, case, expected):

@@ -25,21 +25,8 @@ ERROR_LOG = "error.log"
 
 def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse an output folder this run cannot write, or one that holds another run."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is" if existing == path else f"is inside {existing}, which is"
-        raise UserError(
-            f"logging.output_dir={path} {where} a file, not a folder; choose another folder "
-            f"with --logging.output_dir DIR"
-        )
-    if not os.access(existing, os.W_OK):
-        raise UserError(
-            f"logging.output_dir={path}: {existing} is not writable; choose a folder you can "
-            f"write with --logging.output_dir DIR"
-        )
-    if overwrite or resuming or existing != path:
+    check_writable_folder(path, "logging.output_dir", "--logging.output_dir DIR")
+    if overwrite or resuming or not path.exists():
         return
     held = [name for name in RESULT_FILES if _non_empty(path / name)]
     if held:
@@ -47,6 +34,23 @@ def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
             f"logging.output_dir={path} holds another run's results ({', '.join(held)}); "
             f"write this run elsewhere (--logging.output_dir DIR), replace that run "
             f"(--logging.overwrite true), or resume it from its checkpoint (--load DIR)"
+        )
+
+
+def check_writable_folder(path: Path, key: str, flag: str) -> None:
+    """Refuse a folder to be written (`key` = `path`) that is a file, lies inside a file, or
+    cannot be written; it need not exist yet."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == path else f"is inside {existing}, which is"
+        raise UserError(
+            f"{key}={path} {where} a file, not a folder; choose another folder with {flag}"
+        )
+    if not os.access(existing, os.W_OK):
+        raise UserError(
+            f"{key}={path}: {existing} is not writable; choose a folder you can write with {flag}"
         )
 
 
