@@ -125,12 +125,16 @@ def test_nan_and_infinite_rewards_are_errors(value):
         compute_reward(lambda **_: value, "my_rewards:judge", "p", "r", "l")
 
 
-def test_an_exception_inside_the_function_propagates_unchanged():
+def test_an_exception_inside_the_function_names_it_and_keeps_the_cause():
     def broken(prompt, response, label):
         return 1 / 0
 
-    with pytest.raises(ZeroDivisionError):
-        compute_reward(broken, "m:broken", "p", "r", "l")
+    with pytest.raises(UserError) as error:
+        compute_reward(broken, "m:broken", "1 2 =", "r", "l")
+    message = str(error.value)
+    assert message.startswith("reward function m:broken raised ZeroDivisionError: division by zero")
+    assert "prompt '1 2 ='" in message
+    assert isinstance(error.value.__cause__, ZeroDivisionError)  # its traceback goes to error.log
 
 
 # ---------------------------------------------------------------- math_reward
