@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere, like the other tools
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
 import yaml
 
@@ -24,6 +23,7 @@ from config.loader import describe_keys, field_docs
 from config.schema import SluiceConfig
 from config.seed_flags import NOT_ALIASED, SEED_FLAGS, SeedFlag
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 PAGE = REPO_ROOT / "docs" / "configuration.md"
 REGENERATE = "uv run python tools/config_reference.py --write"
 
@@ -76,7 +76,9 @@ def render() -> str:
     for section, rows in sections().items():
         lines += [f"## {section_title(section)}", "", "| key | default | description |"]
         lines.append("| --- | --- | --- |")
-        lines += [f"| `{key}` | {default_cell(default)} | {cell(doc)} |" for key, default, doc in rows]
+        lines += [
+            f"| `{key}` | {default_cell(default)} | {cell(doc)} |" for key, default, doc in rows
+        ]
         lines.append("")
     lines += ["## Megatron / slime flag names", "", SLIME_INTRO]
     lines += ["| flag | sets |", "| --- | --- |"]
