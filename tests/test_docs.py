@@ -171,7 +171,11 @@ def run_fresh(argv: list[str]) -> Outcome:
 # JSON list of argv lists (after `driver.py`); argv[2]: results file. SLUICE_TEST_DOCS_FRESH=1
 # runs each command as its own process instead.
 FORK_RUNNER = r"""
-import importlib, json, os, runpy, signal, sys, tempfile, time, traceback
+import importlib, json, os, runpy, signal, sys, tempfile, time, traceback, warnings
+
+# The imports leave idle threads (torch's); a child only runs the driver's single-threaded
+# planning, as test_cli's children do, so Python's warning about fork() is noise here.
+warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
 
 import driver
 for name in ("actors.preflight", "models.loading", "inference", "training", "rl.rewards",
