@@ -49,7 +49,6 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     """Check the config and every input it names; `UserError` on the first problem."""
     from inference import check_engine_config
     from models.fp8_checkpoint import check_rollout_checkpoint
-    from models.loading import check_checkpoint_dir
     from rl.rewards import load_reward_fn
     from training import check_backend_config
     from training.loss import LossSettings
@@ -79,6 +78,8 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     check_engine_config(config)
     load_reward_fn(config.rollout.reward)  # imports the user's module here, as actors will
     if model != BUILTIN_MODEL and model_here:
+        from models.loading import check_checkpoint_dir  # (transformers: seconds to import)
+
         check_checkpoint_dir(model)
     inputs.fp8 = check_rollout_checkpoint(config) if model_here else None
     inputs.loss = LossSettings.resolve(config.algorithm, inputs.fp8 is not None)
@@ -97,14 +98,39 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
         inputs.train, inputs.eval_prompts = load_train_and_eval(config.data, config.seed)
         if model == BUILTIN_MODEL:
             _check_builtin_vocabulary(inputs.train + inputs.eval_prompts)
+    _check_folders(config, inputs, planning)
+    return inputs
+
+
+def _check_folders(config: SluiceConfig, inputs: RunInputs, planning: bool) -> None:
+    """The folders the run writes. Planning, a folder on a file system not mounted here (its
+    top-level folder is missing, as /checkpoints on a laptop) is checked at start-up, and an
+    output folder holding another run is a note: the run itself refuses it."""
     from tracking.run_dir import check_output_dir, check_writable_folder
 
-    if config.checkpoint.save:
-        check_writable_folder(Path(config.checkpoint.save), "checkpoint.save", "--save DIR")
-    check_output_dir(
-        Path(config.logging.output_dir), config.logging.overwrite, resuming=inputs.resuming
-    )
-    return inputs
+    folders = [("checkpoint.save", config.checkpoint.save, "--save DIR")]
+    folders.append(("logging.output_dir", config.logging.output_dir, "--logging.output_dir DIR"))
+    for key, folder, flag in folders:
+        if not folder:
+            continue
+        if planning and not _mounted_here(Path(folder)):
+            inputs.notes.append(f"{key}={folder} is not on a file system mounted here; checked "
+                                f"at start-up")  # fmt: skip
+            continue
+        check_writable_folder(Path(folder), key, flag)
+        if key != "logging.output_dir":
+            continue
+        try:
+            check_output_dir(Path(folder), config.logging.overwrite, resuming=inputs.resuming)
+        except UserError as refused:
+            if not planning:
+                raise
+            inputs.notes.append(f"the run will refuse it: {refused}")
+
+
+def _mounted_here(path: Path) -> bool:
+    parts = path.absolute().parts
+    return len(parts) < 2 or Path(parts[0], parts[1]).exists()
 
 
 def check_hardware(
@@ -113,8 +139,8 @@ def check_hardware(
     """Refuse backends the machines cannot run: Megatron without GPUs (megatron-core assumes
     CUDA), a weight transport without the devices it moves weights between, an fp8 checkpoint
     in the transformers engine without GPUs (checked where the model is readable)."""
-    from actors.weight_sync import transport_backend
     from inference import check_fp8_engines
+    from placement.transport import transport_backend
 
     megatron_on_cpu = bool(os.environ.get(MEGATRON_CPU_SHIM_ENV))
     if config.train.backend == "megatron" and not use_gpus and not megatron_on_cpu:
@@ -166,7 +192,7 @@ def _data_paths(config: SluiceConfig) -> list[str]:
 def _check_builtin_vocabulary(prompts: list[PromptRecord]) -> None:
     """The built-in model's tokenizer knows only the digits and '='; anything else would
     silently become padding, and such prompts cannot be learned."""
-    from models.tiny import WORDS, first_unknown_word
+    from models.tiny_vocabulary import WORDS, first_unknown_word
 
     for record in prompts:
         word = first_unknown_word(record.text)

@@ -26,6 +26,7 @@ from actors.groups import RolloutGroup, TrainGroup
 from config.errors import UserError
 from config.schema import WeightSyncConfig
 from placement.planner import Layout
+from placement.transport import transport_backend
 from weights.checksum import compare_checksums
 from weights.errors import WeightSyncError
 from weights.process_group import DEFAULT_GROUP_NAME, GroupInfo
@@ -210,29 +211,3 @@ def handle_sources(layout: Layout) -> list[list[int]]:
             )
         sources.append([on_gpu[s.node_index, s.bundle_index] for s in slots])
     return sources
-
-
-def transport_backend(config: WeightSyncConfig, layout: Layout, engine_type: str) -> str:
-    """`weight_sync.backend` resolved for this layout.
-
-    NCCL cannot put two ranks of one communicator on the same GPU, which is exactly what a
-    colocated trainer and engine are: colocated engines take CUDA IPC handles instead (no
-    copy between processes at all). gloo, through host memory, is there for CPUs.
-    """
-    colocate, use_gpus = layout.colocate, layout.use_gpus
-    ipc_possible = colocate and use_gpus
-    if config.backend == "auto":
-        if ipc_possible:
-            return "ipc"
-        return "nccl" if use_gpus and not colocate else "gloo"
-    if config.backend == "nccl" and (colocate or not use_gpus):
-        raise UserError(
-            "weight_sync.backend=nccl needs trainers and engines on distinct GPUs "
-            "(placement.colocate=false on a GPU cluster); use auto or gloo"
-        )
-    if config.backend == "ipc" and not ipc_possible:
-        raise UserError(
-            "weight_sync.backend=ipc hands CUDA IPC handles to engines on the trainers' GPUs: "
-            "it needs placement.colocate=true and GPUs; use auto"
-        )
-    return config.backend

@@ -163,7 +163,7 @@ class RolloutConfig:
     sample comes from one weight version."""
 
     reward: str = "tasks.digits:reward"
-    """Reward function as `module:function`; see README "Reward functions" for its signature."""
+    """Reward function as `module:function`; see docs/data-and-rewards.md for its signature."""
 
     groups_per_batch: int = 4
     """Prompt groups per Arrow record batch put into the object store (the unit the driver

@@ -10,9 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
-WORDS = [str(d) for d in range(10)] + ["="]
-VOCAB = [PAD, EOS, BOS, *WORDS]
+from models.tiny_vocabulary import BOS, EOS, PAD, VOCAB, WORDS  # noqa: F401 (re-exported)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -26,13 +24,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=PAD
     )
-
-
-def first_unknown_word(text: str) -> str | None:
-    """The first whitespace-separated word of `text` that `build_tokenizer` has no token for
-    (it would encode as padding), or None when every word is known."""
-    known = set(WORDS)
-    return next((word for word in text.split() if word not in known), None)
 
 
 def tiny_config(vocab_size: int = len(VOCAB)) -> Qwen3MoeConfig:

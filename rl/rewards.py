@@ -29,7 +29,6 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from config.errors import UserError
 
@@ -41,11 +40,17 @@ MATH_TIMEOUT_S = 5
 """Seconds `math_reward` may spend on one parse or comparison (main thread), or on the whole
 check (other threads); after that the sample scores 0.0."""
 
-_RESPONSE_TARGETS = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-"""A response's answer: the last \\boxed{} first, then "final answer is" / "answer:" anchors,
-then the last LaTeX expression or plain number (math_verify's own extraction patterns)."""
 
-_LABEL_TARGETS = (LatexExtractionConfig(), ExprExtractionConfig())
+@lru_cache(maxsize=1)
+def _targets() -> tuple[tuple, tuple]:
+    """(a response's extraction targets, a label's). A response's answer: the last \\boxed{}
+    first, then "final answer is" / "answer:" anchors, then the last LaTeX expression or plain
+    number (math_verify's own extraction patterns). math_verify (with sympy) is imported on
+    first use: a second and a half that the command line and other rewards do not pay."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    response = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    return response, (LatexExtractionConfig(), ExprExtractionConfig())
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -171,7 +176,9 @@ def _math_equal(response: str, label: str, timeout_s: int | None) -> float:
     gold = _parse_label(label, timeout_s)
     if not gold:
         return 0.0
-    answer = parse(response, _RESPONSE_TARGETS, parsing_timeout=timeout_s)
+    from math_verify import parse, verify
+
+    answer = parse(response, _targets()[0], parsing_timeout=timeout_s)
     return 1.0 if answer and verify(list(gold), answer, timeout_seconds=timeout_s) else 0.0
 
 
@@ -180,8 +187,11 @@ def _parse_label(label: str, timeout_s: int | None) -> tuple:
     """Parse a reference answer once: every sample of a group shares it. A bare label is
     wrapped in $...$ so that math_verify reads it as one expression ("2x+3", not "2")."""
     wrapped = label if "$" in label or "\\boxed" in label else f"${label}$"
-    gold = parse(wrapped, _LABEL_TARGETS, parsing_timeout=timeout_s)
-    return tuple(gold or parse(label, _LABEL_TARGETS, parsing_timeout=timeout_s))
+    from math_verify import parse
+
+    targets = _targets()[1]
+    gold = parse(wrapped, targets, parsing_timeout=timeout_s)
+    return tuple(gold or parse(label, targets, parsing_timeout=timeout_s))
 
 
 def _with_deadline[T](fn: Callable[[], T], timeout_s: float, fallback: T) -> T:

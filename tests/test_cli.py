@@ -194,7 +194,7 @@ def write_inputs(data: Path) -> dict[str, list[str]]:
         "dry_run_output_dir_holds_another_run": ["--dry-run", "--logging.output_dir", str(earlier)],
         "nccl_without_gpus": [*small, "--weight_sync.backend", "nccl"],
         "dry_run_nccl_without_gpus": ["--dry-run", "--weight_sync.backend", "nccl"],
-        # The README's own Megatron line, on a machine without GPUs (and no CPU shim).
+        # The docs' Megatron line without --dry-run, on a machine without GPUs (and no CPU shim).
         "megatron_without_gpus": [*megatron],
         "dry_run_megatron_without_gpus": ["--dry-run", *megatron],
         "dry_run_megatron_on_a_gpu_cluster": ["--dry-run", "--cluster", "1x4", *megatron],
@@ -254,7 +254,6 @@ def quick(data) -> dict[str, Result]:
             "output_dir_holds_another_run",
             ["earlier_run holds another run's results (metrics.jsonl)", "--logging.overwrite true"],
         ),
-        ("dry_run_output_dir_holds_another_run", ["holds another run's results"]),
         ("nccl_without_gpus", ["weight_sync.backend=nccl needs", "distinct GPUs", "auto or gloo"]),
         ("dry_run_nccl_without_gpus", ["weight_sync.backend=nccl needs"]),
         ("megatron_without_gpus", ["train.backend=megatron needs NVIDIA GPUs", "--cluster"]),
@@ -284,6 +283,13 @@ def test_a_refused_output_folder_is_left_as_it_was(quick, data):
     assert (data / "a_file").read_text() == ""
 
 
+def test_a_dry_run_says_that_the_run_would_refuse_the_output_folder(quick):
+    result = quick["dry_run_output_dir_holds_another_run"]
+    assert result.returncode == 0, result.stderr
+    assert "# the run will refuse it: logging.output_dir=" in result.stdout
+    assert "--logging.overwrite true" in result.stdout
+
+
 def test_every_qwen3_recipe_dry_runs_without_its_model_or_data(quick):
     recipes = sorted((REPO / "recipes").glob("qwen3-30b-a3b*.yaml"))
     assert len(recipes) >= 5
@@ -294,6 +300,7 @@ def test_every_qwen3_recipe_dry_runs_without_its_model_or_data(quick):
         # /models and /data are not on this machine: said, not refused
         assert "config.json is not readable here" in result.stdout, recipe.name
         assert "not found here; read at start-up" in result.stdout, recipe.name
+        assert "/outputs/" in result.stdout and "not on a file system mounted here" in result.stdout
         assert "placement: " in result.stdout
 
 

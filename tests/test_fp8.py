@@ -3,7 +3,7 @@ real sync from a TrainActor into a transformers FP8 engine model over gloo, on t
 
 The quantization error is measured on real weights (the built-in tiny Qwen3-MoE's matrices)
 and on a larger random-normal matrix whose shape is no multiple of 128; the figures printed
-(`pytest -s`) are the ones README quotes.
+(`pytest -s`) are the ones docs/fp8.md quotes.
 """
 
 import json
