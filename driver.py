@@ -13,7 +13,7 @@ From Python:
         summary = driver.run()       # the remaining steps, evaluations, final model
 
 Only the configuration modules are imported up front, so `--help`, `--dry-run` and input
-errors answer in a second; torch, transformers and Ray load when a run starts.
+errors answer in a few seconds; torch, transformers and Ray load when a run starts.
 """
 
 import argparse
