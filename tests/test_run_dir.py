@@ -5,7 +5,7 @@ import json
 import traceback
 
 import pytest
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, RayTaskError
 
 from actors.failures import report
 from config.errors import UserError
@@ -101,3 +101,12 @@ def test_a_mistake_found_before_the_start_writes_nothing(tmp_path):
     failure = report(UserError("data.prompt_data=x does not exist"), tmp_path / "run")
     assert failure == type(failure)("data.prompt_data=x does not exist", 2)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dead_actor_is_one_line_however_long_rays_message(tmp_path):
+    died = ActorDiedError()  # Ray's many-line message of an actor that died mid-task
+    failure = report(died, tmp_path)
+    assert failure.exit_code == 1
+    assert "\n" not in failure.line
+    assert failure.line.startswith("ActorDiedError: The actor died")
+    assert (tmp_path / "error.log").exists()
