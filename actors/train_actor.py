@@ -138,6 +138,11 @@ class TrainActor:
         return {n: t.cpu().clone() for n, t in outgoing}
 
     def save_hf(self, path: str) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        # An actor's output reaches the driver's stderr as log lines: a progress bar's carriage
+        # returns ("Writing model shards") would only garble them.
+        transformers_logging.disable_progress_bar()
         self.backend.save_hf(path)
 
     def save_checkpoint(self, directory: str) -> None:

@@ -1,7 +1,8 @@
 """A phase that never finishes ends the run with its name, its actors' stacks and exit 1.
 
 The job's reward function hangs after some calls (`tests/stuck_reward.py`), inside a step's
-rollout; with `timeouts.rollout_s` short, the driver must name the phase, the step and the
+rollout; with `timeouts.rollout_s` short (10 s: a step's rollout of this job takes a few
+hundredths of a second), the driver must name the phase, the step and the
 rollout actor, leave py-spy's dump of that actor's stack (showing the reward that hangs) in
 the output folder, and exit 1 with one `error:` line, not hang.
 """
@@ -21,14 +22,14 @@ def test_a_stuck_rollout_is_named_with_its_stack_and_the_run_exits(tmp_path):
     env.pop("RAY_ADDRESS", None)
     command = [
         sys.executable, "driver.py", "--rollout.reward", "tests.stuck_reward:reward",
-        "--timeouts.rollout_s", "30", "--train.num_workers", "1", "--rollout.num_engines", "1",
+        "--timeouts.rollout_s", "10", "--train.num_workers", "1", "--rollout.num_engines", "1",
         "--logging.progress_bar", "false", "--logging.output_dir", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr[-3000:]
-    bound = r"rollout of step (\d+) did not finish within timeouts.rollout_s=30 s"
+    bound = r"rollout of step (\d+) did not finish within timeouts.rollout_s=10 s"
     match = re.search(bound, errors[0])
     assert match, errors[0]
     assert re.search(r"still running: sluice-rollout-0 \(pid \d+\);", errors[0]), errors[0]
