@@ -56,6 +56,7 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     config.validate()
     inputs = RunInputs()
     model = config.model.hf_checkpoint
+    # Planning, a model that is not here is checked at start-up; one that is, as a run would.
     model_here = (
         model == BUILTIN_MODEL
         or not planning
