@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from config.errors import UserError
 from tracking.run_dir import write_error_log
@@ -34,9 +34,7 @@ def report(error: BaseException, output_dir: Path | None) -> Failure:
         line, code = str(cause), 2
     elif isinstance(error, RayTaskError):
         line, code = f"{_first_line(cause)} (in {error.function_name})", 1
-    elif isinstance(error, RayActorError):
-        line, code = _first_line(error), 1
-    else:
+    else:  # a dead actor (Ray's message runs over many lines), a phase timeout, a bug
         line, code = _first_line(error), 1
     log = (
         write_error_log(output_dir, "".join(traceback.format_exception(error)))

@@ -1,15 +1,12 @@
 """The command line as a user meets it: every kind of bad input ends with one `error:` line on
 stderr, exit code 2 and no traceback; `--dry-run` and `--help` work without starting Ray.
 
-How the cases run. Once its arguments parse, `driver.py` imports the loop, and with it torch,
-transformers and Ray (about 20 s of CPU), before it checks the data files, so a fresh
-`python driver.py` per case would cost minutes on a 2-core machine. The cases that stop before
-Ray therefore run in one helper interpreter that pays for those imports once and then forks a
-child per case: the child runs `driver.py` as
-`__main__` with its own argv, stdout, stderr and exit status, as `python driver.py ...` does
-once its imports are done. Set SLUICE_TEST_CLI_FRESH=1 to run each of them as its own
-`python driver.py ...` instead. The raising-reward case always runs fresh: it starts a local
-Ray cluster whose workers must import the user's reward module from the working directory.
+How the cases run. A fresh `python driver.py` per case would cost minutes of imports on a
+2-core machine, so the cases that stop before Ray run as children of one interpreter that pays
+for the imports once (`tests/forked_driver.py`). Set SLUICE_TEST_CLI_FRESH=1 to run each of
+them as its own `python driver.py ...` instead. The raising-reward case always runs fresh: it
+starts a local Ray cluster whose workers must import the user's reward module from the working
+directory.
 """
 
 import json
@@ -41,60 +38,8 @@ SMALL_RUN = {
 }
 SMALL = [arg for key, value in SMALL_RUN.items() for arg in (f"--{key}", value)]
 
-# Runs in the helper interpreter: argv[1] = JSON list of argv lists, argv[2] = results file.
-FORK_RUNNER = r"""
-import json, os, runpy, signal, sys, tempfile, time, traceback
-
-import actors.loop  # the expensive imports (torch, transformers, Ray), once: every child
-import driver  # below inherits them
-
-def run_child(argv):
-    os.setsid()
-    sys.argv = ["driver.py", *argv]
-    code = 1
-    try:
-        runpy.run_path("driver.py", run_name="__main__")
-        code = 0
-    except SystemExit as exit:  # what the interpreter does with sys.exit(x)
-        if exit.code is None or isinstance(exit.code, int):
-            code = exit.code or 0
-        else:
-            print(exit.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-def run_case(argv, timeout):
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            run_child(argv)
-        deadline = time.monotonic() + timeout
-        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                os.killpg(pid, signal.SIGKILL)
-                waited = os.waitpid(pid, 0)
-                break
-            time.sleep(0.02)
-        out.seek(0)
-        err.seek(0)
-        return {
-            "returncode": os.waitstatus_to_exitcode(waited[1]),
-            "stdout": out.read().decode(errors="replace"),
-            "stderr": err.read().decode(errors="replace"),
-        }
-
-cases = json.loads(open(sys.argv[1]).read())
-results = [run_case(argv, timeout=120) for argv in cases]
-open(sys.argv[2], "w").write(json.dumps(results))
-"""
+FORKED_DRIVER = REPO / "tests" / "forked_driver.py"
+"""Runs the cases that stop before Ray as children of one pre-imported interpreter."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +78,7 @@ def run_fresh(argv: list[str], env: dict[str, str], timeout: float, cwd: Path = 
 def run_forked(cases: list[list[str]], env: dict[str, str], work: Path) -> list[Result]:
     (work / "cases.json").write_text(json.dumps(cases))
     subprocess.run(
-        [sys.executable, "-c", FORK_RUNNER, str(work / "cases.json"), str(work / "results.json")],
+        [sys.executable, FORKED_DRIVER, work / "cases.json", work / "results.json", "120"],
         cwd=REPO,
         env=env,
         check=True,

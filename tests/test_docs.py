@@ -12,8 +12,8 @@ The commands are spelled `uv run ...` for the reader; here they run under this i
 start-up. A driver dry run gets a fresh `--logging.output_dir` appended: the dry run checks the
 output folder like a real run, and results of an earlier run in the checkout's `outputs/`
 would otherwise decide the outcome. The driver's commands run as children forked from one
-interpreter that has imported torch and transformers once (see FORK_RUNNER), next to the
-tools' commands, each its own process; each test waits for its own command.
+interpreter that has imported torch and transformers once (tests/forked_driver.py), next
+to the tools' commands, each its own process; each test waits for its own command.
 """
 
 import json
@@ -164,74 +164,9 @@ def run_fresh(argv: list[str]) -> Outcome:
     return Outcome(done.returncode, done.stdout, done.stderr)
 
 
-# A driver dry run spends ~9 s of CPU importing torch and transformers and well under a second
-# planning, so the driver's commands run as children forked from one interpreter that has
-# paid for those imports: each child runs driver.py as __main__ with its own argv, stdout,
-# stderr and exit status, as `python driver.py ...` does once its imports are done. argv[1]:
-# JSON list of argv lists (after `driver.py`); argv[2]: results file. SLUICE_TEST_DOCS_FRESH=1
-# runs each command as its own process instead.
-FORK_RUNNER = r"""
-import importlib, json, os, runpy, signal, sys, tempfile, time, traceback, warnings
-
-# The imports leave idle threads (torch's); a child only runs the driver's single-threaded
-# planning, as test_cli's children do, so Python's warning about fork() is noise here.
-warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
-
-import driver
-for name in ("actors.preflight", "models.loading", "inference", "training", "rl.rewards",
-             "placement.planner", "inference.sglang.launch", "torch"):
-    try:  # what a dry run imports; only an optimization, so a renamed module costs time only
-        importlib.import_module(name)
-    except ImportError:
-        pass
-
-def run_child(argv):
-    os.setsid()
-    sys.argv = ["driver.py", *argv]
-    code = 1
-    try:
-        runpy.run_path("driver.py", run_name="__main__")
-        code = 0
-    except SystemExit as exit:  # what the interpreter does with sys.exit(x)
-        if exit.code is None or isinstance(exit.code, int):
-            code = exit.code or 0
-        else:
-            print(exit.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-def run_case(argv, timeout):
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            run_child(argv)
-        deadline = time.monotonic() + timeout
-        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                os.killpg(pid, signal.SIGKILL)
-                waited = os.waitpid(pid, 0)
-                break
-            time.sleep(0.02)
-        out.seek(0)
-        err.seek(0)
-        return {
-            "returncode": os.waitstatus_to_exitcode(waited[1]),
-            "stdout": out.read().decode(errors="replace"),
-            "stderr": err.read().decode(errors="replace"),
-        }
-
-cases = json.loads(open(sys.argv[1]).read())
-results = [run_case(argv, timeout=float(sys.argv[3])) for argv in cases]
-open(sys.argv[2], "w").write(json.dumps(results))
-"""
+# Driver commands run as children forked from one interpreter that has paid for the imports
+# (tests/forked_driver.py); SLUICE_TEST_DOCS_FRESH=1 runs each as its own process instead.
+FORKED_DRIVER = REPO / "tests" / "forked_driver.py"
 
 
 def run_forked(cases: list[list[str]], work: Path) -> list[Outcome]:
@@ -239,7 +174,7 @@ def run_forked(cases: list[list[str]], work: Path) -> list[Outcome]:
     cases_file, results_file = work / "cases.json", work / "results.json"
     cases_file.write_text(json.dumps(cases))
     subprocess.run(
-        [sys.executable, "-c", FORK_RUNNER, cases_file, results_file, str(COMMAND_TIMEOUT_S)],
+        [sys.executable, FORKED_DRIVER, cases_file, results_file, str(COMMAND_TIMEOUT_S)],
         cwd=REPO,
         env=_env(),
         check=True,
