@@ -414,6 +414,7 @@ class Driver:
             "engine_restarts": self.engines.restarts,
             "trainer_restarts": self.trainer_restarts,
         }
+        self.metrics.begin()  # a run stopped before its first step has not taken it yet
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

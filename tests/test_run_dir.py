@@ -110,3 +110,15 @@ def test_a_dead_actor_is_one_line_however_long_rays_message(tmp_path):
     assert "\n" not in failure.line
     assert failure.line.startswith("ActorDiedError: The actor died")
     assert (tmp_path / "error.log").exists()
+
+
+def test_a_run_stopped_before_its_first_step_takes_the_folder_for_its_summary(tmp_path):
+    folder = earlier_run(tmp_path / "run")
+    writer = MetricsWriter(folder, config_text='{"seed": 2}', replace=True)
+    writer.begin()  # what Driver.run does before writing summary.json
+    writer.begin()  # idempotent
+    writer.close()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "metrics.jsonl", "notes.txt", "tensorboard",
+    ]  # fmt: skip
+    assert (folder / "metrics.jsonl").read_text() == ""  # the earlier run's steps are gone

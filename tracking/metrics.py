@@ -36,7 +36,10 @@ class MetricsWriter:
         self.jsonl = None
         self.tensorboard = None
 
-    def _begin(self) -> None:
+    def begin(self) -> None:
+        """Take the folder for this run (done by the first `write`; idempotent)."""
+        if self.started:
+            return
         self.started = True
         begin_run(self.output_dir, self.replace)
         if self.config_text:
@@ -71,8 +74,7 @@ class MetricsWriter:
         self._open(purge_step=step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.started:
-            self._begin()
+        self.begin()
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
