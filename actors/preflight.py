@@ -107,7 +107,7 @@ def _check_folders(config: SluiceConfig, inputs: RunInputs, planning: bool) -> N
     """The folders the run writes. Planning, a folder on a file system not mounted here (its
     top-level folder is missing, as /checkpoints on a laptop) is checked at start-up, and an
     output folder holding another run is a note: the run itself refuses it."""
-    from tracking.run_dir import check_output_dir, check_writable_folder
+    from tracking.run_dir import check_not_another_run, check_writable_folder
 
     folders = [("checkpoint.save", config.checkpoint.save, "--save DIR")]
     folders.append(("logging.output_dir", config.logging.output_dir, "--logging.output_dir DIR"))
@@ -122,7 +122,7 @@ def _check_folders(config: SluiceConfig, inputs: RunInputs, planning: bool) -> N
         if key != "logging.output_dir":
             continue
         try:
-            check_output_dir(Path(folder), config.logging.overwrite, resuming=inputs.resuming)
+            check_not_another_run(Path(folder), config.logging.overwrite, inputs.resuming)
         except UserError as refused:
             if not planning:
                 raise

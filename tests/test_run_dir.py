@@ -10,7 +10,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from actors.failures import report
 from config.errors import UserError
 from tracking.metrics import MetricsWriter
-from tracking.run_dir import check_output_dir
+from tracking.run_dir import check_not_another_run, check_writable_folder
 
 
 def earlier_run(folder):
@@ -27,13 +27,14 @@ def earlier_run(folder):
 def test_a_folder_with_another_run_is_refused_unless_overwritten_or_resumed(tmp_path):
     folder = earlier_run(tmp_path / "run")
     with pytest.raises(UserError, match=r"holds another run's results \(metrics.jsonl, summary"):
-        check_output_dir(folder, overwrite=False, resuming=False)
-    check_output_dir(folder, overwrite=True, resuming=False)
-    check_output_dir(folder, overwrite=False, resuming=True)
-    check_output_dir(tmp_path / "new" / "run", overwrite=False, resuming=False)
+        check_not_another_run(folder, overwrite=False, resuming=False)
+    check_not_another_run(folder, overwrite=True, resuming=False)
+    check_not_another_run(folder, overwrite=False, resuming=True)
+    check_not_another_run(tmp_path / "new" / "run", overwrite=False, resuming=False)
+    check_writable_folder(tmp_path / "new" / "run", "logging.output_dir", "--logging.output_dir")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")  # a run that never logged a step
-    check_output_dir(tmp_path / "empty", overwrite=False, resuming=False)
+    check_not_another_run(tmp_path / "empty", overwrite=False, resuming=False)
 
 
 def test_nothing_is_written_before_the_first_metrics(tmp_path):

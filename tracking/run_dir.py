@@ -1,8 +1,9 @@
 """The run's output folder (`logging.output_dir`): one run's results, never two runs mixed.
 
-`check_output_dir` runs in the pass before any actor starts (and in the dry run): the folder
-must be a folder, and must not hold another run's results unless the user asked to replace
-them (`logging.overwrite`) or this run resumes a checkpoint (its steps continue that run's).
+`check_writable_folder` and `check_not_another_run` run in the pass before any actor starts
+(and in the dry run): the folder must be a folder, and must not hold another run's results
+unless the user asked to replace them (`logging.overwrite`) or this run resumes a checkpoint
+(its steps continue that run's).
 
 Nothing is written into the folder until the run has its first metrics to show
 (`MetricsWriter` calls `begin_run`): a run that fails before that leaves the folder as it
@@ -18,15 +19,15 @@ from config.errors import UserError
 
 RESULT_FILES = ("metrics.jsonl", "summary.json")
 """Files whose presence (non-empty) means the folder holds a run's results."""
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "error.log")
-RUN_DIRS = ("tensorboard", "final_model", "stuck")
 ERROR_LOG = "error.log"
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", ERROR_LOG)
+RUN_DIRS = ("tensorboard", "final_model", "stuck")
 
 
-def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse an output folder this run cannot write, or one that holds another run."""
-    check_writable_folder(path, "logging.output_dir", "--logging.output_dir DIR")
-    if overwrite or resuming or not path.exists():
+def check_not_another_run(path: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse an output folder that holds another run's results (`check_writable_folder`
+    checks that it can be written at all)."""
+    if overwrite or resuming or not path.is_dir():
         return
     held = [name for name in RESULT_FILES if _non_empty(path / name)]
     if held:
