@@ -29,6 +29,12 @@ PY_SPY_TIMEOUT_S = 30.0
 class PhaseTimeout(RuntimeError):
     """A phase of the loop did not finish within its bound."""
 
+    def __init__(self, message: str, stuck_actor_ids: frozenset[str] = frozenset()):
+        super().__init__(message)
+        self.stuck_actor_ids = stuck_actor_ids
+        """Ray actor ids (hex) of the actors whose calls never finished: the driver kills
+        them at once, since a call that hangs keeps them from reaching their shutdown."""
+
 
 @dataclass(frozen=True)
 class _Phase:
@@ -98,7 +104,8 @@ def _stuck(current: _Phase, pending: list[ray.ObjectRef]) -> PhaseTimeout:
     return PhaseTimeout(
         f"{current.name} of step {current.step} did not finish within "
         f"timeouts.{current.name}_s={current.timeout_s:g} s; still running: "
-        f"{'; '.join(named) or note}; stacks in {folder}"
+        f"{'; '.join(named) or note}; stacks in {folder}",
+        stuck_actor_ids=frozenset(actor.actor_id for actor in actors),
     )
 
 

@@ -202,6 +202,11 @@ class RolloutGroup:
         """Prompt groups (or evaluation prompts) re-issued to another engine."""
         self.rejoin: Callable[[], None] | None = None
         """Set by the driver: waits for every engine and syncs them (when none is live)."""
+
+    def wait_until_started(self) -> None:
+        """Wait for every engine to finish starting (loading its model, or its server coming
+        up), then connect the serving engines to each other. The constructor only launches
+        the actors, so the driver can start the trainers while the engines load."""
         self.connect_peers()
 
     def live(self) -> list[int]:

@@ -99,8 +99,11 @@ class Driver:
                 self.trainers = TrainGroup(config, self.placement)
                 self.engines = RolloutGroup(config, self.placement)
             else:
+                # On their own GPUs the engines load while the trainers start (TrainGroup
+                # waits for its ranks); start-up costs the slower of the two, not their sum.
                 self.engines = RolloutGroup(config, self.placement)
                 self.trainers = TrainGroup(config, self.placement)
+            self.engines.wait_until_started()
             self.weights = WeightSync(
                 config.weight_sync, self.trainers, self.engines, self.layout, config.rollout.engine
             )
@@ -423,19 +426,29 @@ class Driver:
         """A stop signal arrived: no further step starts."""
         return self.stop is not None and self.stop.requested
 
-    def close(self, shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    def close(
+        self, shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S, stuck: frozenset[str] = frozenset()
+    ) -> None:
         """Stop every actor, then release the placement groups. Never raises: a run that
         failed keeps its own error, and the actors are killed whatever their shutdown did.
 
         All shutdowns start together: closing one side of an NCCL weight group waits for the
         other side, so shutting the engines down before asking the trainers would hang. An
-        actor stuck in a task never reaches its shutdown; it is killed after the timeout.
+        actor stuck in a task never reaches its shutdown: those named in `stuck` (actor ids
+        of a phase that timed out) are killed first, any other after the timeout.
         """
         self.metrics.close()
-        actors = self.engines.actors + self.trainers.actors
+        actors = []
+        for actor in self.engines.actors + self.trainers.actors:
+            if actor._actor_id.hex() in stuck:  # (Ray has no public accessor for the id)
+                ray.kill(actor)
+            else:
+                actors.append(actor)
         try:
             calls = [a.shutdown.remote() for a in actors]
-            done, pending = ray.wait(calls, num_returns=len(calls), timeout=shutdown_timeout_s)
+            done, pending = [], []
+            if calls:
+                done, pending = ray.wait(calls, num_returns=len(calls), timeout=shutdown_timeout_s)
             failed = [ref for ref in done if _failed(ref)]
             if pending or failed:
                 print(
@@ -453,8 +466,10 @@ class Driver:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        stuck = isinstance(exc, deadline.PhaseTimeout)  # its stuck actors never get to shut down
-        self.close(STUCK_SHUTDOWN_TIMEOUT_S if stuck else SHUTDOWN_TIMEOUT_S)
+        if isinstance(exc, deadline.PhaseTimeout):
+            self.close(STUCK_SHUTDOWN_TIMEOUT_S, stuck=exc.stuck_actor_ids)
+        else:
+            self.close(SHUTDOWN_TIMEOUT_S)
 
 
 def _failed(ref: ray.ObjectRef) -> bool:

@@ -33,7 +33,6 @@ from data.schema import RolloutBatchRef, build_rollout_batch
 from inference import create_engine
 from inference.engine import Completion, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
-from models.loading import load_tokenizer
 from rl.grpo import group_advantages, rewards_differ
 from rl.rewards import compute_reward, load_reward_fn
 from weights.manifest import Bucket
@@ -99,6 +98,10 @@ class RolloutActor:
         self.config = config
         self.engine_index = engine_index
         self.device = actor_device()
+        # Imported here, not at the top: the driver imports this module for the class alone,
+        # and transformers' model code takes seconds to import that only the actor needs.
+        from models.loading import load_tokenizer
+
         self.tokenizer = load_tokenizer(config.model)
         self.engine = create_engine(config, self.device, engine_index, site)
         self.reward_path = config.rollout.reward

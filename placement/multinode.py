@@ -105,7 +105,12 @@ def _written_on(layout: Layout, key: str) -> str:
 
 
 def _on_node(layout: Layout, index: int, function, *args):
-    """Run `function(*args)` in a task pinned to node `index` of the plan; its result."""
+    """Run `function(*args)` in a task pinned to node `index` of the plan; its result.
+
+    On the driver's own node it runs here: the same machine sees the same files, and a task
+    would first start a worker process (seconds of every local run's start-up)."""
+    if layout.nodes[index].node_id == ray.get_runtime_context().get_node_id():
+        return function(*args)
     task = ray.remote(num_cpus=0)(function).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(layout.nodes[index].node_id, soft=False)
     )

@@ -2,9 +2,10 @@
 
 The job's reward function hangs after some calls (`tests/stuck_reward.py`), inside a step's
 rollout; with `timeouts.rollout_s` short (10 s: a step's rollout of this job takes a few
-hundredths of a second), the driver must name the phase, the step and the
-rollout actor, leave py-spy's dump of that actor's stack (showing the reward that hangs) in
-the output folder, and exit 1 with one `error:` line, not hang.
+hundredths of a second), the driver must name the phase, the step and the rollout actor,
+leave py-spy's dump of that actor's stack (showing the reward that hangs) in the output
+folder, kill that actor at once (no wait for a shutdown it cannot reach), and exit 1 with one
+`error:` line, not hang.
 """
 
 import os
@@ -34,5 +35,7 @@ def test_a_stuck_rollout_is_named_with_its_stack_and_the_run_exits(tmp_path):
     assert match, errors[0]
     assert re.search(r"still running: sluice-rollout-0 \(pid \d+\);", errors[0]), errors[0]
     assert "Traceback" not in done.stderr
+    # The stuck actor is killed at once, not after waiting for a shutdown it never reaches.
+    assert "did not shut down" not in done.stderr, done.stderr[-3000:]
     stack = out / "stuck" / f"step{match.group(1)}-rollout" / "sluice-rollout-0.txt"
     assert "wait_for_a_verifier_that_never_answers" in stack.read_text()
