@@ -32,7 +32,13 @@ def local_ray():
 
 
 def tiny(tmp_path: Path, **overrides: str):
-    values = {"logging.output_dir": str(tmp_path), "logging.progress_bar": "false"}
+    # One training rank: these tests are about what the engines and the driver do with a
+    # step's samples (two engines, so across engines), and a rank fewer is a process fewer.
+    values = {
+        "logging.output_dir": str(tmp_path),
+        "logging.progress_bar": "false",
+        "train.num_workers": "1",
+    }
     return load_config(TINY, {**values, **overrides})
 
 

@@ -120,6 +120,7 @@ def test_a_training_actor_killed_between_steps_is_replaced_from_the_last_checkpo
         TINY,
         {
             "num_steps": "8",
+            "rollout.num_engines": "1",  # the training group is what dies here
             "checkpoint.save": str(checkpoints),
             "checkpoint.save_interval": "2",
             "logging.eval_every": "0",

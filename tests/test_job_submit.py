@@ -171,6 +171,7 @@ def test_submitted_run_succeeds_streams_steps_and_exports_dashboard_metrics(tmp_
         entrypoint = [
             sys.executable, "driver.py", "--config", "recipes/tiny.yaml",
             "--num_steps", str(STEPS), "--rollout.batch_size", "64",
+            "--train.num_workers", "1", "--rollout.num_engines", "1",  # two actors are enough
             "--logging.eval_every", "0", "--logging.save_final_model", "false",
             "--logging.output_dir", output_dir,
         ]  # fmt: skip

@@ -207,23 +207,33 @@ def test_model_args_check_flag_by_flag(converter, hf_dir):
 # The optimizer state survives a save and a resume.
 
 
-def test_resumed_training_continues_bit_for_bit(tmp_path):
+RESUME_VARIANTS = ["plain", "distributed", "distributed-bf16", "cpuadam-bf16"]
+
+
+@pytest.fixture(scope="module")
+def resume_world(tmp_path_factory) -> tuple[Path, list[str]]:
+    """One two-rank world runs every resume variant and the cross-spec load (one
+    megatron-core import per rank for both tests); its folder and output lines."""
+    root = tmp_path_factory.mktemp("resume")
     worker = ROOT / "tests" / "megatron" / "checkpoint_resume.py"
-    variants = ["plain", "distributed", "distributed-bf16", "cpuadam-bf16"]
-    done = _torchrun(2, worker, tmp_path, *variants)
-    assert [line for line in done.stdout.splitlines() if line.startswith("resumed")] == [
-        f"resumed {v}" for v in variants
+    done = _torchrun(2, worker, root, *RESUME_VARIANTS, "cross-spec")
+    return root, done.stdout.splitlines()
+
+
+def test_resumed_training_continues_bit_for_bit(resume_world):
+    root, lines = resume_world
+    assert [line for line in lines if line.startswith("resumed")] == [
+        f"resumed {v}" for v in RESUME_VARIANTS
     ]
-    for variant in variants:
-        assert (tmp_path / variant / TRACKER_FILE).read_text() == "2\n"
-        assert has_optimizer_state(latest(tmp_path / variant))
+    for variant in RESUME_VARIANTS:
+        assert (root / variant / TRACKER_FILE).read_text() == "2\n"
+        assert has_optimizer_state(latest(root / variant))
 
 
-def test_checkpoints_load_across_layer_specs(tmp_path):
+def test_checkpoints_load_across_layer_specs(resume_world):
     """torch spec (stacked experts) <-> local spec (SequentialMLP), at EP2: same weights."""
-    worker = ROOT / "tests" / "megatron" / "checkpoint_resume.py"
-    done = _torchrun(2, worker, tmp_path, "cross-spec")
-    loaded = [line for line in done.stdout.splitlines() if line.startswith("loaded")]
+    _, lines = resume_world
+    loaded = [line for line in lines if line.startswith("loaded")]
     assert loaded == ["loaded torch->local", "loaded local->torch"]
 
 

@@ -2,27 +2,40 @@
 
 One run learns the built-in task and saves every 20 steps; a second run resumes from the
 step-20 checkpoint and must repeat steps 21 and 22 exactly (model, optimizer, step counter,
-data position and sampling seeds all restored).
+data position and sampling seeds all restored). Both runs are `driver.py`'s arguments given
+to the Python API in this process, on one local Ray cluster (its start-up paid once); the
+actors start with the shim's folder on PYTHONPATH, as `tests/megatron/site` describes.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ray
+
+import driver
+from actors.preflight import MEGATRON_CPU_SHIM_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM_SITE = ROOT / "tests" / "megatron" / "site"
 MEGATRON_EP2 = ["--train.backend", "megatron", "--expert-model-parallel-size", "2"]
 
 
+@pytest.fixture
+def megatron_on_cpu(monkeypatch):
+    """This process lets Megatron run without GPUs, and the Ray cluster that the first run
+    starts gives its workers the shim (connect_ray passes PYTHONPATH on to them)."""
+    monkeypatch.setenv(MEGATRON_CPU_SHIM_ENV, "1")
+    monkeypatch.setenv("PYTHONPATH", str(SHIM_SITE))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield
+    ray.shutdown()
+
+
 def run_driver(*args: str) -> None:
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONPATH": str(SHIM_SITE)}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "driver.py", *MEGATRON_EP2, "--logging.progress_bar", "false"]
-    subprocess.run([*command, *args], cwd=ROOT, env=env, check=True, timeout=900)
+    config, _ = driver.parse_args([*MEGATRON_EP2, "--logging.progress_bar", "false", *args])
+    with driver.Driver(config) as run:
+        run.run()
 
 
 def step_metrics(run: Path) -> dict[int, dict]:
@@ -32,7 +45,7 @@ def step_metrics(run: Path) -> dict[int, dict]:
 
 @pytest.mark.megatron
 @pytest.mark.learning
-def test_megatron_loop_learns_saves_and_resumes_exactly(tmp_path):
+def test_megatron_loop_learns_saves_and_resumes_exactly(megatron_on_cpu, tmp_path):
     first, resumed, checkpoints = tmp_path / "first", tmp_path / "resumed", tmp_path / "ckpt"
     run_driver(
         "--num_steps", "40",
