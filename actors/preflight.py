@@ -16,6 +16,7 @@ from pathlib import Path
 from config.errors import UserError
 from config.schema import BUILTIN_MODEL, BUILTIN_TASK, SluiceConfig, config_json_readable
 from data.prompts import PromptRecord
+from models.model_dir import check_checkpoint_dir
 
 LOOP_STATE_FILE = "sluice_state.json"
 """The driver's part of a checkpoint: step, weight version, data position, group ids. A
@@ -79,8 +80,6 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     check_engine_config(config)
     load_reward_fn(config.rollout.reward)  # imports the user's module here, as actors will
     if model != BUILTIN_MODEL and model_here:
-        from models.loading import check_checkpoint_dir  # (transformers: seconds to import)
-
         check_checkpoint_dir(model)
     inputs.fp8 = check_rollout_checkpoint(config) if model_here else None
     inputs.loss = LossSettings.resolve(config.algorithm, inputs.fp8 is not None)

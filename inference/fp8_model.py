@@ -33,7 +33,8 @@ from inference.fp8_layers import (
     emulated_block_fp8_matmul,
 )
 from models.fp8_checkpoint import Fp8Format
-from models.loading import DTYPES, check_checkpoint_dir
+from models.loading import DTYPES
+from models.model_dir import check_checkpoint_dir
 from weights.fp8 import quantize_blockwise
 
 MIN_CAPABILITY = (9, 0)

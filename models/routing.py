@@ -60,7 +60,7 @@ def routing_shape(hf_config: Any) -> RoutingShape | None:
 def replay_routing_shape(config: "SluiceConfig") -> RoutingShape:
     """The routing shape of the policy (routing replay on); UserError for a dense model."""
     from config.errors import UserError
-    from models.loading import trainer_model
+    from models.model_dir import trainer_model
     from training.megatron.model_config import load_hf_config
 
     shape = routing_shape(load_hf_config(trainer_model(config.model)))

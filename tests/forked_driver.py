@@ -32,6 +32,7 @@ warnings.filterwarnings("ignore", r"This process .* is multi-threaded", Deprecat
 import actors.loop  # noqa: E402  (the expensive imports, inherited by every child)
 import actors.preflight  # noqa: E402, F401
 import driver  # noqa: E402, F401
+import models.tiny  # noqa: E402, F401  (transformers: a Megatron case reads the tiny config)
 
 
 def run_child(argv: list[str]) -> None:

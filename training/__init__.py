@@ -37,7 +37,7 @@ def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> N
             f"train.backend={t.backend!r} is not a known backend; use one of {sorted(BACKENDS)}"
         )
     if t.backend == "megatron":
-        from models.loading import trainer_model
+        from models.model_dir import trainer_model
         from training.megatron.model_config import load_hf_config, model_shape
         from training.megatron.parallel import check_megatron_config
 
@@ -45,7 +45,7 @@ def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> N
         check_megatron_config(t, config.model.dtype, shape)
     if config.algorithm.routing_replay and model_readable:
         from config.schema import config_json_readable
-        from models.loading import trainer_model
+        from models.model_dir import trainer_model
         from models.routing import replay_routing_shape
 
         if config_json_readable(trainer_model(config.model).hf_checkpoint):

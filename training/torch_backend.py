@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from config.errors import UserError
 from config.schema import SluiceConfig
 from models.checkpoint_format import checkpoint_tensors
-from models.loading import load_model, load_tokenizer, trainer_model
+from models.loading import load_model, load_tokenizer
+from models.model_dir import trainer_model
 from models.routing import replay_routing, replay_routing_shape
 from rl.grpo import aggregate, kl_penalty, log_probs_from_logits
 from training.backend import TrainingBackend, TrainStats

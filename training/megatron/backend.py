@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from config.schema import BUILTIN_MODEL, SluiceConfig
-from models.loading import DTYPES, check_checkpoint_dir, load_tokenizer, trainer_model
+from models.loading import DTYPES, load_tokenizer
+from models.model_dir import check_checkpoint_dir, trainer_model
 from models.routing import RoutingShape, replay_routing_shape
 from rl.grpo import aggregate, kl_penalty
 from training.backend import TrainingBackend, TrainStats

@@ -207,6 +207,6 @@ def load_hf_config(model: ModelConfig) -> Any:
         return tiny_config()
     from transformers import AutoConfig
 
-    from models.loading import check_checkpoint_dir
+    from models.model_dir import check_checkpoint_dir
 
     return AutoConfig.from_pretrained(check_checkpoint_dir(model.hf_checkpoint))
