@@ -148,6 +148,7 @@ def write_inputs(data: Path) -> dict[str, list[str]]:
         ],
         "broken_json_line": [*small, "--data.prompt_data", str(data / "broken.jsonl")],
         "save_into_a_file": [*small, "--save", str(data / "a_file")],
+        "megatron_load_missing_checkpoint": [*megatron, "--load", str(data / "none")],
         **{
             f"dry_run_{recipe.stem}": [
                 *("--config", str(recipe), "--dry-run", "--cluster"),
@@ -209,6 +210,7 @@ def quick(data) -> dict[str, Result]:
         ),
         ("broken_json_line", ["broken.jsonl:2: not valid JSON", "at column 30"]),
         ("save_into_a_file", ["checkpoint.save=", "a_file is a file, not a folder", "--save DIR"]),
+        ("megatron_load_missing_checkpoint", ["checkpoint.load=", "none holds no checkpoint"]),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_code_2(quick, case, expected):

@@ -202,14 +202,3 @@ def test_save_interval_needs_a_save_directory():
     config.checkpoint.save_interval = 5
     with pytest.raises(UserError, match=r"needs checkpoint.save \(--save DIR\)"):
         config.validate()
-
-
-def test_loading_a_missing_checkpoint_fails_before_any_actor_starts(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    command = [sys.executable, "driver.py", "--train.backend", "megatron"]
-    done = subprocess.run(
-        [*command, "--load", str(tmp_path / "none")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert f"checkpoint.load={tmp_path / 'none'} holds no checkpoint" in done.stderr
