@@ -28,6 +28,9 @@ def driver(tmp_path_factory):
             "logging.output_dir": str(tmp_path_factory.mktemp("run")),
             "logging.progress_bar": "false",
             "rollout.batch_size": "64",
+            # One training rank (what engines and trainer compare needs no second one); two
+            # engines, so every check runs across engines.
+            "train.num_workers": "1",
         },
     )
     with Driver(config) as d:

@@ -37,6 +37,7 @@ def test_abort_regenerates_the_running_groups_with_the_new_weights(local_ray, tm
             "rollout.partial": "abort",
             "rollout.reward": "tests.slow_reward:reward",
             "num_steps": "5",
+            "train.num_workers": "1",  # the engines abort and regenerate; one rank trains
             "logging.eval_every": "0",
             "logging.output_dir": str(tmp_path),
             "logging.progress_bar": "false",
