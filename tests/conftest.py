@@ -6,15 +6,19 @@ module-scoped Ray cluster or torchrun world is built once, and files are handed 
 order below (xdist would otherwise order them by their number of tests, which put the slowest
 file, a single test, last: four minutes with one worker idle).
 
-What the time goes to (2-core machine, two workers, 2026-12-05, 1095 s in all): start-up, not
-computation. Each learning or fault run starts a Ray cluster (~5 s) and four actor processes
-that import torch and transformers (~20 s on two busy cores), then trains the built-in task
-(60-120 s); each Megatron file starts torchrun worlds that import megatron-core (~20 s per
-world). Slowest tests: test_megatron_loop (182 s, two driver runs), test_loop's default job
-(140 s) and its module cluster (65 s), test_job_submit (121 s), test_deadlines (103 s),
-test_torch_resume (102 s, two driver runs), test_cli's raising-reward run (79 s), test_faults'
-killed rollout actor (77 s), test_stop_signals (64 s per signal); file totals in
-SLOWEST_FIRST's order.
+What the time goes to (2-core machine, two workers, 2026-12-06, 17:24 wall, 715 passed): CPU,
+not waiting. The machine is 96 % busy for the whole run (sampled every 5 s; memory peaks at
+9.6 of 24 GB), so the sum of the test times (2027 s) over two cores is the wall time, and
+only less CPU work makes the suite faster (a third worker would not). The same commit's wall
+time varies by 10 % between runs (976-1045 s on 2026-12-06). The work is process start-up:
+each run of the driver starts a Ray cluster (~13 s of CPU) and actors that import torch and
+transformers (~10 s of CPU each); each torchrun world of the Megatron tests imports
+megatron-core (~15 s per rank). Slowest files, by total test time on 2026-12-06:
+test_megatron_loop (196 s: two runs with two Megatron ranks and two engines),
+test_loop (192 s: the default job in a subprocess, 113 s, and the module's driver),
+test_faults (154 s), test_megatron_checkpoint (139 s), test_algorithms (133 s),
+test_stop_signals (131 s, one driver process per signal), test_weight_group_rebuild (126 s),
+test_torch_resume (110 s); file totals in SLOWEST_FIRST's order.
 """
 
 import os
@@ -24,22 +28,25 @@ import os
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 SLOWEST_FIRST = [
-    "test_loop.py",
     "test_megatron_loop.py",
+    "test_loop.py",
     "test_faults.py",
-    "test_stop_signals.py",
-    "test_algorithms.py",
     "test_megatron_checkpoint.py",
-    "test_job_submit.py",
-    "test_deadlines.py",
-    "test_megatron.py",
-    "test_torch_resume.py",
-    "test_cli.py",
+    "test_algorithms.py",
+    "test_stop_signals.py",
     "test_weight_group_rebuild.py",
-    "test_partial_rollout.py",
-    "test_weight_sync.py",
-    "test_engine.py",
+    "test_torch_resume.py",
+    "test_megatron.py",
+    "test_deadlines.py",
     "test_sglang_engine.py",
+    "test_job_submit.py",
+    "test_cli.py",
+    "test_placement.py",
+    "test_multinode.py",
+    "test_partial_rollout.py",
+    "test_fp8_tool.py",
+    "test_weight_sync.py",
+    "test_sglang_weight_group.py",
 ]
 """Measured file totals, longest first (see above); the rest follow in their own order."""
 
