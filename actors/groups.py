@@ -203,18 +203,15 @@ class RolloutGroup:
         self.rejoin: Callable[[], None] | None = None
         """Set by the driver: waits for every engine and syncs them (when none is live)."""
 
-    def wait_until_started(self) -> None:
-        """Wait for every engine to finish starting (loading its model, or its server coming
-        up), then connect the serving engines to each other. The constructor only launches
-        the actors, so the driver can start the trainers while the engines load."""
-        self.connect_peers()
-
     def live(self) -> list[int]:
         """The engines that take work: all but those that died and have not rejoined."""
         return [e for e in range(len(self.actors)) if e not in self.down]
 
     def connect_peers(self) -> None:
-        """Tell every serving engine the others' URLs (it balances and retries over them)."""
+        """Tell every serving engine the others' URLs (it balances and retries over them).
+
+        Its first call is where the driver waits for the engines to finish starting: the
+        constructor only launches them, so the trainers can start while the engines load."""
         live = [self.actors[e] for e in self.live()]
         urls = [u for u in deadline.get([a.url.remote() for a in live]) if u is not None]
         if urls:

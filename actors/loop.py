@@ -103,7 +103,7 @@ class Driver:
                 # waits for its ranks); start-up costs the slower of the two, not their sum.
                 self.engines = RolloutGroup(config, self.placement)
                 self.trainers = TrainGroup(config, self.placement)
-            self.engines.wait_until_started()
+            self.engines.connect_peers()  # waits for the engines to finish starting
             self.weights = WeightSync(
                 config.weight_sync, self.trainers, self.engines, self.layout, config.rollout.engine
             )
