@@ -461,7 +461,7 @@ def test_a_train_actor_syncs_fp8_weights_into_a_transformers_fp8_engine(checkpoi
     bf16, fp8 = checkpoints
     config = run_config(fp8, **{"model.train_checkpoint": str(bf16)})
     # A TrainActor asks Ray for its GPUs; in this plain process that needs a local Ray.
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     trainer = TrainActor(config, rank=0, world_size=1)
     address, port = pick_master_address_and_port()
     trainer.init_process_group(address, port)

@@ -87,7 +87,8 @@ class Member:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="weight_group_rebuild")
+    # "local": a fresh cluster, never one another test file (another xdist worker) runs.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="weight_group_rebuild")
     yield
     ray.shutdown()
 
