@@ -6,19 +6,20 @@ module-scoped Ray cluster or torchrun world is built once, and files are handed 
 order below (xdist would otherwise order them by their number of tests, which put the slowest
 file, a single test, last: four minutes with one worker idle).
 
-What the time goes to (2-core machine, two workers, 2026-12-06, 17:24 wall, 715 passed): CPU,
-not waiting. The machine is 96 % busy for the whole run (sampled every 5 s; memory peaks at
-9.6 of 24 GB), so the sum of the test times (2027 s) over two cores is the wall time, and
-only less CPU work makes the suite faster (a third worker would not). The same commit's wall
-time varies by 10 % between runs (976-1045 s on 2026-12-06). The work is process start-up:
-each run of the driver starts a Ray cluster (~13 s of CPU) and actors that import torch and
-transformers (~10 s of CPU each); each torchrun world of the Megatron tests imports
-megatron-core (~15 s per rank). Slowest files, by total test time on 2026-12-06:
-test_megatron_loop (196 s: two runs with two Megatron ranks and two engines),
-test_loop (192 s: the default job in a subprocess, 113 s, and the module's driver),
-test_faults (154 s), test_megatron_checkpoint (139 s), test_algorithms (133 s),
-test_stop_signals (131 s, one driver process per signal), test_weight_group_rebuild (126 s),
-test_torch_resume (110 s); file totals in SLOWEST_FIRST's order.
+What the time goes to (2-core machine, two workers, 2026-12-06, 8:12 wall, 715 passed): CPU,
+not waiting. The machine is busy for the whole run (96 % in every 5 s sample of an earlier run;
+memory peaks at 9.6 of 24 GB), so the sum of the test times (948 s) over two cores is the wall
+time, and only less CPU work makes the suite faster (a third worker would not). The same
+commit's wall time varies by about 10 % between runs. The work is process start-up: each run
+of the driver starts a Ray cluster (~13 s of CPU) and actors that import torch and
+transformers (~5 s of CPU each, from the bytecode compiled at install; ~10 s when every
+process compiled them again, which halved the suite when it stopped); each torchrun world of
+the Megatron tests imports megatron-core. Slowest files, by total test time on 2026-12-06:
+test_loop (94 s: the default job in a subprocess, 61 s, and the module's driver),
+test_megatron_loop (90 s: two runs with two Megatron ranks and two engines), test_faults
+(70 s), test_megatron_checkpoint (66 s), test_algorithms (60 s), test_stop_signals (55 s, one
+driver process per signal), test_weight_group_rebuild (52 s); file totals in SLOWEST_FIRST's
+order.
 """
 
 import os
@@ -28,8 +29,8 @@ import os
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 SLOWEST_FIRST = [
-    "test_megatron_loop.py",
     "test_loop.py",
+    "test_megatron_loop.py",
     "test_faults.py",
     "test_megatron_checkpoint.py",
     "test_algorithms.py",
@@ -37,15 +38,16 @@ SLOWEST_FIRST = [
     "test_weight_group_rebuild.py",
     "test_torch_resume.py",
     "test_megatron.py",
-    "test_deadlines.py",
+    "test_engine.py",
     "test_sglang_engine.py",
+    "test_deadlines.py",
+    "test_multinode.py",
+    "test_weight_sync.py",
     "test_job_submit.py",
     "test_cli.py",
     "test_placement.py",
-    "test_multinode.py",
     "test_partial_rollout.py",
     "test_fp8_tool.py",
-    "test_weight_sync.py",
     "test_sglang_weight_group.py",
 ]
 """Measured file totals, longest first (see above); the rest follow in their own order."""
