@@ -7,9 +7,9 @@ order below (xdist would otherwise order them by their number of tests, which pu
 file, a single test, last: four minutes with one worker idle).
 
 What the time goes to (2-core machine, two workers, 2026-12-06, 8:12 wall, 715 passed): CPU,
-not waiting. The machine is busy for the whole run (96 % in every 5 s sample of an earlier run;
-memory peaks at 9.6 of 24 GB), so the sum of the test times (948 s) over two cores is the wall
-time, and only less CPU work makes the suite faster (a third worker would not). The same
+not waiting. The machine is 90 % busy on average (5 s samples over a whole `bash .ci/run`;
+memory peaks at 9.6 of 24 GB), so the sum of the test times (948 s) over two cores is close to
+the wall time, and only less CPU work makes the suite faster (a third worker would not). The same
 commit's wall time varies by about 10 % between runs. The work is process start-up: each run
 of the driver starts a Ray cluster (~13 s of CPU) and actors that import torch and
 transformers (~5 s of CPU each, from the bytecode compiled at install; ~10 s when every
