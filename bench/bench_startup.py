@@ -57,7 +57,8 @@ def machine_busy_seconds() -> float:
 
 
 def environments(empty_cache: str) -> dict[str, dict[str, str]]:
-    base = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    base = {**os.environ, "PYTHONPATH": path, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     base.pop("PYTHONPYCACHEPREFIX", None)
     source = {**base, "PYTHONPYCACHEPREFIX": empty_cache, "PYTHONDONTWRITEBYTECODE": "1"}
     return {"bytecode": base, "from source": source}

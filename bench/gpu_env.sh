@@ -12,6 +12,12 @@ gpu_env() {
   export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
     PYTHONUNBUFFERED=1
+  # The machine sets PYTHONDONTWRITEBYTECODE and its torch ships no bytecode, so every process
+  # (driver, Ray actor, torchrun rank) compiled torch and transformers from source again. Let
+  # the first importer write the bytecode, into a folder of our own (the installed packages'
+  # folders need not be writable); later processes load it.
+  unset PYTHONDONTWRITEBYTECODE
+  export PYTHONPYCACHEPREFIX=/tmp/pycache
 }
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
