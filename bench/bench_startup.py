@@ -6,7 +6,8 @@ install (`compile-bytecode`); without that, on a machine that sets PYTHONDONTWRI
 CI's does), every such process compiled those packages from source again. This script
 measures both in the same run:
 
-- `bytecode`: a plain interpreter, which loads the installed `.pyc` files;
+- `bytecode`: the interpreter as this environment runs it, which loads the installed `.pyc`
+  files (on the GPU machine, `bench/gpu_env.sh`'s bytecode folder);
 - `from source`: the same interpreter with PYTHONPYCACHEPREFIX pointing at an empty folder and
   PYTHONDONTWRITEBYTECODE=1, so it finds no bytecode and writes none (what every process did
   before).
@@ -59,7 +60,6 @@ def machine_busy_seconds() -> float:
 def environments(empty_cache: str) -> dict[str, dict[str, str]]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     base = {**os.environ, "PYTHONPATH": path, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    base.pop("PYTHONPYCACHEPREFIX", None)
     source = {**base, "PYTHONPYCACHEPREFIX": empty_cache, "PYTHONDONTWRITEBYTECODE": "1"}
     return {"bytecode": base, "from source": source}
 
