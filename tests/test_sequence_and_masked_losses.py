@@ -179,3 +179,26 @@ def test_gspo_and_mis_settings_reach_the_loss_and_bad_bounds_are_refused():
     for bad in ({"algorithm.mis_low": "0"}, {"algorithm.mis_high": "0.9"}):
         with pytest.raises(UserError, match="0 < mis_low <= 1 <= mis_high"):
             load_config(None, bad)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_gspo_gives_a_token_mis_dropped_no_gradient_through_the_sequence_ratio(aggregation):
+    """GSPO's ratio is over the tokens MIS keeps: a dropped token's log-prob reaches the loss
+    neither through its own term nor through its sequence's ratio (the geometric mean of the
+    kept tokens' ratios, the same as GSPO on the kept tokens alone)."""
+    log_probs = torch.tensor(LOG_PROBS, dtype=torch.float64, requires_grad=True)
+    # Trainer/engine ratios: e^-1 at (0, 1) (dropped), 1 elsewhere; a 2.0 sample advantage.
+    shift = torch.zeros(3, 4, dtype=torch.float64)
+    shift[0, 1] = 1.0
+    mb = micro_batch(log_probs, log_probs.detach() + shift)
+    settings = LossSettings.resolve(
+        AlgorithmConfig(loss="gspo", mis="token", old_log_probs="rollout", clip_low=0.2,
+                        clip_high=0.28), fp8_rollouts=False,
+    )  # fmt: skip
+    per_token, stats, corrections = policy_term(log_probs, mb, settings)
+    (grad,) = torch.autograd.grad(aggregate(per_token, mb.loss_mask, aggregation), log_probs)
+    assert corrections.kept[0].tolist() == [True, False, True, True]
+    assert grad[0, 1].item() == 0.0  # exactly: the dropped token is in no term of the loss
+    assert (grad[0, [0, 2, 3]] != 0).all()
+    # The ratio is the kept tokens' geometric mean: here each kept ratio is 1.
+    assert stats.ratio[0].tolist() == [1.0] * 4

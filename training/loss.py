@@ -144,8 +144,14 @@ def policy_term(
     )
     weights = corrections.token_weights()
     if s.loss == "gspo":
+        # GSPO's sequence ratio is the geometric mean over the tokens MIS keeps: zeroing a
+        # dropped token's own loss is not enough, since every kept token's loss carries the
+        # ratio, and a ratio over all tokens would still pass the dropped token's (untrusted)
+        # log-prob gradient. Over the kept tokens it is GSPO's objective on the kept part of
+        # the sequence, so masking is sound and the pair is allowed.
+        ratio_mask = mb.loss_mask if corrections.kept is None else mb.loss_mask * corrections.kept
         per_token, stats = gspo_loss(
-            log_probs, old, mb.advantages, mb.loss_mask, s.clip_low, s.clip_high, weights
+            log_probs, old, mb.advantages, ratio_mask, s.clip_low, s.clip_high, weights
         )
     else:
         per_token, stats = policy_loss(
