@@ -377,17 +377,21 @@ class AlgorithmConfig:
     """The smallest weight a token gets (in [0, 1]; slime's --tis-clip-low): 0 truncates
     only from above, as the TIS paper does."""
 
-    tis_level: Literal["token", "sequence"] = "token"
-    """`token`: each token's own ratio; `sequence`: the sequence's ratio (the product of its
-    token ratios, the importance weight of the whole sample), clamped and given to each of its
-    tokens."""
+    tis_level: Literal["token", "sequence", "geometric"] = "token"
+    """`token`: each token's own ratio; `sequence`: the sequence's ratio as the product of its
+    token ratios (the importance weight of the whole sample; it drifts with the length, so on
+    long responses nearly every sequence sits at the cap or the floor); `geometric`: the
+    geometric mean of its token ratios (a per-token average that stays near 1 whatever the
+    length, GSPO's form). The sequence's value is clamped and given to each of its tokens."""
 
-    mis: Literal["off", "token", "sequence"] = "off"
+    mis: Literal["off", "token", "sequence", "geometric"] = "off"
     """Masked importance sampling: drop from the loss the tokens (`token`), or whole sequences
-    (`sequence`, by the product of their token ratios), whose trainer/engine ratio
+    (`sequence`: by the product of their token ratios; `geometric`: by its geometric mean, the
+    form for long responses, whose product leaves any fixed bounds), whose trainer/engine ratio
     exp(trainer log-prob - rollout log-prob) lies outside [mis_low, mis_high], instead of
     reweighting them as TIS does; they keep counting in the loss normalizer. Combines with
-    TIS (the kept tokens are then weighted)."""
+    TIS (the kept tokens are then weighted). With loss gspo, the sequence ratio is taken over
+    the kept tokens only, so a dropped token's log-prob gets no gradient."""
 
     mis_low: float = 0.5
     """Smallest trainer/engine ratio kept by MIS (in (0, 1])."""

@@ -19,6 +19,12 @@ from torch import Tensor
 
 KLKind = Literal["k1", "k2", "k3", "low_var_kl"]
 AggregationMode = Literal["token_mean", "sequence_mean"]
+RatioLevel = Literal["token", "sequence", "geometric"]
+"""Whose trainer/engine ratio a token's TIS weight or MIS decision uses: its own (`token`); its
+sequence's product of token ratios (`sequence`: the importance weight of the whole sample,
+unbiased, but a sum of log-ratios that grows with the length, so on long responses it leaves
+any fixed bounds); or its sequence's geometric mean of token ratios (`geometric`: the product's
+|y|-th root, a per-token average that stays near 1 on long responses, as GSPO's ratio)."""
 
 _MAX_LOG_RATIO = 20.0
 """Log-ratios are clamped to +-20 before `exp` where a ratio could overflow: e^20 ~ 5e8 is far
@@ -240,19 +246,24 @@ def gspo_loss(
 
 
 def _trainer_rollout_log_ratio(
-    old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor | None, level: str
+    old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor | None, level: RatioLevel
 ) -> Tensor:
     """log(pi_trainer / pi_rollout) per token [B, T]; with `level` sequence, the sum over the
-    sequence's loss tokens (the log of the product of its token ratios), given to each token."""
+    sequence's loss tokens (the log of the product of its token ratios), with `geometric` their
+    mean (the log of the geometric mean), given to each token. A sequence without loss tokens
+    gets 0 (a ratio of 1)."""
     log_ratio = old_log_probs.float() - rollout_log_probs.float()
     if level == "token":
         return log_ratio
-    if level == "sequence":
-        if loss_mask is None:
-            raise ValueError("sequence-level weights need the loss mask")
-        total = (log_ratio * loss_mask.float()).sum(dim=-1, keepdim=True)
-        return total.expand_as(log_ratio)
-    raise ValueError(f"unknown level {level!r}; use token or sequence")
+    if level not in ("sequence", "geometric"):
+        raise ValueError(f"unknown level {level!r}; use token, sequence or geometric")
+    if loss_mask is None:
+        raise ValueError(f"{level}-level weights need the loss mask")
+    mask = loss_mask.float()
+    total = (log_ratio * mask).sum(dim=-1, keepdim=True)
+    if level == "geometric":
+        total = total / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    return total.expand_as(log_ratio)
 
 
 @dataclass(frozen=True)
@@ -273,7 +284,7 @@ def truncated_importance_weights(
     cap: float,
     floor: float = 0.0,
     loss_mask: Tensor | None = None,
-    level: str = "token",
+    level: RatioLevel = "token",
 ) -> TisWeights:
     """TIS: w = clamp(pi_old_trainer(x) / pi_rollout(x), floor, cap) per sampled token [B, T].
 
@@ -284,7 +295,8 @@ def truncated_importance_weights(
     --tis-clip-low) keeps tokens the engine over-sampled from vanishing. No gradient flows
     through w. The log-ratio is clamped to +-20 before exp, as in `policy_loss`.
     `level="sequence"`: every token of a sequence gets the clamped ratio of the whole sequence
-    (the product of its loss tokens' ratios; needs `loss_mask`).
+    (the product of its loss tokens' ratios; needs `loss_mask`); `level="geometric"`: the
+    clamped geometric mean of those ratios (see `RatioLevel`).
     """
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
@@ -302,11 +314,12 @@ def masked_importance_sampling(
     loss_mask: Tensor,
     low: float,
     high: float,
-    level: str = "token",
+    level: RatioLevel = "token",
 ) -> Tensor:
     """MIS: bool [B, T], True for the tokens to keep: those whose trainer/rollout ratio
     pi_trainer(x) / pi_rollout(x) lies in [low, high] (`level="sequence"`: the ratio of the whole
-    sequence, the product of its loss tokens' ratios, so a sequence is kept or dropped whole).
+    sequence, the product of its loss tokens' ratios, so a sequence is kept or dropped whole;
+    `level="geometric"`: the geometric mean of those ratios, also kept or dropped whole).
     Where TIS bounds the weight of a token the two sides disagree on, MIS drops it: its
     gradient, not just its weight, is untrustworthy. Compared in log space (no overflow)."""
     if not 0 < low <= 1 <= high:

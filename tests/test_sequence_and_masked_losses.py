@@ -93,24 +93,47 @@ def test_gspo_equals_token_level_grpo_when_every_ratio_is_one():
         assert torch.allclose(g1 * mask, g2 * mask), mode
 
 
-def test_sequence_level_tis_gives_each_token_its_sequences_capped_product_of_ratios():
+def sequence_ratio(ratios: list[float], mask: list[int], level: str) -> float:
+    """A sequence's trainer/engine ratio from its token ratios, by hand: their product, or its
+    n-th root over the n loss tokens (1 for a sequence without any)."""
+    kept = [r for r, m in zip(ratios, mask, strict=True) if m]
+    product = math.prod(kept)
+    return product if level == "sequence" or not kept else product ** (1.0 / len(kept))
+
+
+@pytest.mark.parametrize("level", ["sequence", "geometric"])
+def test_sequence_level_tis_gives_each_token_its_sequences_capped_ratio(level):
     old, rollout = torch.tensor(OLD), torch.tensor(LOG_PROBS)  # old = trainer, here
     mask = torch.tensor(MASK)
-    tis = truncated_importance_weights(old, rollout, cap=1.5, floor=0.6, loss_mask=mask,
-                                       level="sequence")  # fmt: skip
+    tis = truncated_importance_weights(old, rollout, cap=1.1, floor=0.9, loss_mask=mask,
+                                       level=level)  # fmt: skip
     for i in range(3):
-        product = 1.0
-        for t in range(4):
-            if MASK[i][t]:
-                product *= math.exp(OLD[i][t] - LOG_PROBS[i][t])
-        expected = min(max(product, 0.6), 1.5)
+        token_ratios = [math.exp(OLD[i][t] - LOG_PROBS[i][t]) for t in range(4)]
+        ratio = sequence_ratio(token_ratios, MASK[i], level)
+        expected = min(max(ratio, 0.9), 1.1)
         assert tis.weights[i].tolist() == pytest.approx([expected] * 4, rel=1e-6)
-        assert tis.truncated[i].tolist() == [not 0.6 <= product <= 1.5] * 4
+        assert tis.truncated[i].tolist() == [not 0.9 <= ratio <= 1.1] * 4
     with pytest.raises(ValueError, match="need the loss mask"):
-        truncated_importance_weights(old, rollout, cap=2.0, level="sequence")
+        truncated_importance_weights(old, rollout, cap=2.0, level=level)
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_the_geometric_mean_stays_near_one_where_the_product_saturates():
+    """A long response whose every token the trainer finds 2% likelier than the engine did:
+    its product of ratios leaves [0.5, 2] after 36 tokens (sequence MIS drops it, sequence TIS
+    caps it), its geometric mean stays 1.02 at any length."""
+    length = 400
+    trainer = torch.full((1, length), math.log(1.02))
+    rollout, mask = torch.zeros(1, length), torch.ones(1, length)
+    product = truncated_importance_weights(trainer, rollout, 2.0, 0.0, mask, "sequence")
+    geometric = truncated_importance_weights(trainer, rollout, 2.0, 0.0, mask, "geometric")
+    assert product.truncated.all() and product.weights[0, 0].item() == 2.0
+    assert not geometric.truncated.any()
+    assert geometric.weights[0, 0].item() == pytest.approx(1.02, rel=1e-5)
+    assert not masked_importance_sampling(trainer, rollout, mask, 0.5, 2.0, "sequence").any()
+    assert masked_importance_sampling(trainer, rollout, mask, 0.5, 2.0, "geometric").all()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
 def test_mis_keeps_exactly_the_tokens_or_sequences_whose_ratio_is_within_the_bounds(level):
     trainer = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     # Token ratios: 1, 2 (on the bound), 2.5, 0.3 | 1.2, 1.3, e^9, 1 (masked) | no tokens.
@@ -123,8 +146,8 @@ def test_mis_keeps_exactly_the_tokens_or_sequences_whose_ratio_is_within_the_bou
         if level == "token":
             expected = [0.5 - 1e-6 <= r <= 2.0 + 1e-6 for r in ratios[i]]
         else:
-            product = math.prod(r for r, m in zip(ratios[i], MASK[i], strict=True) if m)
-            expected = [0.5 <= product <= 2.0 + 1e-6] * 4
+            ratio = sequence_ratio(ratios[i], MASK[i], level)
+            expected = [0.5 <= ratio <= 2.0 + 1e-6] * 4
         assert kept[i].tolist() == expected, i
     assert kept[2].all()  # a sequence without loss tokens has ratio 1
     with pytest.raises(ValueError, match="0 < low <= 1 <= high"):

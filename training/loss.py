@@ -45,10 +45,10 @@ class LossSettings:
     loss: Literal["grpo", "gspo"] = "grpo"
     """Token-level (GRPO / PPO) or sequence-level (GSPO) ratio and clip."""
 
-    tis_level: Literal["token", "sequence"] = "token"
-    """TIS weights per token, or per sequence."""
+    tis_level: Literal["token", "sequence", "geometric"] = "token"
+    """TIS weights per token, or per sequence (product or geometric mean of its ratios)."""
 
-    mis: Literal["off", "token", "sequence"] = "off"
+    mis: Literal["off", "token", "sequence", "geometric"] = "off"
     """Masked importance sampling: drop tokens (or sequences) out of [mis_low, mis_high]."""
 
     mis_low: float = 0.5
