@@ -30,6 +30,7 @@ if not os.environ.get("RAY_ADDRESS"):
 
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
+from config.schema import loss_settings_line
 from config.seed_flags import (
     add_seed_flags,
     alias_names,
@@ -156,6 +157,8 @@ def dry_run(config: SluiceConfig, cluster_spec: str | None) -> None:
     tis = f"on, cap {loss.tis_cap:g}" if loss.tis else "off"
     if inputs.model_readable:  # else whether the rollouts are fp8 is not known here
         print(f"# rollout weights: {weights}; TIS {tis}; ratio denominator: {loss.old_log_probs}")
+    if loss_line := loss_settings_line(config.algorithm):
+        print(f"# {loss_line}")
     for note in inputs.notes:
         print(f"# {note}")
     print()

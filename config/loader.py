@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from config.errors import UserError
-from config.schema import SluiceConfig
+from config.schema import SluiceConfig, take_loss_defaults
 
 
 def load_config(
@@ -34,7 +34,21 @@ def load_config(
     config = from_dict(SluiceConfig, values, where=str(recipe) if recipe else "defaults")
     for dotted, raw in (overrides or {}).items():
         set_dotted(config, dotted, raw)
+    # Defaults that depend on another key (GSPO's clip range) fill only what the user left
+    # unset: the recipe's keys and the overrides are what the user set.
+    take_loss_defaults(config.algorithm, {*given_keys(values), *(overrides or {})})
     return config.validate()
+
+
+def given_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys a recipe's nested mapping sets (`{"train": {"lr": 1}}` -> `train.lr`);
+    a mapping-valued key (`rollout.sglang.server_args`) is listed with its inner keys."""
+    keys = []
+    for key, value in values.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += given_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

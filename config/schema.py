@@ -7,6 +7,7 @@ starts; each check names the field and the fix.
 
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
@@ -333,14 +334,17 @@ class AlgorithmConfig:
     gspo): one importance ratio per sequence, the geometric mean of its token ratios, clipped
     per sequence, every token of the sequence sharing its loss; meant for MoE models, whose
     token ratios are noisy when the routing shifts. GSPO's clip range is far narrower than
-    PPO's (the paper: clip_low 3e-4, clip_high 4e-4), and its objective is a mean over
-    sequences: loss_aggregation sequence_mean."""
+    PPO's and its objective is a mean over sequences: with `gspo`, clip_low 3e-4, clip_high
+    4e-4 (the paper's) and loss_aggregation sequence_mean are taken for each of the three that
+    neither the recipe nor the command line (load_config's overrides) sets; the start-up line
+    says which values the run trains with."""
 
     clip_low: float = 0.2
-    """Lower clip of the importance ratio: ratio >= 1 - clip_low."""
+    """Lower clip of the importance ratio: ratio >= 1 - clip_low (loss gspo: 3e-4 unless set)."""
 
     clip_high: float = 0.28
-    """Upper clip of the importance ratio: ratio <= 1 + clip_high."""
+    """Upper clip of the importance ratio: ratio <= 1 + clip_high (loss gspo: 4e-4 unless
+    set)."""
 
     kl_coef: float = 0.0
     """Weight of the KL loss to the frozen reference model (0 = no reference model)."""
@@ -401,7 +405,8 @@ class AlgorithmConfig:
 
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     """`token_mean`: every response token of the step weighs the same (across all ranks);
-    `sequence_mean`: each sample's tokens are averaged first."""
+    `sequence_mean`: each sample's tokens are averaged first (loss gspo: sequence_mean unless
+    set)."""
 
     routing_replay: bool = False
     """Rollout routing replay (R3, Ma et al. 2025; slime's --use-rollout-routing-replay): the
@@ -410,6 +415,41 @@ class AlgorithmConfig:
     trainers force the same experts in their forwards (the loss and any log-prob recompute),
     their gate weights still trained through the softmax at those experts. Removes the
     mismatch that comes from the trainer's router picking other experts than the engine's."""
+
+
+GSPO_DEFAULTS: dict[str, float | str] = {
+    "clip_low": 3e-4,
+    "clip_high": 4e-4,
+    "loss_aggregation": "sequence_mean",
+}
+"""GSPO's own values (Zheng et al. 2025) of the `algorithm` keys whose defaults are PPO's:
+PPO's clip range (0.2 / 0.28) would almost never clip a sequence ratio, the geometric mean of
+token ratios. `load_config` takes them for `loss: gspo` wherever the recipe and the overrides
+leave the key unset."""
+
+
+def take_loss_defaults(algorithm: AlgorithmConfig, given: Collection[str]) -> None:
+    """With `loss: gspo`, set each key of `GSPO_DEFAULTS` that the user did not set (`given`:
+    the dotted keys set by the recipe or the overrides, e.g. `algorithm.clip_low`) to GSPO's
+    value. A value the user set wins, whatever it is."""
+    if algorithm.loss != "gspo":
+        return
+    for name, value in GSPO_DEFAULTS.items():
+        if f"algorithm.{name}" not in given:
+            setattr(algorithm, name, value)
+
+
+def loss_settings_line(algorithm: AlgorithmConfig) -> str | None:
+    """A GSPO run's start-up line: the clip range and aggregation it trains with, each marked
+    GSPO's value or set to another (None for other losses, whose defaults are PPO's)."""
+    if algorithm.loss != "gspo":
+        return None
+    parts = []
+    for name, gspo in GSPO_DEFAULTS.items():
+        value = getattr(algorithm, name)
+        origin = "GSPO's" if value == gspo else f"not GSPO's {gspo}"
+        parts.append(f"{name} {value} ({origin})")
+    return f"GSPO with {', '.join(parts)}"
 
 
 @dataclass

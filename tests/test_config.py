@@ -347,6 +347,60 @@ def test_rollouts_ahead_need_their_own_gpus_and_a_ratio_against_the_generating_w
     assert LossSettings.of(with_tis).tis  # recomputed ratio, TIS against the engine's
 
 
+def clip_and_aggregation(config: SluiceConfig) -> tuple:
+    a = config.algorithm
+    return a.clip_low, a.clip_high, a.loss_aggregation
+
+
+GSPO_VALUES = (3e-4, 4e-4, "sequence_mean")
+
+
+def test_gspo_takes_its_own_clip_range_and_aggregation_where_the_user_set_none(tmp_path):
+    import driver
+
+    assert clip_and_aggregation(load_config(TINY)) == (0.2, 0.28, "token_mean")  # GRPO: PPO's
+    assert clip_and_aggregation(load_config(TINY, {"algorithm.loss": "gspo"})) == GSPO_VALUES
+    recipe = write_recipe(tmp_path, "algorithm:\n  loss: gspo\n")
+    assert clip_and_aggregation(load_config(recipe)) == GSPO_VALUES
+    # slime's spelling reaches the same key, so the same values.
+    config, _ = driver.parse_args(["--advantage-estimator", "gspo"])
+    assert clip_and_aggregation(config) == GSPO_VALUES
+
+
+def test_a_value_the_user_set_wins_over_gspos_even_ppos_own(tmp_path):
+    import driver
+
+    # Set on the command line to PPO's default: the user asked for it, so it stays.
+    flags = {"algorithm.loss": "gspo", "algorithm.clip_low": "0.2"}
+    assert clip_and_aggregation(load_config(TINY, flags)) == (0.2, 4e-4, "sequence_mean")
+    config, _ = driver.parse_args(
+        ["--advantage-estimator", "gspo", "--algorithm.clip_high", "1e-3"]
+    )
+    assert clip_and_aggregation(config) == (3e-4, 1e-3, "sequence_mean")
+    # Set in the recipe, the loss from the command line.
+    recipe = write_recipe(tmp_path, "algorithm:\n  loss_aggregation: token_mean\n")
+    config = load_config(recipe, {"algorithm.loss": "gspo"})
+    assert clip_and_aggregation(config) == (3e-4, 4e-4, "token_mean")
+
+
+def test_a_gspo_run_says_at_start_up_which_clip_and_aggregation_it_took(capsys):
+    import driver
+    from tracking.metrics import start_line
+
+    config = load_config(TINY, {"algorithm.loss": "gspo", "algorithm.clip_high": "0.01"})
+    first, second = start_line(config).splitlines()
+    assert first.startswith("sluice: 80 steps of GSPO on")
+    assert second == (
+        "sluice: GSPO with clip_low 0.0003 (GSPO's), clip_high 0.01 (not GSPO's 0.0004), "
+        "loss_aggregation sequence_mean (GSPO's)"
+    )
+    assert len(start_line(load_config(TINY)).splitlines()) == 1  # GRPO: no such line
+    assert driver.main(["--dry-run", "--advantage-estimator", "gspo"]) == 0
+    assert (
+        "# GSPO with clip_low 0.0003 (GSPO's), clip_high 0.0004 (GSPO's)" in capsys.readouterr().out
+    )
+
+
 def test_validate_returns_the_config_itself():
     config = SluiceConfig()
     assert config.validate() is config

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
 
+from config.schema import loss_settings_line
 from tracking.run_dir import begin_run
 
 if TYPE_CHECKING:
@@ -91,15 +92,18 @@ class MetricsWriter:
 
 def start_line(config: "SluiceConfig") -> str:
     """What a run is about to do and where it writes: the job log's first line, printed before
-    Ray and the actors start (a minute on a small machine, which would otherwise be silent)."""
+    Ray and the actors start (a minute on a small machine, which would otherwise be silent).
+    A GSPO run gets a second line: its clip range and aggregation, GSPO's or set otherwise."""
     t, r = config.train, config.rollout
-    return (
+    line = (
         f"sluice: {config.num_steps} steps of {config.algorithm.loss.upper()} on "
         f"{config.model.hf_checkpoint} with {config.data.prompt_data}; {t.num_workers} "
         f"{t.backend} trainer(s), {r.num_engines} {r.engine} engine(s); writing to "
         f"{config.logging.output_dir} (metrics.jsonl, tensorboard/, summary.json); starting Ray "
         f"and the actors..."
     )
+    loss = loss_settings_line(config.algorithm)
+    return line if loss is None else f"{line}\nsluice: {loss}"
 
 
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
