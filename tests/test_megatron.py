@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from models.reference import qwen3_30b_a3b_config
 from models.tiny import tiny_config
 from training.megatron.model_config import model_args, model_shape
 from training.megatron.parallel import check_megatron_config
+from training.megatron.routing_replay import check_replayable
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM_SITE = ROOT / "tests" / "megatron" / "site"
@@ -167,6 +169,42 @@ def test_cpu_adam_in_fp32_with_the_distributed_optimizer_is_refused():
     with pytest.raises(UserError, match="train in bfloat16"):
         check_megatron_config(train, "float32", model_shape(tiny_config()))
     check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
+
+
+def megatron_settings(fusion: bool, recompute: str | None, pipeline: int) -> SimpleNamespace:
+    """The three fields of megatron-core's `TransformerConfig` that `check_replayable` reads
+    (a real one reaches it in every `-r3` layout above, where the model is built)."""
+    return SimpleNamespace(
+        moe_router_fusion=fusion,
+        recompute_granularity=recompute,
+        pipeline_model_parallel_size=pipeline,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fusion", "recompute", "pipeline", "refused"),
+    [
+        (True, None, 1, ["moe_router_fusion=True"]),
+        (False, "full", 2, ["recompute_granularity='full' with train.parallel.pipeline=2"]),
+        (False, "selective", 4, ["recompute_granularity='selective'"]),
+        (True, "full", 2, ["moe_router_fusion=True", "recompute_granularity='full'"]),
+        (False, "full", 1, []),  # each micro-batch's backward follows its own forward
+        (False, None, 2, []),  # what Sluice builds: PP replays, tested in the pp2-r3 layout
+    ],
+)
+def test_routing_replay_refuses_what_megatron_core_would_not_replay(
+    fusion, recompute, pipeline, refused
+):
+    settings = megatron_settings(fusion, recompute, pipeline)
+    if not refused:
+        check_replayable(settings)
+        return
+    with pytest.raises(UserError) as error:
+        check_replayable(settings)
+    message = str(error.value)
+    assert message.startswith("algorithm.routing_replay=true (R3) cannot be replayed")
+    assert all(part in message for part in refused), message
+    assert ("moe_router_fusion" in message) == fusion
 
 
 # scripts/models/qwen3-30B-A3B.sh of the seed (slime), MODEL_ARGS, with the layer pattern

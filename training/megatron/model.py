@@ -7,6 +7,7 @@ import torch
 from config.schema import ParallelConfig
 from training.megatron.layers import decoder_block_spec
 from training.megatron.model_config import model_shape, transformer_config
+from training.megatron.routing_replay import check_replayable
 
 
 def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
@@ -39,6 +40,8 @@ def build_gpt_model(
 
     config = transformer_config(hf_config, parallel, dtype)
     config.moe_enable_routing_replay = routing_replay
+    if routing_replay:
+        check_replayable(config)
     config.use_cpu_initialization = device.type == "cpu"
     config.perform_initialization = False
     shape = model_shape(hf_config)

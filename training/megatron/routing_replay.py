@@ -13,7 +13,52 @@ from typing import Any
 
 import torch
 
+from config.errors import UserError
 from training.megatron.model_config import ModelShape
+
+
+def replay_refusals(
+    moe_router_fusion: bool, recompute_granularity: str | None, pipeline: int
+) -> list[str]:
+    """What megatron-core settings R3 cannot replay under, one problem per line (empty if none).
+
+    - `moe_router_fusion`: the fused top-k kernel (Transformer Engine's) returns its own ids
+      and never asks the router's `RouterReplay`, so replay would silently not happen.
+    - activation recompute under pipeline parallelism: the recomputed forward of micro-batch
+      k runs in its backward, after the forwards of later micro-batches have set their own
+      ids (`set_micro_batch`), so it would replay another micro-batch's experts. Without
+      pipeline parallelism each micro-batch's backward follows its own forward, and the ids
+      are still its own.
+    """
+    problems = []
+    if moe_router_fusion:
+        problems.append(
+            "moe_router_fusion=True: the fused top-k path takes its own experts and bypasses "
+            "the replayed ones; turn the router fusion off"
+        )
+    if recompute_granularity is not None and pipeline > 1:
+        problems.append(
+            f"recompute_granularity={recompute_granularity!r} with train.parallel.pipeline="
+            f"{pipeline}: a micro-batch recomputed in its backward would replay a later "
+            f"micro-batch's experts; turn activation recompute off, or use pipeline 1"
+        )
+    return problems
+
+
+def check_replayable(config: Any) -> None:
+    """UserError if megatron-core's `TransformerConfig` `config` has a setting R3 cannot
+    replay under (`replay_refusals`); called where a model is built with routing replay, so
+    whichever key set it, the model never trains with a replay that does not happen."""
+    problems = replay_refusals(
+        config.moe_router_fusion,
+        config.recompute_granularity,
+        config.pipeline_model_parallel_size,
+    )
+    if problems:
+        raise UserError(
+            "algorithm.routing_replay=true (R3) cannot be replayed by megatron-core with "
+            + "; ".join(problems)
+        )
 
 
 class MegatronRoutingReplay:
