@@ -225,3 +225,19 @@ def test_gspo_gives_a_token_mis_dropped_no_gradient_through_the_sequence_ratio(a
     assert (grad[0, [0, 2, 3]] != 0).all()
     # The ratio is the kept tokens' geometric mean: here each kept ratio is 1.
     assert stats.ratio[0].tolist() == [1.0] * 4
+
+
+def test_train_stats_report_the_advantages_the_loss_applied():
+    """Mean and std over the samples with loss tokens: the third sample has none (as padding
+    rows and empty responses), so its advantage 2.0 reaches no gradient and is not counted."""
+    log_probs = torch.tensor(LOG_PROBS)
+    mb = micro_batch(log_probs, log_probs)
+    settings = LossSettings.resolve(AlgorithmConfig(), fp8_rollouts=False)
+    per_token, loss_stats, corrections = policy_term(log_probs, mb, settings)
+    loss = aggregate(per_token, mb.loss_mask, "token_mean")
+    stats = TrainStats()
+    for _ in range(2):  # two micro-batches (or ranks) add up
+        stats.add_micro_batch(loss, loss, log_probs, mb, loss_stats, corrections)
+    reduced = TrainStats.reduce([stats.flush()])
+    assert reduced["train/advantage_mean"] == pytest.approx((0.7 - 1.3) / 2)
+    assert reduced["train/advantage_std"] == pytest.approx(1.0)

@@ -1,5 +1,6 @@
 """The training-backend interface a TrainActor drives, and its per-step statistics."""
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -48,6 +49,10 @@ class TrainStats:
     tis_weight_sum: float = 0.0
     mis_tokens: float = 0.0
     mis_masked_sum: float = 0.0
+    advantage_samples: float = 0.0
+    """Samples with at least one loss token: those whose advantage the loss applied."""
+    advantage_sum: float = 0.0
+    advantage_square_sum: float = 0.0
     grad_norm: float = 0.0
     compute_seconds: float = 0.0
     gpu_peak_gb: float = 0.0
@@ -71,6 +76,8 @@ class TrainStats:
         The figures stay on the device until `flush` reads them all at once: a `.item()` for
         each would stall the GPU's queue about ten times per micro-batch."""
         mask = mb.loss_mask.bool()
+        applied = mask.any(dim=-1)  # padding rows and empty responses carry no advantage
+        advantages = torch.where(applied, mb.advantages[:, 0].double(), 0.0)
         tis = corrections.tis if corrections is not None else None
         kept = corrections.kept if corrections is not None else None
         mismatch = log_prob_mismatch(log_probs.detach(), mb.rollout_log_probs, mb.loss_mask)
@@ -91,6 +98,9 @@ class TrainStats:
             "tis_weight_sum": zero if tis is None else (tis.weights * mask).sum(),
             "mis_tokens": zero if kept is None else mask.sum(),
             "mis_masked_sum": zero if kept is None else (~kept & mask).sum(),
+            "advantage_samples": applied.sum(),
+            "advantage_sum": advantages.sum(),
+            "advantage_square_sum": advantages.square().sum(),
         }
         # Kept outside the dataclass fields, which travel to the driver: `flush` empties it.
         self.__dict__.setdefault("_pending", []).append(row)
@@ -129,6 +139,9 @@ class TrainStats:
             }
         if total.mis_tokens:
             corrections["mismatch/mis_masked_fraction"] = total.mis_masked_sum / total.mis_tokens
+        samples = max(total.advantage_samples, 1.0)
+        advantage_mean = total.advantage_sum / samples
+        advantage_variance = max(total.advantage_square_sum / samples - advantage_mean**2, 0.0)
         return {
             "train/loss": total.loss,
             "train/policy_loss": total.policy_loss,
@@ -137,6 +150,10 @@ class TrainStats:
             "train/grad_norm": total.grad_norm,
             "train/tokens": total.tokens,
             "train/samples": total.samples,
+            # Of the advantages the loss applied (after any normalization by the trainers):
+            # REINFORCE++'s step normalization shows here as mean 0, std 1.
+            "train/advantage_mean": advantage_mean,
+            "train/advantage_std": math.sqrt(advantage_variance),
             "train/compute_seconds": total.compute_seconds,
             "mismatch/logprob_abs_diff_mean": total.logprob_abs_diff_sum / tokens,
             "mismatch/logprob_abs_diff_max": total.logprob_abs_diff_max,
