@@ -1,10 +1,15 @@
 """Rollout routing replay (R3) on the CPU: the transformers engine records each token's experts,
 they travel in the Arrow batch, and the torch backend forces them in its forward.
 
-The built-in model in fp32 routes identically in the engine and the trainer, so a mismatch is
-made the honest way the issue allows: the engine's router weights are perturbed (as fp8 / bf16
-kernels perturb them on a GPU), so that the engine picks other experts for some tokens.
+The built-in model in fp32 routes identically in the engine and the trainer, so a run of the
+loop with R3 on the CPU (tests/test_algorithms.py) shows only that replay does not break
+training, not that it replays anything. A mismatch is made here instead, at one named point
+(`perturb_routers`): the engine's router weights are perturbed (as fp8 / bf16 kernels perturb
+them on a GPU), so that the engine picks other experts for some tokens; with R3 the trainer's
+forwards (its log-prob pass and its training step) take the engine's experts, without R3 its own.
 """
+
+import functools
 
 import numpy as np
 import pytest
@@ -22,6 +27,7 @@ from models.routing import (
     replay_routing_shape,
 )
 from models.tiny import build_tiny_model
+from training.backend import TrainStats
 from training.torch_backend import TorchBackend
 
 CPU = torch.device("cpu")
@@ -32,13 +38,20 @@ def config(replay: bool, *extra: str):
     return driver.parse_args(["--algorithm.routing_replay", str(replay).lower(), *extra])[0]
 
 
+def perturb_routers(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
+    """The test's one point of engine/trainer mismatch: Gaussian noise of std `scale` added to
+    every router weight of `model` (an engine's), so it routes some tokens to other experts."""
+    noise = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in moe_routers(model):
+            router.weight += scale * torch.randn(router.weight.shape, generator=noise)
+
+
+@functools.cache  # the tests only read the completions: one generation per noise level
 def generate(router_noise: float) -> tuple[list[Completion], object]:
     """Completions of PROMPTS by an engine recording routing, its routers perturbed."""
     engine = create_engine(config(True), CPU)
-    noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for router in moe_routers(engine.model):
-            router.weight += router_noise * torch.randn(router.weight.shape, generator=noise)
+    perturb_routers(engine.model, router_noise)
     torch.manual_seed(1)
     return engine.generate(PROMPTS, SamplingParams(max_new_tokens=8)), engine
 
@@ -63,23 +76,44 @@ def rollout_batch(completions: list[Completion]):
     )
 
 
-def trainer_pass(completions, replay: bool):
-    """The trainer's log-probs of the batch, and the experts its routers picked for each row's
+def routes_of(recorder: RoutingRecorder, completions) -> list[np.ndarray]:
+    """The experts a trainer's routers picked in its one forward of the batch, for each row's
     fed positions ([positions, layers, top_k], as the engine records them)."""
-    backend = TorchBackend(config(replay), CPU)
-    with RoutingRecorder(backend.model) as recorder:
-        log_probs = backend.compute_log_probs([rollout_batch(completions)])
-    (call,) = recorder.calls  # one micro-batch
+    (call,) = recorder.calls  # one micro-batch, one forward
     width = max(len(p) + len(c.token_ids) for p, c in zip(PROMPTS, completions, strict=True))
     picked = torch.stack(call, dim=1).view(len(completions), width, len(call), -1)
-    routes = [
+    return [
         picked[b, : len(p) + len(c.token_ids) - 1].numpy()
         for b, (p, c) in enumerate(zip(PROMPTS, completions, strict=True))
     ]
+
+
+def trainer_pass(completions, replay: bool):
+    """The trainer's mean |log-prob - engine log-prob| over the batch, and its experts."""
+    backend = TorchBackend(config(replay), CPU)
+    with RoutingRecorder(backend.model) as recorder:
+        log_probs = backend.compute_log_probs([rollout_batch(completions)])
     mismatch = torch.cat(
         [lp - torch.tensor(c.log_probs) for lp, c in zip(log_probs, completions, strict=True)]
     )
-    return mismatch.abs().mean().item(), routes
+    return mismatch.abs().mean().item(), routes_of(recorder, completions)
+
+
+def training_step(completions, replay: bool):
+    """One optimizer step of a fresh trainer on the batch: the log-prob mismatch it reports
+    (its loss forward's against the engine's) and the experts of that forward."""
+    backend = TorchBackend(config(replay), CPU)
+    tokens = float(sum(len(c.token_ids) for c in completions))
+    with RoutingRecorder(backend.model) as recorder:
+        stats = backend.train([rollout_batch(completions)], normalizer=tokens)
+    reported = TrainStats.reduce([stats])["mismatch/logprob_abs_diff_mean"]
+    return reported, routes_of(recorder, completions)
+
+
+def agreement(routes: list[np.ndarray], engine_routes: list[np.ndarray]) -> float:
+    """The fraction of (position, layer) pairs routed to the engine's set of experts."""
+    pairs = [same_experts(r, e).ravel() for r, e in zip(routes, engine_routes, strict=True)]
+    return float(np.concatenate(pairs).mean())
 
 
 def same_experts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -117,13 +151,26 @@ def test_replay_makes_the_trainer_route_like_the_engine_and_shrinks_the_mismatch
     free, free_routes = trainer_pass(completions, replay=False)
     replayed, replayed_routes = trainer_pass(completions, replay=True)
     engine_routes = [c.routed_experts for c in completions]
-    free_agree = np.concatenate(
-        [same_experts(r, e).ravel() for r, e in zip(free_routes, engine_routes, strict=True)]
-    )
-    assert free_agree.mean() < 0.95  # the perturbation moves the trainer off the engine's experts
+    # the perturbation moves the trainer off the engine's experts
+    assert agreement(free_routes, engine_routes) < 0.95
     for routes, engine in zip(replayed_routes, engine_routes, strict=True):
         np.testing.assert_array_equal(routes, engine)  # every token, every layer, in order
     # What is left is the perturbed gate weights at the same experts: several times smaller.
+    assert replayed < free / 4, (free, replayed)
+
+
+def test_the_training_step_forward_takes_the_engines_experts_only_with_replay():
+    """The loss's own forward (`train`, the one the gradient flows through), not only the
+    log-prob pass: with R3 it routes exactly as the engine did; without, as the trainer's
+    routers pick, which under the perturbation differs for a measurable share of tokens; and
+    the mismatch the step reports shrinks with replay."""
+    completions, _ = generate(router_noise=0.01)
+    engine_routes = [c.routed_experts for c in completions]
+    free, free_routes = training_step(completions, replay=False)
+    replayed, replayed_routes = training_step(completions, replay=True)
+    assert agreement(free_routes, engine_routes) < 0.95
+    for routes, engine in zip(replayed_routes, engine_routes, strict=True):
+        np.testing.assert_array_equal(routes, engine)
     assert replayed < free / 4, (free, replayed)
 
 
