@@ -157,14 +157,25 @@ class RolloutConfig:
 
     partial: Literal["finish", "abort"] = "finish"
     """What a weight update does to generations still running ahead of training
-    (algorithm.max_staleness >= 1): `finish` waits for them, so their samples are up to
-    max_staleness versions old; `abort` cancels them (queued ones at once, a running one at
-    its next decoding step with the transformers engine, or once its SGLang requests return)
-    and generates their prompt groups again, same seeds, with the new weights. Either way a
-    sample comes from one weight version."""
+    (algorithm.max_staleness 1): `finish` waits for them, so their samples are one version
+    old; `abort` cancels them (queued ones at once, a running one at its next decoding step
+    with the transformers engine, or once its SGLang requests return) and generates their
+    prompt groups again, same seeds, with the new weights. Either way a sample comes from one
+    weight version."""
 
     reward: str = "tasks.digits:reward"
     """Reward function as `module:function`; see docs/data-and-rewards.md for its signature."""
+
+    reward_workers: int = 2
+    """Processes per rollout actor that score samples, each as soon as the engine has produced
+    it (overlapping the rest of the generation), one sample at a time each. 0: score in the
+    actor itself after the generation, one sample after another, with no time bound (for
+    debugging a reward function; rollout.reward_timeout_s then does not apply)."""
+
+    reward_timeout_s: float = 60.0
+    """Seconds one sample's reward call may take in a reward worker; past that the worker is
+    killed and replaced and the sample scores 0.0, as when the worker process dies. Both are
+    counted per step (rollout/reward_timeouts, rollout/reward_crashes)."""
 
     groups_per_batch: int = 4
     """Prompt groups per Arrow record batch put into the object store (the unit the driver
@@ -287,11 +298,34 @@ class CheckpointConfig:
     save_interval: int = 0
     """Save every N steps (`--save-interval`; 0 = only at the end when `save` is set)."""
 
+    keep_last: int = 0
+    """Keep only the newest N checkpoints under `save` (0 = keep every one, as Megatron-LM and
+    slime do). After each save is complete and has become the latest, older ones are deleted;
+    never the latest, nor the one this run started from (`load`). An MoE checkpoint with its
+    optimizer state takes hundreds of GB."""
+
     max_restarts: int = 3
     """Times the driver restarts the training group when a training actor's process dies:
-    new actors in the same bundles resume from the last checkpoint under `save` (or from the
-    run's start when there is none yet), while the engines stay up. 0: a dead training actor
-    ends the run."""
+    new actors in the same bundles resume from the last checkpoint this run saved (or the one
+    it started from, `load`, or the run's start without one), never a newer one another run
+    wrote under `save`, while the engines stay up. 0: a dead training actor ends the run."""
+
+    def check(self) -> None:
+        """Refuse settings that cannot hold (called by `SluiceConfig.validate`)."""
+        for key in ("save_interval", "keep_last"):
+            value = getattr(self, key)
+            if value < 0:
+                raise UserError(f"checkpoint.{key}={value} must be >= 0")
+            if value and not self.save:
+                raise UserError(
+                    f"checkpoint.{key}={value} needs checkpoint.save (--save DIR): where "
+                    f"the checkpoints are written"
+                )
+        if self.max_restarts < 0:
+            raise UserError(
+                f"checkpoint.max_restarts={self.max_restarts} must be >= 0 (0 = a dead actor "
+                f"ends the run)"
+            )
 
 
 @dataclass
@@ -353,12 +387,15 @@ class AlgorithmConfig:
     """KL estimator: k1 (log-ratio), k2 (squared), k3 / low_var_kl (clamped k3)."""
 
     max_staleness: int = 0
-    """How many weight versions behind the trainer a trained sample may be. 0: on-policy, each
-    step's rollouts come from the weights of the step before (engines and trainers take
-    turns). 1: one-step-off, the next step's rollouts are generated while this step trains
-    (engines and trainers overlap); N: up to N steps generated ahead. Needs engines on their own
-    GPUs (placement.colocate=false); the ratio's denominator is then the generating version's
-    log-probs (old_log_probs rollout, or TIS against them)."""
+    """How many weight versions behind the trainer a trained sample may be: 0 or 1. 0:
+    on-policy, each step's rollouts come from the weights of the step before (engines and
+    trainers take turns). 1: one-step-off, the next step's rollouts are generated while this
+    step trains (engines and trainers overlap). 2 or more is refused: the engines finish (or,
+    with rollout.partial abort, cancel) every running generation before each weight update, so
+    at most one step's generation overlaps training whatever the bound; a deeper queue only
+    trains on older samples (bench/RESULTS.md: 2 was no faster than 1). Needs engines on their
+    own GPUs (placement.colocate=false); the ratio's denominator is then the generating
+    version's log-probs (old_log_probs rollout, or TIS against them)."""
 
     old_log_probs: Literal["auto", "rollout", "recompute"] = "auto"
     """Denominator of the importance ratio: the engine's log-probs (`rollout`, corrects for any
@@ -630,6 +667,15 @@ class SluiceConfig:
             )
         if a.max_staleness < 0:
             raise UserError(f"algorithm.max_staleness={a.max_staleness} must be >= 0")
+        if a.max_staleness > 1:
+            # No generation may run while the weights change, so a deeper queue would only
+            # hand the trainer older samples (bench/RESULTS.md, "More than one step ahead").
+            raise UserError(
+                f"algorithm.max_staleness={a.max_staleness} is more than 1: the engines drain "
+                f"before every weight update (no generation runs while the weights change), so "
+                f"a queue deeper than one step adds staleness without overlap: set "
+                f"algorithm.max_staleness=1 (one-step-off) or 0"
+            )
         if a.routing_replay and r.engine == "transformers" and r.batching == "continuous":
             raise UserError(
                 "algorithm.routing_replay records each token's experts during generation, which "
@@ -640,6 +686,7 @@ class SluiceConfig:
             raise UserError(
                 f"rollout.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0"
             )
+        _check_reward_scoring(r)
         if r.partial == "abort" and not a.max_staleness:
             raise UserError(
                 "rollout.partial=abort cancels generations running ahead of training at a "
@@ -661,18 +708,11 @@ class SluiceConfig:
                 raise UserError(f"timeouts.{name}={seconds:g} must be > 0 (seconds)")
         if self.placement.cpus_per_bundle <= 0:
             raise UserError("placement.cpus_per_bundle must be > 0")
-        if self.checkpoint.save_interval < 0:
-            raise UserError("checkpoint.save_interval must be >= 0")
-        for key, value in (
-            ("checkpoint.max_restarts", self.checkpoint.max_restarts),
-            ("rollout.max_restarts", self.rollout.max_restarts),
-        ):
-            if value < 0:
-                raise UserError(f"{key}={value} must be >= 0 (0 = a dead actor ends the run)")
-        if self.checkpoint.save_interval and not self.checkpoint.save:
+        self.checkpoint.check()
+        if self.rollout.max_restarts < 0:
             raise UserError(
-                f"checkpoint.save_interval={self.checkpoint.save_interval} needs checkpoint.save "
-                f"(--save DIR): where to write the checkpoints"
+                f"rollout.max_restarts={self.rollout.max_restarts} must be >= 0 (0 = a dead "
+                f"actor ends the run)"
             )
         if self.logging.eval_every < 0:
             raise UserError("logging.eval_every must be >= 0")
@@ -687,6 +727,16 @@ def _check_floats_finite(section: object, prefix: str = "") -> None:
             _check_floats_finite(value, f"{prefix}{f.name}.")
         elif isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{prefix}{f.name}={value} must be a finite number")
+
+
+def _check_reward_scoring(r: RolloutConfig) -> None:
+    if r.reward_workers < 0:
+        raise UserError(
+            f"rollout.reward_workers={r.reward_workers} must be >= 0 (0 scores rewards in the "
+            f"rollout actor itself)"
+        )
+    if r.reward_timeout_s <= 0:
+        raise UserError(f"rollout.reward_timeout_s={r.reward_timeout_s:g} must be > 0 (seconds)")
 
 
 def _positive(section: object, name: str, prefix: str = "") -> None:

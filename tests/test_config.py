@@ -347,6 +347,16 @@ def test_rollouts_ahead_need_their_own_gpus_and_a_ratio_against_the_generating_w
     assert LossSettings.of(with_tis).tis  # recomputed ratio, TIS against the engine's
 
 
+@pytest.mark.parametrize("partial", ["finish", "abort"])
+def test_more_than_one_step_ahead_is_refused_since_the_engines_drain_at_each_update(partial):
+    ahead = {"algorithm.max_staleness": "2", "rollout.partial": partial}
+    message = config_error(None, ahead)
+    assert message.startswith("algorithm.max_staleness=2 ")
+    assert "drain before every weight update" in message
+    assert "set algorithm.max_staleness=1" in message
+    assert load_config(None, {**ahead, "algorithm.max_staleness": "1"}).algorithm.max_staleness
+
+
 def clip_and_aggregation(config: SluiceConfig) -> tuple:
     a = config.algorithm
     return a.clip_low, a.clip_high, a.loss_aggregation
