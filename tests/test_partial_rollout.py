@@ -6,6 +6,7 @@ version old); `abort` cancels it and generates its prompt groups again with the 
 A slow reward keeps each generation running past the training step, so the abort path runs.
 """
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -44,17 +45,36 @@ def test_abort_regenerates_the_running_groups_with_the_new_weights(local_ray, tm
         },
     )
     with Driver(config) as driver:
+        versions = record_weight_versions(driver)
         steps = [driver.step() for _ in range(5)]
-    groups = config.rollout.prompts_per_step
+    groups, n = config.rollout.prompts_per_step, config.rollout.samples_per_prompt
     assert steps[0]["async/aborted_groups"] == 0  # generated before any update
     assert sum(m["async/aborted_groups"] for m in steps) >= groups  # at least one whole step
-    for m in steps:
+    for m, trained in zip(steps, versions, strict=True):
         assert m["rollout/samples"] == m["train/samples"] == config.rollout.batch_size
         assert m["async/dropped_samples"] == 0
-        if m["async/aborted_groups"] == groups:  # all generated again after the update:
-            assert m["async/version_lag"] == 0  # from the trainer's newest weights
-        else:
-            assert m["async/version_lag"] <= 1
+        # Each sample's weight_version: an aborted group's was generated again after the last
+        # update, with the weights this step trains from; the rest are one version older
+        # (step 1's came from the initial weights, as step 2's did).
+        newest, aborted = m["weight_version"] - 1, m["async/aborted_groups"]
+        expected = Counter({newest: aborted * n})
+        expected[max(newest - 1, 0)] += (groups - aborted) * n
+        assert trained == expected, f"step {m['weight_version']}: aborted {aborted} groups"
+
+
+def record_weight_versions(driver: Driver) -> list[Counter]:
+    """Each step's rollouts, as the driver takes them from its queue: how many samples each
+    weight version generated (the Arrow batches' weight_version column)."""
+    versions, results_for = [], driver.rollouts.results_for
+
+    def counted(step: int) -> list:
+        results = results_for(step)
+        columns = ray.get([b.ref for r in results for b in r.batches])
+        versions.append(Counter(v for c in columns for v in c.column("weight_version").to_pylist()))
+        return results
+
+    driver.rollouts.results_for = counted
+    return versions
 
 
 def test_a_cancelled_generation_stops_at_the_next_decoding_step():
