@@ -501,6 +501,8 @@ def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
         "rollout/samples": samples,
         "rollout/groups": sum(r.stats.groups for r in results),
         "rollout/filtered_groups": sum(r.stats.filtered_groups for r in results),
+        "rollout/reward_timeouts": sum(r.stats.reward_timeouts for r in results),
+        "rollout/reward_crashes": sum(r.stats.reward_crashes for r in results),
         "rollout/reward_mean": reward_sum / max(scored, 1),
         "rollout/accuracy": correct / max(scored, 1),
         "rollout/response_length_mean": response_tokens / trained,

@@ -18,6 +18,7 @@ current ones, so it refuses to generate (`EngineNeedsWeights`) until a weight up
 reached it; the driver sends its work to the live engines meanwhile (`RolloutGroup.collect`).
 """
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from inference import create_engine
 from inference.engine import Completion, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
 from rl.grpo import group_advantages, rewards_differ
-from rl.rewards import compute_reward, load_reward_fn
+from rl.reward_pool import RewardScorer, Sample, Scores, failure_counts
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo
 from weights.sync import SyncStats
@@ -74,6 +75,10 @@ class RolloutStats:
     scored_reward_sum: float = 0.0
     scored_correct: int = 0
     """Of every sample scored, dropped groups' too: the policy's reward, unfiltered."""
+    reward_timeouts: int = 0
+    """Samples scored 0.0 because their reward call outlasted rollout.reward_timeout_s."""
+    reward_crashes: int = 0
+    """Samples scored 0.0 because their reward worker process died while scoring them."""
 
 
 @dataclass
@@ -104,10 +109,10 @@ class RolloutActor:
 
         self.tokenizer = load_tokenizer(config.model)
         self.engine = create_engine(config, self.device, engine_index, site)
-        self.reward_path = config.rollout.reward
-        self.reward_fn = load_reward_fn(self.reward_path)
+        r = config.rollout
+        self.rewards = RewardScorer(r.reward, r.reward_workers, r.reward_timeout_s)
         # `ray.cancel` on a running call only raises a flag (the actor keeps its state); the
-        # engine polls it between decoding steps, the rewards between samples.
+        # engine polls it between decoding steps, the rewards while the actor waits for them.
         context = ray.get_runtime_context()
         in_actor = context.get_actor_id() is not None  # (not when built directly, in tests)
         self.cancelled = context.is_canceled if in_actor else lambda: False
@@ -140,11 +145,12 @@ class RolloutActor:
         torch.manual_seed(sampling_seed)
         params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
         repeated = [ids for ids in self._encode(groups) for _ in range(r.samples_per_prompt)]
+        scores = self._scores(groups, r.samples_per_prompt)
         start = time.perf_counter()
-        completions = self.engine.generate(repeated, params)
+        completions = self._generate(repeated, params, scores)
         stats = RolloutStats(generate_seconds=time.perf_counter() - start)
         self._check_not_cancelled()
-        rewards = self._rewards(groups, completions, r.samples_per_prompt, self.cancelled)
+        rewards = self._rewards(scores, completions, stats)
         self._check_not_cancelled()
         a = self.config.algorithm
         advantages = (
@@ -181,27 +187,49 @@ class RolloutActor:
         apply_template = self.config.data.apply_chat_template
         return [encode_prompt(self.tokenizer, r.text, apply_template) for r in records]
 
-    def _rewards(
-        self,
-        records: list[PromptRecord],
-        completions: list[Completion],
-        n: int,
-        cancelled=lambda: False,
-    ) -> list[float]:
-        """The reward of each completion; completion i answers record i // n. Stops early
-        (the caller then raises) once `cancelled()`."""
-        rewards = []
-        for i, completion in enumerate(completions):
-            if cancelled():
-                break
+    def _scores(self, records: list[PromptRecord], n: int) -> Scores:
+        """The rewards of a generation in which completion i answers record i // n."""
+
+        def sample_of(i: int, completion: Completion) -> Sample:
             record = records[i // n]
             response = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-            rewards.append(
-                compute_reward(
-                    self.reward_fn, self.reward_path, record.text, response, record.label
-                )
-            )
-        return rewards
+            return Sample(record.text, response, record.label)
+
+        return self.rewards.batch(sample_of)
+
+    def _generate(self, prompts: list[list[int]], params, scores: Scores) -> list[Completion]:
+        """The engine's completions, each queued for its reward as soon as it is final."""
+        try:
+            return self.engine.generate(prompts, params, scores.add)
+        except BaseException:
+            scores.cancel()  # (what an engine reported before it failed is not scored)
+            raise
+
+    def _rewards(
+        self, scores: Scores, completions: list[Completion], stats: RolloutStats | None = None
+    ) -> list[float]:
+        """Each completion's reward, once all are scored; raises GenerationAborted once the
+        call is cancelled. Rewards that timed out or lost their worker (0.0) are counted in
+        `stats` and told in one line on stderr."""
+        scored = scores.collect(completions, self.cancelled)
+        if scored is None:  # cancelled while it waited
+            raise GenerationAborted(f"rollout actor {self.engine_index}: generation cancelled")
+        timeouts, crashes = failure_counts(scored)
+        if stats is not None:
+            stats.reward_timeouts, stats.reward_crashes = timeouts, crashes
+        if timeouts or crashes:
+            self._tell_reward_failures(len(scored), timeouts, crashes)
+        return [score.reward for score in scored]
+
+    def _tell_reward_failures(self, samples: int, timeouts: int, crashes: int) -> None:
+        print(
+            f"[rollout actor {self.engine_index}] reward function {self.rewards.path}: "
+            f"{timeouts + crashes} of {samples} samples scored 0.0 without an answer: "
+            f"{timeouts} took longer than rollout.reward_timeout_s="
+            f"{self.rewards.timeout_s:g} s, {crashes} ended their worker process",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _put_batch(
         self, rows, prompts, completions, rewards, advantages, group_id_start, stats
@@ -243,8 +271,9 @@ class RolloutActor:
     def evaluate(self, prompts: list[PromptRecord]) -> EvalResult:
         self._check_current_weights()
         params = SamplingParams(self.config.rollout.max_new_tokens, greedy=True)
-        completions = self.engine.generate(self._encode(prompts), params)
-        rewards = self._rewards(prompts, completions, 1)
+        scores = self._scores(prompts, 1)
+        completions = self._generate(self._encode(prompts), params, scores)
+        rewards = self._rewards(scores, completions)
         return EvalResult(
             prompts=len(prompts),
             correct=sum(reward >= CORRECT_REWARD for reward in rewards),
@@ -307,4 +336,5 @@ class RolloutActor:
         return {n: p.detach().cpu().clone() for n, p in checkpoint_tensors(self.engine.model)}
 
     def shutdown(self) -> None:
+        self.rewards.close()
         self.engine.shutdown()

@@ -48,14 +48,29 @@ CACHE_MEMORY = ("kv_cache", "cuda_graph")
 export buffers use during the update (SGLang's region names)."""
 
 
+OnCompletion = Callable[[int, Completion], None]
+"""`on_completion(i, completion)`: prompt i's completion is final (see `generate`)."""
+
+
 class InferenceEngine(ABC):
     """One engine: generates, and takes new weights from the trainer."""
 
     weight_version: int = 0
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Sample one completion per prompt (callers repeat a prompt for a group)."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_completion: OnCompletion | None = None,
+    ) -> list[Completion]:
+        """Sample one completion per prompt (callers repeat a prompt for a group).
+
+        `on_completion(i, completion)`, if given, is called once for each prompt i with the
+        completion that `generate` then returns for it, as soon as it is final, so that the
+        caller can score it while the rest are generated (the rollout actor's rewards). It may
+        be called from another thread and before `generate` returns, must be quick and must
+        not raise. When it comes is the engine's to say (each engine's docstring)."""
 
     @abstractmethod
     def init_weights_update_group(self, info: GroupInfo, rank_offset: int) -> None:

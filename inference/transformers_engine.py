@@ -17,7 +17,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from inference.engine import Completion, InferenceEngine, SamplingParams
+from inference.engine import Completion, InferenceEngine, OnCompletion, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
 from models.routing import RoutingRecorder, RoutingShape, generation_routing
 from weights.checksum import tensor_checksums
@@ -56,14 +56,24 @@ class TransformersEngine(InferenceEngine):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_completion: OnCompletion | None = None,
+    ) -> list[Completion]:
+        """`on_completion` comes, in this thread, for each static batch of `max_batch_size`
+        prompts as soon as that batch is decoded (so the rewards of one batch overlap the
+        decoding of the next); with continuous batching, for all of them at the end."""
         if self.batching == "continuous" and not params.greedy:
-            return self._generate_continuous(prompts, params)
+            completions = self._generate_continuous(prompts, params)
+            _report(on_completion, 0, completions)
+            return completions
         completions = []
         for start in range(0, len(prompts), self.max_batch_size):
-            completions += self._generate_static(
-                prompts[start : start + self.max_batch_size], params
-            )
+            batch = self._generate_static(prompts[start : start + self.max_batch_size], params)
+            _report(on_completion, start, batch)
+            completions += batch
         return completions
 
     def _generate_static(
@@ -211,6 +221,13 @@ class TransformersEngine(InferenceEngine):
 
     def shutdown(self) -> None:
         self.destroy_weights_update_group()
+
+
+def _report(on_completion: OnCompletion | None, first: int, completions: list[Completion]) -> None:
+    """Hand completions `first`, `first + 1`, ... to the caller's callback, if any."""
+    if on_completion is not None:
+        for offset, completion in enumerate(completions):
+            on_completion(first + offset, completion)
 
 
 class _StopWhen(StoppingCriteria):

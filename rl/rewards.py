@@ -15,8 +15,11 @@ The contract of a reward function (named in `rollout.reward`)::
   type, NaN or infinity stops the run with an error naming the function. So does an exception
   raised inside the function: one `error:` line naming it, its traceback in
   `<output_dir>/error.log`.
-- It may run in a thread other than the process's main thread, so it must not rely on signals
-  (`signal.alarm`); `math_reward` shows how to bound the time of a slow check.
+- It runs in a reward worker process of the rollout actor (`rl/reward_pool.py`), in that
+  process's main thread, each call bounded by `rollout.reward_timeout_s` (past it, or if the
+  worker dies, the sample scores 0.0). With `rollout.reward_workers: 0` it runs in a thread of
+  the rollout actor instead, where signals (`signal.alarm`) do not work and nothing bounds a
+  call; `math_reward` shows how to bound a slow check either way.
 """
 
 import importlib
@@ -161,9 +164,10 @@ def math_reward(prompt: str, response: str, label: str) -> float:
     scores 0.0.
 
     math_verify bounds its work with `signal.alarm`, which only works in a process's main
-    thread. There we use it; in any other thread (a Ray actor's worker thread, a thread pool)
-    signals are turned off and the check runs in a helper thread that we stop waiting for after
-    MATH_TIMEOUT_S: the sample scores 0.0 and the abandoned check finishes in the background.
+    thread. There (a reward worker process) we use it; in any other thread (the rollout
+    actor's, with `rollout.reward_workers: 0`; a thread pool) signals are turned off and the
+    check runs in a helper thread that we stop waiting for after MATH_TIMEOUT_S: the sample
+    scores 0.0 and the abandoned check finishes in the background.
     """
     if not label.strip():
         return 0.0

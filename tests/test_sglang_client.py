@@ -14,6 +14,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -59,6 +60,8 @@ class FakeServer:
         """Answer this many of the next `/generate` requests with HTTP 500, then recover."""
         self.aborted: list[str] = []
         """The request ids `/abort_request` was called with."""
+        self.before_reply: Callable[[dict], None] | None = None
+        """Called with each `/generate` body before it is answered (a test may hold it)."""
         self.generate_count = 0
         self.bodies: list[dict] = []
         self.active = 0
@@ -108,6 +111,8 @@ class FakeServer:
             self.fail_next -= 1
             return 500, {"error": {"message": "fake transient failure"}}
         if path == req.GENERATE:
+            if self.before_reply is not None:
+                self.before_reply(body)
             self._work(self.delay_s)
             n = body["sampling_params"]["max_new_tokens"]
             return 200, [fake_completion(p, n) for p in body["input_ids"]]
@@ -335,3 +340,28 @@ def test_a_request_given_up_on_is_aborted_on_its_server(servers):
     assert len(sent) == 3 and len(set(sent)) == 3
     assert stuck.aborted == sent  # every request of the group, by the id it was sent with
     assert set(b.bodies[0]["rid"]).isdisjoint(sent)  # retried under new ids
+
+
+def test_a_groups_completions_are_reported_as_soon_as_its_request_returns(servers):
+    (server,) = servers(0.0)
+    client = SglangClient([server.url], timeout_s=30, max_in_flight=2)
+    groups = groups_of(2)  # prompts 0-1, then 2-3
+    first_reported = threading.Event()
+    held: list[bool] = []
+
+    def hold_the_second_group(body):  # until the first group's completions are reported
+        if body["input_ids"][0] == groups[1][0]:
+            held.append(first_reported.wait(timeout=10))
+
+    reported: dict[int, Completion] = {}
+
+    def on_completion(index: int, completion: Completion) -> None:
+        reported[index] = completion
+        if index == 1:
+            first_reported.set()
+
+    server.before_reply = hold_the_second_group
+    results = client.generate(groups, PARAMS, on_completion)
+    check_in_order(groups, results)
+    assert held == [True]  # reported while the other request was still out
+    assert reported == dict(enumerate(c for group in results for c in group))

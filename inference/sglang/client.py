@@ -13,11 +13,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import requests
 
-from inference.engine import Completion, SamplingParams
+from inference.engine import Completion, OnCompletion, SamplingParams
 from inference.sglang.requests import (
     ABORT_REQUEST,
     GENERATE,
@@ -215,7 +216,10 @@ class SglangClient:
     # --- balanced generation -------------------------------------------------------------------
 
     def generate(
-        self, groups: list[list[list[int]]], params: SamplingParams
+        self,
+        groups: list[list[list[int]]],
+        params: SamplingParams,
+        on_completion: OnCompletion | None = None,
     ) -> list[list[Completion]]:
         """Completions for every prompt group, in input order (one list per group, per prompt).
 
@@ -225,21 +229,41 @@ class SglangClient:
         when none is live, every down server is probed once more before `AllEnginesDown` is
         raised (also after a group has failed on as many servers as there are, twice over).
         `SglangError` (not retried) when a server refuses a request or aborts one.
+        `on_completion(i, completion)` (i counts the prompts of all groups in order) is called
+        for a group's prompts as soon as its request returns, in the thread that sent it.
         """
         if not groups:
             return []
         self.reprobe_down()
         workers = min(len(groups), self.max_in_flight * max(1, len(self._urls)))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-generate")
+        starts = list(accumulate((len(group) for group in groups), initial=0))
         try:
-            futures = [pool.submit(self._generate_one, group, params) for group in groups]
+            futures = [
+                pool.submit(self._generate_one, group, params, on_completion, first)
+                for group, first in zip(groups, starts[:-1], strict=True)
+            ]
             return _results_in_order(futures)
         finally:
             # On an error, queued groups are dropped and running ones finish in the background.
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _generate_one(self, group: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One group's request, retried on another server until one answers."""
+    def _generate_one(
+        self,
+        group: list[list[int]],
+        params: SamplingParams,
+        on_completion: OnCompletion | None = None,
+        first: int = 0,
+    ) -> list[Completion]:
+        """One group's request, retried on another server until one answers; its completions
+        are reported as prompts `first`, `first + 1`, ..."""
+        completions = self._request_group(group, params)
+        if on_completion is not None:
+            for offset, completion in enumerate(completions):
+                on_completion(first + offset, completion)
+        return completions
+
+    def _request_group(self, group: list[list[int]], params: SamplingParams) -> list[Completion]:
         failures = 0
         while True:
             try:

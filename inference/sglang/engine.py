@@ -34,6 +34,7 @@ from inference.engine import (
     WEIGHT_MEMORY,
     Completion,
     InferenceEngine,
+    OnCompletion,
     SamplingParams,
 )
 from inference.sglang import requests as bodies
@@ -237,11 +238,18 @@ class SglangEngine(InferenceEngine):
 
     # --- generation --------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Completions in prompt order; runs of one repeated prompt go as one request."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_completion: OnCompletion | None = None,
+    ) -> list[Completion]:
+        """Completions in prompt order; runs of one repeated prompt go as one request.
+        `on_completion` comes for a run's prompts as soon as its request returns (requests
+        finish at different times), from the client's threads."""
         groups = _runs(prompts)
         try:
-            answered = self.client.generate(groups, params)
+            answered = self.client.generate(groups, params, on_completion)
         except AllEnginesDown as e:
             raise self.local.failure(f"and every peer stopped answering ({e})") from e
         return [c for group in answered for c in group]
