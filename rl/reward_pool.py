@@ -5,8 +5,9 @@ scores in the actor's own thread after the generation, as a debugging aid). Each
 plain Python process (`python -m rl.reward_pool`: it imports neither Ray nor torch) that
 imports the reward function by its `module:function` path with `load_reward_fn` and scores one
 sample at a time in its main thread (so signal-based timeouts, math_verify's, work there). In
-the actor, one thread per worker takes samples from a shared queue, sends one to its worker,
-and waits at most `rollout.reward_timeout_s` for the answer:
+the actor, one thread per worker takes samples from a shared queue (one, or while many are
+queued a share of them that shrinks with the queue), hands them to its worker, and waits at
+most `rollout.reward_timeout_s` for each one's answer:
 
 - an answer: the reward, checked by `compute_reward`; a `UserError` there (the function raised,
   or returned a non-number) is raised in the actor as it would be inline, with the worker's
@@ -14,6 +15,7 @@ and waits at most `rollout.reward_timeout_s` for the answer:
 - no answer in time: the worker is killed and replaced; the sample scores 0.0 (`timeout`);
 - the worker died while scoring (SIGKILL, a crash, `os._exit`): it is replaced; the sample
   scores 0.0 (`crash`).
+The samples it held after that one go to the new worker, at no cost to them.
 
 What waits for what: `Scores.add` (the engine's per-completion callback, any thread) only
 queues a sample; `Scores.collect` (the actor's thread, once the generation returned) waits for
@@ -199,7 +201,7 @@ def _start_eagerly(path: str) -> "_Worker | None":
     why), so that the import cost is paid before the first generation ends."""
     try:
         return _Worker(path)
-    except (UserError, RewardWorkerFailed, OSError):
+    except Exception:
         return None
 
 
@@ -262,13 +264,7 @@ class RewardPool:
         dies. Returns the worker for what comes next (None: start one) and the samples not
         scored yet (after such a loss: not theirs to pay for)."""
         try:
-            worker = worker or _Worker(self.path)
-            try:
-                worker.send([sample for _, sample in batch])
-            except RewardWorkerFailed:  # it died while idle: no sample's doing
-                worker.kill()
-                worker = _Worker(self.path)
-                worker.send([sample for _, sample in batch])
+            worker = self._hand_over(worker, [sample for _, sample in batch])
         except BaseException as error:  # no worker starts (its UserError, or why not)
             for future, _ in batch:
                 future.set_exception(error)
@@ -279,11 +275,27 @@ class RewardPool:
             except UserError as error:  # the function raised: the worker goes on
                 future.set_exception(error)
                 continue
+            except BaseException as error:  # a bug here: fail the rest, leave none waiting
+                for waiting, _ in batch[done - 1 :]:
+                    waiting.set_exception(error)
+                worker.kill()
+                return None, []
             future.set_result(score)
             if score.failure is not None:  # stuck or dead: a new one for the rest
                 worker.kill()
                 return None, batch[done:]
         return worker, []
+
+    def _hand_over(self, worker: "_Worker | None", samples: list[Sample]) -> _Worker:
+        """A live worker that holds `samples`: `worker`, or a new one if it is gone."""
+        worker = worker or _Worker(self.path)
+        try:
+            worker.send(samples)
+        except RewardWorkerFailed:  # it died while idle: no sample's doing
+            worker.kill()
+            worker = _Worker(self.path)
+            worker.send(samples)
+        return worker
 
 
 class RewardScorer:
