@@ -6,7 +6,9 @@ take at most what is left of the phase's bound (`timeouts.<phase>_s`, for the wh
 When the bound passes, `PhaseTimeout` names the phase, the step and the actors whose calls it still
 waits for (Ray's state API), after py-spy has written each one's stack to
 `<output_dir>/stuck/step<k>-<phase>/<actor>.txt` (actors on other nodes are named with their
-node and pid, for the dashboard's stack view). Outside a phase `get` is `ray.get`.
+node and pid, for the dashboard's stack view). Outside a phase `get` is `ray.get`. Callers
+that can route around a stuck actor catch it: `RolloutGroup` kills a wedged engine and gives
+its work to another, with the phase's whole bound again (`renew`).
 
 A failed task raises as soon as it fails, not at the deadline: the refs are awaited one by one.
 """
@@ -17,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,14 @@ def get(refs: Any) -> Any:
             raise _stuck(current, pending)
         values[ready[0]] = ray.get(ready[0])  # a failure surfaces now, not at the deadline
     return values[refs] if single else [values[ref] for ref in ordered]
+
+
+def renew() -> None:
+    """Give the current phase its whole bound again, from now: the work of an actor that was
+    stuck and replaced (`RolloutGroup`) starts over on another, and gets the time it had."""
+    current = _current.get()
+    if current is not None:
+        _current.set(replace(current, deadline=time.monotonic() + current.timeout_s))
 
 
 def check(waiting_for: str) -> None:

@@ -14,6 +14,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 
 from actors import deadline
+from actors.process_exit import actor_processes, wait_for_exit
 from actors.rollout_actor import (
     EngineNeedsWeights,
     EvalResult,
@@ -36,6 +37,9 @@ DOWN_PROBE_S = 0.2
 """How long an engine that is down gets to answer before the weight update goes on without it."""
 DEATH_PROBE_S = 10.0
 """How long a training rank's readiness probe may take before it counts as alive (busy)."""
+KILL_TIMEOUT_S = 60.0
+"""How long killed training ranks may take to exit: Ray kills one that has not exited by
+itself a few seconds after `ray.kill`, so only a process the kernel cannot end outlasts it."""
 
 # The classes stay plain (importable by name, so Ray pickles them by reference); these are
 # their Ray actor versions.
@@ -127,26 +131,54 @@ class TrainGroup:
         """The ranks whose actor process has died, as soon as one is known (empty if none is
         within `probe_s`). A live rank answers Ray's readiness probe only after its current
         task, which may be stuck in a collective with the dead one; a dead rank's probe fails."""
-        probes = [a.__ray_ready__.remote() for a in self.actors]
-        rank_of = {probe: rank for rank, probe in enumerate(probes)}
-        dead, pending, end = [], probes, time.monotonic() + probe_s
-        while pending and not dead:
-            ready, pending = ray.wait(pending, timeout=max(0.0, end - time.monotonic()))
-            if not ready:
-                break
-            if pending:  # and whatever else has answered by now
-                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-                ready += more
-            dead = sorted(rank_of[probe] for probe in ready if _dies(probe))
-        return dead
+        return dead_actors(self.actors, probe_s)
 
-    def kill(self) -> None:
+    def kill(self, timeout_s: float = KILL_TIMEOUT_S) -> None:
+        """Kill every rank and return once their processes have exited, so that new ranks in
+        the same bundles find the GPUs' memory free. `ray.kill` alone returns at once and Ray
+        marks the actors dead before their processes are gone (actors/process_exit.py).
+        RuntimeError names the ranks still running after `timeout_s`."""
+        processes = actor_processes(self.actors)  # before the kill: Ray's record of each rank
         for actor in self.actors:
             ray.kill(actor)
+        if processes is None:
+            print(
+                "sluice: Ray's state API (served by the dashboard) does not know the training "
+                "ranks' processes; the new ones start without waiting for the old ones to exit",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        running = wait_for_exit(processes, timeout_s)
+        if running:
+            raise RuntimeError(
+                f"training rank(s) {running} (pid {[processes[r][1] for r in running]}) still "
+                f"running {timeout_s:g} s after they were killed: their GPU memory is not free "
+                f"for new ranks; look for a process stuck in the GPU driver (state D in ps)"
+            )
 
     def _all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):
         """Run `call` on every rank at once; rank 0's result."""
         return deadline.get([call(a) for a in self.actors])[0]
+
+
+def dead_actors(actors: list[ray.actor.ActorHandle], probe_s: float) -> list[int]:
+    """The indices of `actors` whose process has died, as soon as one is known (empty if none
+    is within `probe_s`). A live actor answers Ray's readiness probe only after its current
+    task, which may be stuck in a collective with the dead one; a dead actor's probe fails (one
+    Ray is restarting within a second or two: `ActorUnavailableError`)."""
+    probes = [a.__ray_ready__.remote() for a in actors]
+    index_of = {probe: i for i, probe in enumerate(probes)}
+    dead, pending, end = [], probes, time.monotonic() + probe_s
+    while pending and not dead:
+        ready, pending = ray.wait(pending, timeout=max(0.0, end - time.monotonic()))
+        if not ready:
+            break
+        if pending:  # and whatever else has answered by now
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready += more
+        dead = sorted(index_of[probe] for probe in ready if _dies(probe))
+    return dead
 
 
 def _dies(probe: ray.ObjectRef) -> bool:
@@ -170,13 +202,15 @@ class EngineCall:
 class RolloutGroup:
     """One RolloutActor per engine; prompt groups are split evenly across engines.
 
-    A rollout actor whose process dies is restarted by Ray in its bundle
-    (`rollout.max_restarts`). Its unfinished shares go to a live engine with the same
-    arguments (prompts, group ids, sampling seed), so no group is lost or sampled twice; while
-    it is down it gets no new work and the weight group goes on without it; it generates again
-    once `check_engines` (before a weight update) finds it up and the driver has rebuilt the
-    group with it, so the run does not wait for a restart (minutes for a large model). If no
-    engine is left alive, `rejoin` (set by the driver) waits for the restarts and syncs first.
+    A rollout actor whose process dies, whatever it was doing, is restarted by Ray in its
+    bundle (`rollout.max_restarts`); one stuck past its phase's bound is killed so that Ray
+    restarts it. Its unfinished shares go to a live engine with the same arguments (prompts,
+    group ids, sampling seed), so no group is lost or sampled twice; while it is down it gets
+    no new work and the weight group goes on without it; it generates again once
+    `check_engines` (before a weight update) finds it up and the driver has rebuilt the group
+    with it, so the run does not wait for a restart (minutes for a large model). If no engine
+    is left alive, `rejoin` (set by the driver) waits for the restarts and syncs first; the
+    run ends only when Ray will restart none of them.
     """
 
     def __init__(self, config: SluiceConfig, placement: Placement):
@@ -212,10 +246,9 @@ class RolloutGroup:
 
         Its first call is where the driver waits for the engines to finish starting: the
         constructor only launches them, so the trainers can start while the engines load."""
-        live = [self.actors[e] for e in self.live()]
-        urls = [u for u in deadline.get([a.url.remote() for a in live]) if u is not None]
+        urls = [u for u in self._on_live("start-up", lambda a: a.url.remote()) if u is not None]
         if urls:
-            deadline.get([a.connect_peers.remote(urls) for a in live])
+            self._on_live("connect_peers", lambda a: a.connect_peers.remote(urls))
 
     def check_engines(self, members: list[int]) -> bool:
         """Before a weight update: restart the dead servers of live engines, notice engines
@@ -235,8 +268,9 @@ class RolloutGroup:
             except ActorUnavailableError:  # Ray is restarting it
                 self.down.add(e)
                 continue
-            except RayActorError as error:
-                raise self._lost(e) from error
+            except RayActorError:  # dead for good: the others go on (`_live_or_rejoined`)
+                self.went_down(e, "the check before a weight update")
+                continue
             if e in self.down or restarted:
                 self.down.discard(e)
                 self.restarts += 1
@@ -246,8 +280,9 @@ class RolloutGroup:
         return changed or members != self.live()
 
     def wait_until_all_up(self) -> None:
-        """Wait (within the phase's deadline) until Ray has restarted every engine."""
-        waiting = sorted(self.down)
+        """Wait (within the phase's deadline) until Ray has restarted every engine it will
+        restart; raise if it will restart none."""
+        waiting, lost = sorted(self.down), []
         while waiting:
             still = []
             for e in waiting:
@@ -255,8 +290,8 @@ class RolloutGroup:
                     deadline.get(self.actors[e].ensure_running.remote())
                 except ActorUnavailableError:
                     still.append(e)
-                except RayActorError as error:
-                    raise self._lost(e) from error
+                except RayActorError:
+                    lost.append(e)
                 else:
                     self.down.discard(e)
                     self.restarts += 1
@@ -264,20 +299,54 @@ class RolloutGroup:
             if waiting:
                 deadline.check(f"rollout actor(s) {waiting} that Ray is restarting")
                 time.sleep(RESTART_POLL_S)
+        if not self.live():
+            raise self._lost(lost)
         self.connect_peers()
 
-    def _lost(self, engine: int) -> RuntimeError:
+    def _lost(self, engines: list[int]) -> RuntimeError:
         limit = self.config.rollout.max_restarts
         return RuntimeError(
-            f"rollout actor {engine} died and Ray will not restart it (it was restarted "
-            f"rollout.max_restarts={limit} times already, or its node is gone)"
+            f"no rollout actor is left: {engines} died and Ray will not restart them (each was "
+            f"restarted rollout.max_restarts={limit} times already, or its node is gone)"
         )
 
     def release_memory(self) -> None:
-        deadline.get([self.actors[e].release_memory.remote() for e in self.live()])
+        self._on_live("release_memory", lambda a: a.release_memory.remote())
 
     def resume_memory(self, regions: tuple[str, ...]) -> None:
-        deadline.get([self.actors[e].resume_memory.remote(regions) for e in self.live()])
+        self._on_live("resume_memory", lambda a: a.resume_memory.remote(regions))
+
+    def _on_live(self, verb: str, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]) -> list:
+        """`call` on every live engine at once; the answers of those that gave one. An engine
+        that dies meanwhile is down (as one that dies generating): the run goes on without it
+        until Ray has restarted it and a weight update has reached it."""
+        calls = {e: call(self.actors[e]) for e in self.live()}
+        answers = []
+        for e, ref in calls.items():
+            try:
+                answers.append(deadline.get(ref))
+            except RayActorError:
+                self.went_down(e, verb)
+        return answers
+
+    def went_down(self, engine: int, during: str) -> None:
+        """Engine `engine` died (or was killed) during `during`: it takes no work until back."""
+        if engine not in self.down:
+            print(
+                f"sluice: rollout actor {engine} died during {during}; the run goes on without "
+                f"it until Ray has restarted it",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.down.add(engine)
+
+    def dead_members(self, members: list[int], probe_s: float = DEATH_PROBE_S) -> list[int]:
+        """Of the engines `members`, those whose process has died (marked down); see
+        `dead_actors`."""
+        dead = [members[i] for i in dead_actors([self.actors[e] for e in members], probe_s)]
+        for e in dead:
+            self.went_down(e, "the weight update")
+        return dead
 
     def generate(self, prompts: list[PromptRecord], step: int) -> list[RolloutResult]:
         """Sample every prompt's group; each engine gets whole groups, results stay in the store.
@@ -311,6 +380,8 @@ class RolloutGroup:
                     break
                 except (RayActorError, EngineNeedsWeights) as error:
                     call = self._reissue(call, error)
+                except deadline.PhaseTimeout as stuck:
+                    call = self._replace_stuck(call, stuck)
                 except (TaskCancelledError, GenerationAborted):
                     if not cancelled_ok:
                         raise
@@ -328,7 +399,8 @@ class RolloutGroup:
         self.down.add(call.engine)
         live = self._live_or_rejoined(error)
         target = live[call.engine % len(live)]
-        cause = "was restarted" if isinstance(error, EngineNeedsWeights) else "died"
+        cause = {EngineNeedsWeights: "was restarted", deadline.PhaseTimeout: "was stuck"}
+        cause = cause.get(type(error), "died")
         print(
             f"sluice: rollout actor {call.engine} {cause} during {call.method}; its "
             f"{len(call.args[0])} prompt group(s) go to engine {target}",
@@ -337,6 +409,20 @@ class RolloutGroup:
         )
         self.reissued_groups += len(call.args[0])
         return self._call(target, call.method, call.args)
+
+    def _replace_stuck(self, call: EngineCall, stuck: deadline.PhaseTimeout) -> EngineCall:
+        """`call` outlived its phase's bound: its engine is wedged (a hung kernel, a reward
+        that never returns). Kill it (Ray restarts it, `rollout.max_restarts`) and give its
+        share to a live engine with the phase's whole bound; raise `stuck` only when no
+        engine is left to take it. (The stacks are already written, see `deadline`.)"""
+        print(f"sluice: {stuck}; killing rollout actor {call.engine}", file=sys.stderr, flush=True)
+        ray.kill(self.actors[call.engine], no_restart=False)
+        self.went_down(call.engine, call.method)
+        deadline.renew()
+        try:
+            return self._reissue(call, stuck)
+        except RuntimeError as lost:  # every engine is gone for good
+            raise deadline.PhaseTimeout(f"{stuck}; {lost}", stuck.stuck_actor_ids) from None
 
     def _live_or_rejoined(self, error: Exception | None = None) -> list[int]:
         """The live engines; if none is, wait for Ray's restarts and the driver's sync."""

@@ -22,6 +22,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from actors import fault_points
 from actors.device import actor_device
 from config.schema import SluiceConfig
 from data.schema import RolloutBatchRef
@@ -75,6 +76,7 @@ class TrainActor:
         """One optimizer step on this rank's share; rows are read zero-copy from the store.
         `advantage_shift_scale` (shift, scale): advantages become (a - shift) * scale first
         (REINFORCE++'s normalization over the whole step, computed by the driver)."""
+        fault_points.reached("train", self.rank, "train")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         tables = ray.get([b.ref for b in batches])
@@ -109,12 +111,20 @@ class TrainActor:
             self.sender = None
 
     def broadcast_weights(self, plan: list[Bucket], version: int) -> SyncStats | None:
+        fault_points.reached("train", self.rank, "broadcast_weights")
         weights = self.backend.weight_stream()
         if self.sender is None:
             for _ in weights:  # take part in the gathers
                 pass
             return None
-        return self.sender.send(plan, self._outgoing(weights), version)
+        try:
+            return self.sender.send(plan, self._outgoing(weights), version)
+        except BaseException:
+            # A member of the weight group failed (an engine died): finish the export so the
+            # other training ranks' gathers complete too, and the group can try again.
+            for _ in weights:
+                pass
+            raise
 
     # Colocated SGLang engines: weights by CUDA IPC handle, one bucket per call (weights/ipc.py).
 

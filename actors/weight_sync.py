@@ -46,6 +46,7 @@ class WeightSync:
         self.backend = transport_backend(config, layout, engine_type)
         self.trainers = trainers
         self.leader = trainers.leader
+        self.engine_group = engines
         self.all_engines = engines.actors
         self.members = list(range(len(self.all_engines)))
         """The engines in the group (all, unless some were down when it was built)."""
@@ -120,6 +121,39 @@ class WeightSync:
         self.setup(members)
 
     def sync(self, version: int) -> SyncStats:
+        """`version` into every engine of the group. An engine that dies or is stuck during
+        the update costs only itself: it is killed if stuck (Ray restarts it), the group is
+        rebuilt without it and the update is sent again to the others; it rejoins once back
+        (`RolloutGroup.check_engines`). A trainer's failure is the caller's to handle."""
+        lost_engines = False
+        while True:  # each round loses an engine, so this ends
+            try:
+                if lost_engines:
+                    self.rebuild(self.engine_group.live())
+                return self._sync_once(version)
+            except Exception as error:
+                lost_engines = self._engines_lost(error)
+                if not lost_engines:
+                    raise
+
+    def _engines_lost(self, error: Exception) -> bool:
+        """Whether `error` came from engines that are now down: stuck ones (a phase timeout
+        naming only engines) are killed; otherwise the members are probed for a death (a
+        broadcast fails on every side when one member dies)."""
+        if isinstance(error, deadline.PhaseTimeout):
+            ids = {a._actor_id.hex(): e for e, a in enumerate(self.all_engines)}  # (no public id)
+            if not error.stuck_actor_ids or not error.stuck_actor_ids <= ids.keys():
+                return False
+            for actor_id in error.stuck_actor_ids:
+                ray.kill(self.all_engines[ids[actor_id]], no_restart=False)
+                self.engine_group.went_down(ids[actor_id], f"weight update (stuck: {error})")
+            deadline.renew()
+            return True
+        return bool(self.engine_group.dead_members(self.members))
+
+    def _sync_once(self, version: int) -> SyncStats:
+        if not self.members:  # every engine is down: they get the weights when back
+            return SyncStats(version, 0, 0.0, 0)
         deadline.get([e.check_weights_update.remote(self.plan) for e in self.engines])
         if self.backend == "ipc":
             stats = self._sync_by_handles(version)
