@@ -195,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cluster and not args.dry_run:
             raise UserError("--cluster only plans a dry run; add --dry-run, or drop --cluster")
-        from actors.loop import Driver
-        from actors.stopping import StopRequest
+        from actors.loop import SHUTDOWN_TIMEOUT_S, Driver
+        from actors.stopping import StopRequest, job_stop_wait_notice
 
+        if notice := job_stop_wait_notice(config.timeouts, SHUTDOWN_TIMEOUT_S):
+            print(f"sluice: warning: {notice}", file=sys.stderr, flush=True)
         stop = StopRequest()
         stop.install()  # a signal during start-up stops the run before its first step
         with Driver(config, stop=stop) as driver:

@@ -8,11 +8,13 @@ The cluster is stopped by its process group, not `ray stop`: `ray stop` ends eve
 on the machine, other test runs' clusters included.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_docs import commands_in
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +36,9 @@ RAY = Path(sys.executable).parent / "ray"
 STEPS = 3
 REPORT_INTERVAL_MS = 1000  # Ray's floor; gauges of an exited driver vanish after two intervals
 JOB_DEADLINE_S = 200.0
+STALL_S = 15
+"""How long the stopped job's reward stalls (tests/stalling_reward.py): its clean stop then
+takes well beyond the 3 s that Ray's job supervisor gives a job by default."""
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SAMPLE = re.compile(r"^(ray_sluice_\w+)\{(.*)\} (\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -159,15 +166,73 @@ def scrape(head: HeadNode, run: str) -> dict[tuple, float]:
     return samples
 
 
-def test_submitted_run_succeeds_streams_steps_and_exports_dashboard_metrics(tmp_path):
-    started = time.monotonic()
+@pytest.fixture(scope="module")
+def head():
+    """One `ray start --head` for the module's jobs (a cluster costs ~7 s of CPU to start)."""
     temp_dir = tempfile.mkdtemp(prefix="sluice-ray-", dir="/tmp")  # socket paths stay short
-    head = HeadNode(temp_dir)
+    node = HeadNode(temp_dir)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def documented_runtime_env() -> dict:
+    """The runtime env of the `ray job submit` command that README.md and docs/cluster.md
+    give (the same in both, and in cluster.yaml's header)."""
+    found = []
+    for path in (REPO / "README.md", REPO / "docs" / "cluster.md"):
+        for command in commands_in(path):
+            tokens = shlex.split(command.text)
+            if tokens[:5] == ["uv", "run", "ray", "job", "submit"]:
+                assert "--runtime-env-json" in tokens, f"{command.where}: no runtime env"
+                found.append(tokens[tokens.index("--runtime-env-json") + 1])
+    assert len(found) == 2 and found[0] == found[1], found
+    assert f"--runtime-env-json '{found[0]}'" in (REPO / "cluster.yaml").read_text()
+    return json.loads(found[0])
+
+
+def submit(head: HeadNode, submission_id: str, entrypoint: list[str], runtime_env: dict) -> None:
+    """`ray job submit --no-wait` of `entrypoint` with this folder as its working directory."""
+    # .gitignore keeps .venv and outputs out of the upload; .git is not ignored
+    runtime_env = {**runtime_env, "excludes": [".git"]}
+    command = [
+        str(RAY), "job", "submit", "--address", head.dashboard,
+        "--submission-id", submission_id, "--working-dir", ".",
+        "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entrypoint,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def stop_quietly(head: HeadNode, submission_id: str) -> None:
+    """Stop a job a failed test left running, so that the next one gets the cluster."""
+    with contextlib.suppress(OSError):
+        head.get(f"{head.dashboard}/api/jobs/{submission_id}/stop", data=b"")
+
+
+def job_logs(head: HeadNode, submission_id: str) -> str:
+    return head.get_json(f"/api/jobs/{submission_id}/logs")["logs"]
+
+
+def live_state(head: HeadNode, kind: str, job_id: str) -> list[dict]:
+    """Ray's state API (`actors`, `placement_groups`): the job's entries not dead / removed."""
+    reply = head.get_json(f"/api/v0/{kind}?limit=10000&detail=true")
+    entries = reply["data"]["result"]["result"]
+    owner = "job_id" if kind == "actors" else "creator_job_id"
+    return [e for e in entries if e[owner] == job_id and e["state"] not in ("DEAD", "REMOVED")]
+
+
+def test_submitted_run_succeeds_streams_steps_and_exports_dashboard_metrics(head, tmp_path):
+    started = time.monotonic()
     output_dir = str(tmp_path / "run")
     submission_id = f"sluice-test-{secrets.token_hex(4)}"
     status = None
     try:
-        head.start()
         entrypoint = [
             sys.executable, "driver.py", "--config", "recipes/tiny.yaml",
             "--num_steps", str(STEPS), "--rollout.batch_size", "64",
@@ -175,22 +240,7 @@ def test_submitted_run_succeeds_streams_steps_and_exports_dashboard_metrics(tmp_
             "--logging.eval_every", "0", "--logging.save_final_model", "false",
             "--logging.output_dir", output_dir,
         ]  # fmt: skip
-        command = [
-            str(RAY), "job", "submit", "--address", head.dashboard,
-            "--submission-id", submission_id, "--working-dir", ".",
-            # .gitignore keeps .venv and outputs out of the upload; .git is not ignored
-            "--runtime-env-json", json.dumps({"excludes": [".git"]}),
-            "--no-wait", "--", *entrypoint,
-        ]  # fmt: skip
-        submit = subprocess.run(
-            command,
-            cwd=REPO,
-            env=head.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert submit.returncode == 0, submit.stdout + submit.stderr
+        submit(head, submission_id, entrypoint, documented_runtime_env())
 
         # Poll the job and the metrics while it runs: a finished driver's gauges vanish two
         # report intervals after it exits (its last values are flushed when it exits).
@@ -242,13 +292,76 @@ def test_submitted_run_succeeds_streams_steps_and_exports_dashboard_metrics(tmp_
         for split in ("rollout", "eval"):
             assert 0.0 <= metric("accuracy", split=split) <= 1.0
             assert math.isfinite(metric("reward_mean", split=split))
-        print(f"job {submission_id}: {time.monotonic() - started:.1f}s from ray start to checks")
+        print(f"job {submission_id}: {time.monotonic() - started:.1f}s from submit to checks")
     finally:
-        try:
-            if status not in TERMINAL and head.pgid is not None:
-                head.get(f"{head.dashboard}/api/jobs/{submission_id}/stop", data=b"")
-        except OSError:
-            pass
-        finally:
-            head.stop()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        if status not in TERMINAL:
+            stop_quietly(head, submission_id)
+
+
+def test_ray_job_stop_finishes_the_step_saves_and_leaves_no_actor(head, tmp_path):
+    """`ray job stop` in the middle of a step, the job submitted as the docs say: the run
+    finishes the step, saves it, exits; Ray's supervisor does not SIGKILL it first."""
+    output_dir, checkpoints = tmp_path / "run", tmp_path / "ckpt"
+    trigger = tmp_path / "stall"
+    submission_id = f"sluice-stop-{secrets.token_hex(4)}"
+    runtime_env = documented_runtime_env()
+    runtime_env["env_vars"] = {
+        **runtime_env["env_vars"],
+        "SLUICE_TEST_STALL_TRIGGER": str(trigger),
+        "SLUICE_TEST_STALL_S": str(STALL_S),
+    }
+    entrypoint = [
+        sys.executable, "driver.py", "--config", "recipes/tiny.yaml",
+        "--num_steps", "1000", "--rollout.batch_size", "64",
+        "--train.num_workers", "1", "--rollout.num_engines", "1",
+        "--logging.eval_every", "0", "--logging.save_final_model", "false",
+        "--logging.output_dir", str(output_dir), "--save", str(checkpoints),
+        "--rollout.reward", "tests.stalling_reward:reward",
+    ]  # fmt: skip
+    status = None
+    try:
+        submit(head, submission_id, entrypoint, runtime_env)
+        deadline = time.monotonic() + JOB_DEADLINE_S
+        while "step 1/1000 reward" not in job_logs(head, submission_id):
+            status = head.get_json(f"/api/jobs/{submission_id}")["status"]
+            assert status not in TERMINAL and time.monotonic() < deadline, status
+            time.sleep(0.5)
+        trigger.touch()
+        while not Path(f"{trigger}.taken").exists():  # a reward of a step is stalled now
+            assert time.monotonic() < deadline, "the reward never stalled"
+            time.sleep(0.1)
+        job_id = head.get_json(f"/api/jobs/{submission_id}")["job_id"]
+        running = live_state(head, "actors", job_id), live_state(head, "placement_groups", job_id)
+        assert all(running), running  # what must be gone after the stop is seen here
+        stop = subprocess.run(
+            [str(RAY), "job", "stop", "--address", head.dashboard, submission_id],
+            env=head.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        job = head.get_json(f"/api/jobs/{submission_id}")
+        status = job["status"]
+    finally:
+        if status not in TERMINAL:
+            stop_quietly(head, submission_id)
+    logs = job_logs(head, submission_id)
+    assert status == "STOPPED", f"job {status}: {job.get('message')}\n{logs[-6000:]}"
+    assert logs.count("sluice: SIGTERM received: stopping after the current step") == 1, logs
+    assert "Traceback" not in logs, logs[-6000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM"
+    assert summary["steps"] >= 2  # step 1, then the one the stop came in
+    saved = checkpoints / f"iter_{summary['steps']:07d}"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == str(
+        summary["steps"]
+    )
+    assert (saved / "torch_state.pt").is_file()  # the torch backend's checkpoint is complete
+    assert json.loads((saved / "sluice_state.json").read_text())["steps_done"] == summary["steps"]
+    assert f"sluice: saved {saved}" in logs
+    assert "sluice: warning" not in logs, logs  # the documented wait covers the timeouts
+    deadline = time.monotonic() + 30  # ray.kill is asynchronous: the state API follows
+    while left := live_state(head, "actors", job_id) + live_state(head, "placement_groups", job_id):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.5)
