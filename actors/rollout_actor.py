@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import ray
 import torch
 
+from actors import fault_points
 from actors.device import actor_device
 from config.schema import SluiceConfig
 from data.prompts import PromptRecord, encode_prompt
@@ -100,6 +101,7 @@ CORRECT_REWARD = 1.0
 
 class RolloutActor:
     def __init__(self, config: SluiceConfig, engine_index: int, site: "EngineSite | None" = None):
+        fault_points.reached("rollout", engine_index, "start")
         self.config = config
         self.engine_index = engine_index
         self.device = actor_device()
@@ -140,6 +142,7 @@ class RolloutActor:
     ) -> RolloutResult:
         """Sample every group; `sampling_seed` (distinct per step and engine) makes a step's
         samples depend only on the weights and the seed, so a resumed run repeats them."""
+        fault_points.reached("rollout", self.engine_index, "generate")
         self._check_current_weights()
         r = self.config.rollout
         torch.manual_seed(sampling_seed)
@@ -314,6 +317,7 @@ class RolloutActor:
         self.engine.check_weights_update(plan)
 
     def update_weights_from_distributed(self, plan: list[Bucket], version: int) -> SyncStats:
+        fault_points.reached("rollout", self.engine_index, "update_weights")
         stats = self.engine.update_weights_from_distributed(plan, version)
         self.restarted = False
         return stats
