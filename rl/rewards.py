@@ -17,9 +17,9 @@ The contract of a reward function (named in `rollout.reward`)::
   `<output_dir>/error.log`.
 - It runs in a reward worker process of the rollout actor (`rl/reward_pool.py`), in that
   process's main thread, each call bounded by `rollout.reward_timeout_s` (past it, or if the
-  worker dies, the sample scores 0.0). With `rollout.reward_workers: 0` it runs in a thread of
-  the rollout actor instead, where signals (`signal.alarm`) do not work and nothing bounds a
-  call; `math_reward` shows how to bound a slow check either way.
+  worker dies, the sample scores 0.0). With `rollout.reward_workers: 0` it runs in the rollout
+  actor instead, maybe in a thread other than the main one, where signals (`signal.alarm`) do
+  not work, and nothing bounds a call; `math_reward` shows how to bound a slow check either way.
 """
 
 import importlib
