@@ -139,18 +139,20 @@ def job_stop_wait_notice(
     if JOB_CONFIG_VAR not in environ:
         return None
     needed = job_stop_wait_s(timeouts, shutdown_s)
+    fix = json.dumps({"env_vars": {JOB_STOP_WAIT_VAR: str(needed)}})
+    fix = f"submit with --runtime-env-json '{fix}' (up to {needed} s under the timeouts.* bounds)"
     value = environ.get(JOB_STOP_WAIT_VAR)
     try:
         wait_s = RAY_DEFAULT_JOB_STOP_WAIT_S if value is None else int(value)
-    except ValueError:  # Ray's int() fails too, and its supervisor kills the job at once
-        wait_s, shown = 0, f"{value!r}, not an integer"
-    else:
-        shown = f"{wait_s} s" + (" (Ray's default)" if value is None else "")
+    except ValueError:  # Ray's supervisor fails the same int() and its job is killed at once
+        return (
+            f"`ray job stop` kills this job at once: Ray cannot read {JOB_STOP_WAIT_VAR}="
+            f"{value!r} (not an integer) for a clean stop; {fix}"
+        )
     if wait_s >= needed:
         return None
-    runtime_env = json.dumps({"env_vars": {JOB_STOP_WAIT_VAR: str(needed)}})
+    default = " (Ray's default)" if value is None else ""
     return (
-        f"`ray job stop` SIGKILLs this job {JOB_STOP_WAIT_VAR}={shown} after its SIGTERM, "
-        f"before the current step, the checkpoint and the shutdown can finish (up to {needed} "
-        f"s under the timeouts.* bounds); submit with --runtime-env-json '{runtime_env}'"
+        f"`ray job stop` SIGKILLs this job {JOB_STOP_WAIT_VAR}={wait_s} s{default} after its "
+        f"SIGTERM, before the current step, the checkpoint and the shutdown can finish; {fix}"
     )
