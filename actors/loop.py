@@ -4,13 +4,14 @@ One step (what waits for what): the engines generate whole prompt groups and put
 batches into the object store; the driver splits the references across the training ranks
 by tokens (it never holds rows); every rank takes one optimizer step; then the leader rank
 broadcasts the new weights to every engine, which must report the new version before the
-next step's generation starts. With `algorithm.max_staleness` N > 0 the generations of the
-next N steps run on the engines while a step trains, and are finished before the weight
+next step's generation starts. With `algorithm.max_staleness` 1 the next step's generation
+runs on the engines while a step trains, and is finished (or aborted) before the weight
 update (`actors/rollout_queue.py`).
 
-Faults: a rollout actor that dies is restarted by Ray and its work goes to the live engines
-(`RolloutGroup`); a training actor that dies makes the driver replace the whole training group
-and resume from the last checkpoint, the engines staying up (`checkpoint.max_restarts`).
+Faults: a rollout actor that dies or wedges is restarted by Ray and its work goes to the live
+engines (`RolloutGroup`), the weight update going on without it (`WeightSync`); a training
+actor that dies makes the driver replace the whole training group and resume from the last
+checkpoint, the engines staying up (`checkpoint.max_restarts`).
 """
 
 import json
@@ -123,6 +124,7 @@ class Driver:
                 else 0,
             )
             self.start_from = start_from
+            self.last_checkpoint = start_from  # where a restart goes back to (see _save)
             self.start_state = self._loop_state()  # where a lost training group goes back to
             if start_from is not None:
                 self._load(start_from)
@@ -244,9 +246,10 @@ class Driver:
 
     def _restart_trainers_if_dead(self, error: Exception) -> None:
         """Re-raise `error` unless a training actor died; else replace the training group by
-        new actors in the same bundles and go back to the last checkpoint (the run's start
-        without one): model, optimizer, step, data position, weight version, queued rollouts.
-        The engines stay up; they are sent the checkpoint's weights."""
+        new actors in the same bundles and go back to the last checkpoint this run saved, or
+        the one it started from (the run's start without one): model, optimizer, step, data
+        position, weight version, queued rollouts. The engines stay up; they are sent the
+        checkpoint's weights."""
         c = self.config
         dead = self.trainers.dead_ranks() if isinstance(error, RayError) else []
         if not dead:
@@ -257,10 +260,10 @@ class Driver:
                 f"{self.trainer_restarts} time(s) already (checkpoint.max_restarts="
                 f"{c.checkpoint.max_restarts})"
             ) from error
-        from training.megatron.checkpoint import latest
-
         self.trainer_restarts += 1
-        source = (latest(c.checkpoint.save) if c.checkpoint.save else None) or self.start_from
+        # Never `latest(checkpoint.save)`: another run may have written a newer one there, or
+        # this run resumed from an older step than the save root's latest.
+        source = self.last_checkpoint
         print(
             f"sluice: training rank(s) {dead} died during step {self.steps_done + 1}; restarting "
             f"the training group ({self.trainer_restarts}/{c.checkpoint.max_restarts}) from "
@@ -272,7 +275,7 @@ class Driver:
             # The engines finish what they generate; it is discarded (the checkpoint's own
             # queued rollouts come back with it).
             self.rollouts.discard(next_step=self.start_state["steps_done"] + 1)
-            self.trainers.kill()
+            self.trainers.kill()  # returns once their processes are gone (GPU memory freed)
             self.trainers = TrainGroup(c, self.placement, incarnation=self.trainer_restarts)
             self.weights.rebuild(self.engines.live(), trainers=self.trainers)
             self._set_loop_state(self.start_state)
@@ -326,7 +329,25 @@ class Driver:
             self.trainers.save_checkpoint(str(staging.resolve()))
         (staging / LOOP_STATE_FILE).write_text(json.dumps(self._loop_state(), indent=2))
         self.rollouts.save(staging)
-        return commit(root, self.steps_done)
+        self.last_checkpoint = commit(root, self.steps_done)
+        self._delete_old_checkpoints(root)
+        return self.last_checkpoint
+
+    def _delete_old_checkpoints(self, root: Path) -> None:
+        """`checkpoint.keep_last`: once the new checkpoint is the latest, delete older ones,
+        never the one this run started from (training/megatron/checkpoint.py `prune`)."""
+        from training.megatron.checkpoint import prune
+
+        keep_last = self.config.checkpoint.keep_last
+        if not keep_last:
+            return
+        deleted = prune(root, self.steps_done, keep_last, keep=self.start_from)
+        if deleted:
+            names = ", ".join(path.name for path in deleted)
+            print(
+                f"sluice: deleted checkpoint(s) {names} (checkpoint.keep_last={keep_last})",
+                flush=True,
+            )
 
     def _loop_state(self) -> dict:
         return {

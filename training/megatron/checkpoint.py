@@ -12,13 +12,19 @@ replaces the tracker file with `os.replace`; a crash at any point leaves the pre
 pointing at the previous, untouched checkpoint. The staging directory is an ordinary folder:
 anything else written into it before `commit` (a trainer-state file) commits with it.
 
+`prune(root, step, keep_last, keep)` deletes older checkpoints once `commit` has switched the
+tracker over: each is renamed to `iter_NNNNNNN.deleting` first, so a crash mid-delete leaves
+nothing that `latest` or Megatron-LM's tools would read.
+
 Concurrency: `save_torch_dist` and `load_torch_dist` are collectives; every training rank
 calls them with the same directory. `commit` runs on one process, after `save_torch_dist`
 has returned on every rank, on a file system all ranks share.
 """
 
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,8 @@ from models.safetensors_io import replace_directory, sibling
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 STAGING_SUFFIX = ".tmp"
+DELETING_SUFFIX = ".deleting"
+CHECKPOINT_NAME = re.compile(r"iter_(\d{7})")
 OPTIMIZER_KEY_PREFIX = "optimizer."
 
 
@@ -261,3 +269,61 @@ def _tracked(root: Path, entry: str) -> Path:
     if not is_checkpoint(path):
         raise UserError(f"{root / TRACKER_FILE} names {path}, which is not a complete checkpoint")
     return path
+
+
+# Deleting old checkpoints (checkpoint.keep_last).
+
+
+def prune(root: str | Path, step: int, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Delete the older checkpoints of save root `root`, the one of `step` just committed;
+    return those deleted.
+
+    Kept: the newest `keep_last` complete checkpoints of steps up to `step` (`step`'s
+    included), and `keep` (the one the run started from). Left alone: anything that is not a
+    complete `iter_NNNNNNN` folder (a save in progress), a symbolic link, and checkpoints of
+    later steps than `step` (another run's, or those of a run resumed from an earlier step,
+    which the tracker no longer names). Each is renamed to `iter_NNNNNNN.deleting` before
+    it is removed (what a crash mid-delete left is removed here, the next time); a folder that
+    cannot be deleted is reported on stderr and the run goes on.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last}: the newest checkpoint is always kept")
+    root = Path(root)
+    for leftover in root.glob(f"iter_*{DELETING_SUFFIX}"):
+        _delete(leftover)
+    kept = {_real(keep)} if keep is not None else set()
+    older = sorted(_committed(root, step), reverse=True)[keep_last:]
+    deleted = []
+    for _, path in older:
+        if _real(path) in kept:
+            continue
+        doomed = sibling(path, DELETING_SUFFIX)
+        try:
+            path.rename(doomed)  # atomic: from here on no reader takes it for a checkpoint
+        except OSError as error:
+            print(f"sluice: could not delete checkpoint {path}: {error}", file=sys.stderr)
+            continue
+        deleted.append(path)
+        _delete(doomed)
+    return deleted
+
+
+def _committed(root: Path, step: int) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints of `root` up to `step`."""
+    found = []
+    for path in root.iterdir():
+        name = CHECKPOINT_NAME.fullmatch(path.name)
+        if name and int(name[1]) <= step and not path.is_symlink() and is_checkpoint(path):
+            found.append((int(name[1]), path))
+    return found
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _delete(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        print(f"sluice: could not delete {path}: {error}; delete it by hand", file=sys.stderr)
