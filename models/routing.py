@@ -32,11 +32,27 @@ class RoutingShape:
     layers: int
     top_k: int
     num_experts: int
+    moe_layer_ids: tuple[int, ...] | None = None
+    """The decoder-layer index of each MoE layer, in order; None: every decoder layer is one."""
+    num_hidden_layers: int | None = None
+    """Decoder layers, dense ones included; None: `layers`."""
 
     @property
     def per_position(self) -> int:
         """Expert ids recorded per token position (layers x top_k)."""
         return self.layers * self.top_k
+
+    @property
+    def decoder_layers(self) -> int:
+        """All decoder layers: SGLang records a slot for each, dense ones included."""
+        return self.num_hidden_layers if self.num_hidden_layers is not None else self.layers
+
+    @property
+    def moe_layer_index(self) -> list[int]:
+        """The decoder-layer index of each MoE layer (to pick them out of SGLang's buffer)."""
+        if self.moe_layer_ids is None:
+            return list(range(self.layers))
+        return list(self.moe_layer_ids)
 
     @property
     def dtype(self) -> np.dtype:
@@ -51,10 +67,17 @@ def routing_shape(hf_config: Any) -> RoutingShape | None:
     if not num_experts:
         return None
     layers = hf_config.num_hidden_layers
+    ids = tuple(moe_layer_ids(hf_config))
+    return RoutingShape(len(ids), hf_config.num_experts_per_tok, num_experts, ids, layers)
+
+
+def moe_layer_ids(hf_config: Any) -> list[int]:
+    """The decoder layers of a Qwen3-MoE config that are MoE (transformers' rule: not in
+    `mlp_only_layers`, and every `decoder_sparse_step`-th layer)."""
     dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
     step = getattr(hf_config, "decoder_sparse_step", 1) or 1
-    moe_layers = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
-    return RoutingShape(moe_layers, hf_config.num_experts_per_tok, num_experts)
+    layers = range(hf_config.num_hidden_layers)
+    return [i for i in layers if i not in dense and (i + 1) % step == 0]
 
 
 def replay_routing_shape(config: "SluiceConfig") -> RoutingShape:

@@ -346,9 +346,68 @@ def test_parse_generate_response_reads_routed_experts():
     np.testing.assert_array_equal(decoded, experts.ravel())
 
     short = over_the_wire([routed_output(prompt, tokens, experts[:3])])
-    with pytest.raises(SglangError, match="holds 12 ids, expected 4 positions x 2 MoE layers"):
+    with pytest.raises(SglangError, match="holds 12 ids, expected 4 positions x 2 decoder layers"):
         req.parse_generate_response(short, [prompt], shape)
     missing = over_the_wire([routed_output(prompt, tokens, experts)])
     del missing[0]["meta_info"]["routed_experts"]
     with pytest.raises(SglangError, match="--enable-return-routed-experts"):
         req.parse_generate_response(missing, [prompt], shape)
+
+
+def sglang_routed_experts(num_hidden_layers: int, moe_layers: dict[int, list], prompt_len: int):
+    """`meta_info.routed_experts` as sglang 0.5.23 builds it, through its own capturer classes:
+    a device buffer with a slot per decoder layer (`RoutedExpertsCapturer` sizes it with
+    `num_hidden_layers`), written by each MoE layer's `TopK` under its decoder-layer id, copied to
+    the host buffer by KV slot per forward (`on_forward_end`), read back for positions
+    `[0, seqlen - 1)` (`get_topk`), base64 of the int32 bytes (the detokenizer's
+    `_b64_encode_per_request`). `moe_layers[layer]` holds that layer's [positions, top_k] ids;
+    forward 0 is the prefill of the prompt, each later one feeds one generated token."""
+    import types
+
+    import pybase64
+    import torch
+    from sglang.srt.state_capturer.base import BaseDeviceCache, BaseTopkCapturer
+
+    first = next(iter(moe_layers.values()))
+    positions, top_k = len(first), len(first[0])
+    capturer = object.__new__(BaseTopkCapturer)  # (its host cache pins memory through CUDA)
+    capturer.num_layers, capturer.topk_size = num_hidden_layers, top_k
+    capturer.device_cache = BaseDeviceCache(16, num_hidden_layers, top_k, "cpu", "routed_experts")
+    capturer.host_cache = types.SimpleNamespace(
+        buffer=torch.zeros(64, num_hidden_layers, top_k, dtype=torch.int32)
+    )
+    slots = torch.arange(64)  # the request's KV slot of each position
+    forwards = [(0, prompt_len)] + [(p, p + 1) for p in range(prompt_len, positions)]
+    for start, end in forwards:
+        for layer, ids in moe_layers.items():
+            capturer.capture(layer, torch.tensor(ids[start:end], dtype=torch.int32))
+        batch = types.SimpleNamespace(out_cache_loc=slots[start:end], out_cache_loc_virtual=None)
+        capturer.on_forward_end(batch, can_run_graph=False, cuda_graph_batch=None)
+    pool = types.SimpleNamespace(req_to_token=slots.view(1, -1))
+    topk = capturer.get_topk(0, positions + 1, pool)
+    assert tuple(topk.shape) == (positions, num_hidden_layers, top_k)
+    return pybase64.b64encode(topk.numpy().tobytes()).decode("utf-8")
+
+
+def test_routed_experts_are_read_per_decoder_layer_and_mapped_to_moe_layers():
+    """A Qwen3-MoE with a dense first layer (`mlp_only_layers: [0]`): SGLang's buffer holds a
+    slot for each of the 3 decoder layers, Sluice keeps those of MoE layers 1 and 2."""
+    import numpy as np
+    from transformers import Qwen3MoeConfig
+
+    from models.routing import routing_shape
+
+    config = Qwen3MoeConfig(
+        num_hidden_layers=3, mlp_only_layers=[0], num_experts=8, num_experts_per_tok=2
+    )
+    shape = routing_shape(config)
+    assert (shape.layers, shape.decoder_layers, shape.moe_layer_index) == (2, 3, [1, 2])
+    prompt, tokens = [1, 2, 3], [11, 12, 13]
+    rng = np.random.default_rng(0)
+    experts = {layer: rng.integers(0, 8, size=(5, 2)).tolist() for layer in (1, 2)}
+    out = sglang_output("r0", tokens, [-0.5] * 3, FINISH_LENGTH(length=3))
+    out["meta_info"]["routed_experts"] = sglang_routed_experts(3, experts, len(prompt))
+    (completion,) = req.parse_generate_response(over_the_wire([out]), [prompt], shape)
+    expected = np.stack([experts[1], experts[2]], axis=1)  # [positions, MoE layers, top_k]
+    np.testing.assert_array_equal(completion.routed_experts, expected)
+    assert completion.routed_experts.dtype == np.uint8

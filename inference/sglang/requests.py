@@ -144,7 +144,8 @@ def parse_generate_response(
     Tokens and log-probs both come from `meta_info.output_token_logprobs`, which pairs them
     1:1; `output_ids` and `completion_tokens`, when present, must agree with it. With
     `routing` (routing replay), `meta_info.routed_experts` too: base64 of int32 expert ids,
-    [prompt + completion - 1, layers, top_k] (SGLang's positions `[0, seqlen - 1)`). Raises
+    [prompt + completion - 1, num_hidden_layers, top_k] (SGLang's positions `[0, seqlen - 1)`,
+    a slot for every decoder layer), of which the MoE layers' are kept. Raises
     `SglangError` on a wrong count, an aborted request, or a misaligned output.
     """
     expected = len(prompts)
@@ -175,12 +176,16 @@ def _routed_experts(
         )
     ids = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
     positions = len(prompt) + len(completion.token_ids) - 1
-    if ids.size != positions * routing.per_position:
+    layers = routing.decoder_layers
+    if ids.size != positions * layers * routing.top_k:
         raise SglangError(
             f"request {rid}: routed_experts holds {ids.size} ids, expected {positions} positions "
-            f"x {routing.layers} MoE layers x top-{routing.top_k}"
+            f"x {layers} decoder layers ({routing.layers} of them MoE) x top-{routing.top_k}"
         )
-    return ids.reshape(positions, routing.layers, routing.top_k).astype(routing.dtype)
+    # SGLang's capturer keeps a slot per decoder layer (`num_hidden_layers`); a dense layer's
+    # slot is never written, so only the MoE layers' slots are routing.
+    per_layer = ids.reshape(positions, layers, routing.top_k)
+    return per_layer[:, routing.moe_layer_index].astype(routing.dtype)
 
 
 def _completion(item: Any) -> Completion:
