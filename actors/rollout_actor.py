@@ -146,7 +146,9 @@ class RolloutActor:
         self._check_current_weights()
         r = self.config.rollout
         torch.manual_seed(sampling_seed)
-        params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        params = SamplingParams(
+            r.max_new_tokens, r.temperature, r.top_p, r.top_k, seed=sampling_seed
+        )
         repeated = [ids for ids in self._encode(groups) for _ in range(r.samples_per_prompt)]
         scores = self._scores(groups, r.samples_per_prompt)
         start = time.perf_counter()

@@ -24,6 +24,16 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     """Argmax decoding (evaluation); temperature, top_p and top_k are then unused."""
+    seed: int | None = None
+    """The call's sampling seed (the rollout actor's step seed). An engine that takes a seed per
+    request (SGLang) samples prompt i of a `generate` call with `request_seed(seed, i)`; None:
+    the engine's own randomness."""
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index` of a call seeded `seed` (0 <= seed < 2**31): distinct for
+    every (seed, index), and within SGLang's int64 `sampling_seed`."""
+    return seed * 2**32 + index
 
 
 @dataclass

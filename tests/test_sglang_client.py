@@ -114,7 +114,8 @@ class FakeServer:
             if self.before_reply is not None:
                 self.before_reply(body)
             self._work(self.delay_s)
-            n = body["sampling_params"]["max_new_tokens"]
+            sampling = body["sampling_params"]  # one for all prompts, or one per prompt
+            n = (sampling[0] if isinstance(sampling, list) else sampling)["max_new_tokens"]
             return 200, [fake_completion(p, n) for p in body["input_ids"]]
         if path == req.RELEASE_MEMORY_OCCUPATION:
             return 200, None
@@ -340,6 +341,29 @@ def test_a_request_given_up_on_is_aborted_on_its_server(servers):
     assert len(sent) == 3 and len(set(sent)) == 3
     assert stuck.aborted == sent  # every request of the group, by the id it was sent with
     assert set(b.bodies[0]["rid"]).isdisjoint(sent)  # retried under new ids
+
+
+def test_a_retried_request_keeps_its_seeds(servers):
+    """Each prompt's seed follows from the call's seed and the prompt's index in the call, so
+    a group sent again (here after its server timed out) draws the same seeds."""
+    from inference.engine import request_seed
+
+    stuck, b = servers(2.0, 0.0)
+    client = SglangClient([stuck.url, b.url], timeout_s=0.3, max_in_flight=1)
+    seeded = SamplingParams(max_new_tokens=3, seed=41)
+    groups = groups_of(2, size=3)
+    check_in_order(groups, client.generate(groups, seeded))
+    seeds = {
+        tuple(body["input_ids"][0]): [sp["sampling_seed"] for sp in body["sampling_params"]]
+        for body in b.bodies
+    }
+    assert seeds == {
+        tuple(groups[0][0]): [request_seed(41, i) for i in (0, 1, 2)],
+        tuple(groups[1][0]): [request_seed(41, i) for i in (3, 4, 5)],
+    }
+    (first_try,) = [body for body in stuck.bodies if "input_ids" in body]  # (and aborts)
+    tried = [sp["sampling_seed"] for sp in first_try["sampling_params"]]
+    assert tried == seeds[tuple(first_try["input_ids"][0])]
 
 
 def test_a_groups_completions_are_reported_as_soon_as_its_request_returns(servers):

@@ -85,6 +85,22 @@ def test_generate_body_sampling():
     assert sp.sampling_seed is None and sp.n == 1
 
 
+def test_generate_body_sends_a_seed_per_prompt():
+    """Prompt j of a request starting at prompt `first` of the engine's call gets the seed
+    `request_seed(seed, first + j)`: SGLang takes one `sampling_seed` per request."""
+    from inference.engine import request_seed
+
+    params = SamplingParams(8, temperature=1.0, seed=2**31 - 1)
+    body = req.generate_body([[1, 2], [1, 2], [1, 2]], params, first=6)
+    obj = admitted_generate(body)
+    seeds = [sglang_sampling_params(sp).sampling_seed for sp in obj.sampling_params]
+    assert seeds == [request_seed(2**31 - 1, i) for i in (6, 7, 8)]
+    assert len(set(seeds)) == 3 and max(seeds) < 2**63  # within SGLang's int64 check
+    assert seeds != [request_seed(2**31 - 2, i) for i in (6, 7, 8)]
+    unseeded = admitted_generate(req.generate_body([[1, 2]], SamplingParams(8)))
+    assert sglang_sampling_params(unseeded.sampling_params[0]).sampling_seed is None
+
+
 def test_generate_body_top_k_off_is_whole_vocabulary():
     body = req.generate_body([[7]], SamplingParams(4, temperature=1.0, top_k=0))
     assert body["sampling_params"]["top_k"] == -1

@@ -257,13 +257,15 @@ class SglangClient:
     ) -> list[Completion]:
         """One group's request, retried on another server until one answers; its completions
         are reported as prompts `first`, `first + 1`, ..."""
-        completions = self._request_group(group, params)
+        completions = self._request_group(group, params, first)
         if on_completion is not None:
             for offset, completion in enumerate(completions):
                 on_completion(first + offset, completion)
         return completions
 
-    def _request_group(self, group: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _request_group(
+        self, group: list[list[int]], params: SamplingParams, first: int = 0
+    ) -> list[Completion]:
         failures = 0
         while True:
             try:
@@ -274,7 +276,8 @@ class SglangClient:
                 continue
             rids = [f"sluice-{uuid.uuid4().hex}-{i}" for i in range(len(group))]
             try:
-                body = generate_body(group, params, rids, routed_experts=bool(self.routing))
+                routed = bool(self.routing)
+                body = generate_body(group, params, rids, routed_experts=routed, first=first)
                 payload = self.post(url, GENERATE, body)
             except EngineUnreachable as e:
                 self.mark_down(url, e.reason)

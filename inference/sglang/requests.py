@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from inference.engine import Completion, SamplingParams
+from inference.engine import Completion, SamplingParams, request_seed
 from weights.manifest import Bucket
 from weights.process_group import GroupInfo
 
@@ -83,6 +83,7 @@ def generate_body(
     params: SamplingParams,
     rids: list[str] | None = None,
     routed_experts: bool = False,
+    first: int = 0,
 ) -> dict[str, Any]:
     """One `/generate` request for a batch of token-id prompts.
 
@@ -92,7 +93,9 @@ def generate_body(
     which is what `Completion.log_probs` promises. `rids`, one per prompt, name the requests so
     that one given up on can be aborted (`abort_body`). `routed_experts` (routing replay) asks
     for every position's experts (`return_routed_experts`; the server must run with
-    `--enable-return-routed-experts`).
+    `--enable-return-routed-experts`). With `params.seed`, each prompt gets its own
+    `sampling_seed`, `request_seed(params.seed, first + j)` for prompt j (`first`: the index of
+    `prompts[0]` in the engine's call), so a request sent again draws the same seeds.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_body needs at least one prompt, and no empty prompt")
@@ -100,7 +103,7 @@ def generate_body(
         raise ValueError(f"{len(rids)} request ids for {len(prompts)} prompts")
     body = {
         "input_ids": [[int(t) for t in p] for p in prompts],
-        "sampling_params": sampling_params_body(params),
+        "sampling_params": _per_prompt_sampling_params(params, len(prompts), first),
         "return_logprob": True,
         "logprob_start_len": -1,
     }
@@ -109,6 +112,14 @@ def generate_body(
     if routed_experts:
         body["return_routed_experts"] = True
     return body
+
+
+def _per_prompt_sampling_params(params: SamplingParams, count: int, first: int) -> Any:
+    """One `sampling_params` for the batch, or one per prompt when each has its own seed."""
+    shared = sampling_params_body(params)
+    if params.seed is None:
+        return shared
+    return [{**shared, "sampling_seed": request_seed(params.seed, first + j)} for j in range(count)]
 
 
 def abort_body(rid: str) -> dict[str, Any]:
@@ -121,7 +132,7 @@ def sampling_params_body(params: SamplingParams) -> dict[str, Any]:
 
     Greedy is temperature 0 with top_k 1 (SGLang itself turns temperature 0 into top_k 1 and
     temperature 1; sending both makes the intent independent of that rule). Our `top_k=0`
-    ("off") is SGLang's -1. No `sampling_seed`: the default flashinfer sampler rejects it.
+    ("off") is SGLang's -1. The seed is per prompt (`generate_body`).
     """
     if params.greedy:
         temperature, top_p, top_k = 0.0, 1.0, 1
