@@ -240,7 +240,7 @@ class RolloutActor:
         self, rows, prompts, completions, rewards, advantages, group_id_start, stats
     ) -> RolloutBatchRef:
         n = self.config.rollout.samples_per_prompt
-        version = self.engine.weight_version
+        versions = self._weight_versions([completions[i] for i in rows])
         columns = {
             "prompt_ids": [prompts[i] for i in rows],
             "response_ids": [completions[i].token_ids for i in rows],
@@ -250,7 +250,7 @@ class RolloutActor:
             "advantage": [advantages[i] for i in rows],
             "group_id": [group_id_start + i // n for i in rows],
             "sample_index": [i % n for i in rows],
-            "weight_version": [version] * len(rows),
+            "weight_version": versions,
             "finish_reason": [completions[i].finish_reason for i in rows],
         }
         if self.config.algorithm.routing_replay:
@@ -263,7 +263,7 @@ class RolloutActor:
         stats.prompt_tokens += prompt_tokens
         stats.response_tokens += response_tokens
         stats.truncated += sum(completions[i].finish_reason == "length" for i in rows)
-        stats.weight_versions.add(version)
+        stats.weight_versions.update(versions)
         stats.advantage_sum += sum(advantages[i] for i in rows)
         stats.advantage_square_sum += sum(advantages[i] ** 2 for i in rows)
         return RolloutBatchRef(
@@ -272,6 +272,12 @@ class RolloutActor:
             num_tokens=prompt_tokens + response_tokens,
             num_loss_tokens=response_tokens,
         )
+
+    def _weight_versions(self, completions: list[Completion]) -> list[int]:
+        """Each sample's weight version: the one its server reported (an SGLang reply may come
+        from another engine's server), else this engine's."""
+        own = self.engine.weight_version
+        return [own if c.weight_version is None else c.weight_version for c in completions]
 
     def evaluate(self, prompts: list[PromptRecord]) -> EvalResult:
         self._check_current_weights()

@@ -49,6 +49,10 @@ class Completion:
     routed_experts: np.ndarray | None = None
     """With routing replay: the experts of every input position (prompt, then the response
     but its last token), [positions, moe_layers, top_k], uint8 (uint16 past 256 experts)."""
+    weight_version: int | None = None
+    """The weight version that generated it, where the server that answered says (SGLang's
+    `meta_info.weight_version`: the client balances requests over every engine's server); None:
+    the generating engine's own version (the transformers engine)."""
 
 
 WEIGHT_MEMORY = ("weights",)

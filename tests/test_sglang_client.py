@@ -27,7 +27,7 @@ from inference.sglang.requests import SglangError
 PARAMS = SamplingParams(max_new_tokens=3)
 
 
-def fake_completion(prompt: list[int], max_new_tokens: int) -> dict:
+def fake_completion(prompt: list[int], max_new_tokens: int, version: str = "default") -> dict:
     """A reply entry whose tokens are a function of the prompt alone."""
     tokens = [(sum(prompt) + i) % 1000 for i in range(max_new_tokens)]
     logprobs = [-0.5 * (i + 1) for i in range(max_new_tokens)]
@@ -35,7 +35,7 @@ def fake_completion(prompt: list[int], max_new_tokens: int) -> dict:
         "id": f"rid-{sum(prompt)}",
         "finish_reason": {"type": "length", "length": max_new_tokens},
         "prompt_tokens": len(prompt),
-        "weight_version": "default",
+        "weight_version": version,
         "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens, strict=True)],
         "completion_tokens": max_new_tokens,
     }
@@ -44,7 +44,7 @@ def fake_completion(prompt: list[int], max_new_tokens: int) -> dict:
 
 def expected(prompt: list[int]) -> Completion:
     reply = fake_completion(prompt, PARAMS.max_new_tokens)
-    return Completion(reply["output_ids"], [-0.5, -1.0, -1.5], "length")
+    return Completion(reply["output_ids"], [-0.5, -1.0, -1.5], "length", weight_version=0)
 
 
 class FakeServer:
@@ -64,6 +64,8 @@ class FakeServer:
         """Called with each `/generate` body before it is answered (a test may hold it)."""
         self.generate_count = 0
         self.bodies: list[dict] = []
+        self.weight_version = "default"
+        """What its replies report as `meta_info.weight_version`."""
         self.active = 0
         self.peak_active = 0
         """Most `/generate` requests this server worked on at once."""
@@ -116,7 +118,7 @@ class FakeServer:
             self._work(self.delay_s)
             sampling = body["sampling_params"]  # one for all prompts, or one per prompt
             n = (sampling[0] if isinstance(sampling, list) else sampling)["max_new_tokens"]
-            return 200, [fake_completion(p, n) for p in body["input_ids"]]
+            return 200, [fake_completion(p, n, self.weight_version) for p in body["input_ids"]]
         if path == req.RELEASE_MEMORY_OCCUPATION:
             return 200, None
         if path == req.FLUSH_CACHE:
@@ -364,6 +366,21 @@ def test_a_retried_request_keeps_its_seeds(servers):
     (first_try,) = [body for body in stuck.bodies if "input_ids" in body]  # (and aborts)
     tried = [sp["sampling_seed"] for sp in first_try["sampling_params"]]
     assert tried == seeds[tuple(first_try["input_ids"][0])]
+
+
+def test_each_completion_carries_the_version_of_the_server_that_generated_it(servers):
+    """Requests are balanced over every engine's server, so a completion's weight version is
+    the one its server reports, not the caller's engine's."""
+    a, b = servers(0.05, 0.05)
+    a.weight_version, b.weight_version = "4", "3"
+    client = SglangClient([a.url, b.url], timeout_s=30, max_in_flight=1)
+    groups = groups_of(4)
+    results = client.generate(groups, PARAMS)
+    served_by_b = {tuple(body["input_ids"][0]) for body in b.bodies}
+    assert served_by_b and len(served_by_b) < len(groups)  # both servers answered
+    for group, completions in zip(groups, results, strict=True):
+        version = 3 if tuple(group[0]) in served_by_b else 4
+        assert [c.weight_version for c in completions] == [version] * len(group)
 
 
 def test_a_groups_completions_are_reported_as_soon_as_its_request_returns(servers):

@@ -282,9 +282,39 @@ def test_parse_generate_response():
         ]
     )
     assert req.parse_generate_response(payload, [[1, 2, 3]] * 2) == [
-        Completion([11, 12, 2], [-0.5, -1.25, -0.01], "stop"),
-        Completion([13, 14], [-2.0, -0.75], "length"),
+        Completion([11, 12, 2], [-0.5, -1.25, -0.01], "stop", weight_version=0),
+        Completion([13, 14], [-2.0, -0.75], "length", weight_version=0),
     ]
+
+
+def test_parse_generate_response_reads_each_replys_weight_version():
+    """The version the answering server reports: Sluice's decimal versions, SGLang's "default"
+    before any update (version 0), and the oldest span when the weights changed mid-request
+    (spans as sglang 0.5.23's tokenizer manager adds them)."""
+    from sglang.srt.utils.weight_versions import (
+        WeightVersionEvent,
+        add_weight_versions_to_meta_info,
+        compute_weight_version_spans,
+    )
+
+    def reply(version: str, events=()) -> dict:
+        out = sglang_output("r0", [5, 6, 7], [-0.1] * 3, FINISH_LENGTH(length=3))
+        out["meta_info"]["weight_version"] = version
+        if events:
+            spans = compute_weight_version_spans(list(events), version, 3)
+            add_weight_versions_to_meta_info(out["meta_info"], spans, num_output_tokens=3)
+        return over_the_wire([out])
+
+    def version_of(payload) -> int:
+        return req.parse_generate_response(payload, [[1, 2]])[0].weight_version
+
+    assert version_of(reply("7")) == 7
+    assert version_of(reply("default")) == 0
+    changed = reply("8", [WeightVersionEvent(old_version="7", num_output_tokens=2)])
+    assert [s["version"] for s in changed[0]["meta_info"]["weight_versions"]] == ["7", "8"]
+    assert version_of(changed) == 7
+    with pytest.raises(SglangError, match="weight_version 'v2' is not one Sluice set"):
+        version_of(reply("v2"))
 
 
 def test_parse_generate_response_refuses_abort():

@@ -207,7 +207,36 @@ def _completion(item: Any) -> Completion:
     finish_reason = _finish_reason(meta, rid)
     tokens, log_probs = _output_logprobs(meta, rid)
     _check_aligned(item, meta, tokens, rid)
-    return Completion(token_ids=tokens, log_probs=log_probs, finish_reason=finish_reason)
+    version = _weight_version(meta, rid)
+    return Completion(tokens, log_probs, finish_reason, weight_version=version)
+
+
+CHECKPOINT_WEIGHTS = "default"
+"""The `weight_version` a server reports before any weight update (SGLang's `--weight-version`
+default; Sluice sets none at launch): the checkpoint's weights, Sluice's version 0."""
+
+
+def _weight_version(meta: dict[str, Any], rid: str) -> int:
+    """The weight version that generated a reply: the oldest of its `weight_versions` spans when
+    SGLang changed weights while generating it (the staleness bound is about the oldest token),
+    else its `weight_version`. Sluice's weight updates set the version as a decimal string."""
+    spans = meta.get("weight_versions")
+    if isinstance(spans, list) and spans:
+        names = [span.get("version") if isinstance(span, dict) else None for span in spans]
+    else:
+        names = [meta.get("weight_version")]
+    versions = []
+    for name in names:
+        if name == CHECKPOINT_WEIGHTS:
+            versions.append(0)
+        elif isinstance(name, str) and name.isdigit():
+            versions.append(int(name))
+        else:
+            raise SglangError(
+                f"request {rid}: weight_version {name!r} is not one Sluice set (a whole number, "
+                f"or {CHECKPOINT_WEIGHTS!r} before the first update)"
+            )
+    return min(versions)
 
 
 def _finish_reason(meta: dict[str, Any], rid: str) -> str:
