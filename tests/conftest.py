@@ -6,19 +6,21 @@ module-scoped Ray cluster or torchrun world is built once, and files are handed 
 order below (xdist would otherwise order them by their number of tests, which put the slowest
 file, a single test, last: four minutes with one worker idle).
 
-What the time goes to (2-core machine, two workers, 2026-12-06, 8:12 wall, 715 passed): CPU, not
-waiting. The machine is 90 % busy on average (5 s samples over a whole `bash .ci/run`; memory
-peaks at 9.6 of 24 GB), so the sum of the test times (948 s) over two cores is close to the wall
-time, and only less CPU work makes the suite faster (a third worker would not). The same
-commit's wall time varies by about 10 % between runs. The work is process start-up: each run of
-the driver starts a Ray cluster (~7 s of CPU) and actors that import torch and transformers (~5
-s of CPU each); both cost twice that while every process compiled them from source, before the
-environment's bytecode was compiled at install (which halved the suite); each torchrun world of
-the Megatron tests imports megatron-core. Slowest files, by total test time on 2026-12-06:
-test_loop (94 s: the default job in a subprocess, 61 s, and the module's driver),
-test_megatron_loop (90 s: two runs with two Megatron ranks and two engines), test_faults (70 s),
-test_megatron_checkpoint (66 s), test_algorithms (60 s), test_stop_signals (55 s, one driver
-process per signal), test_weight_group_rebuild (52 s); file totals in SLOWEST_FIRST's order.
+What the time goes to (2-core machine, two workers, 2026-12-07, CI's run from a fresh clone:
+pytest 11:08 and 11:11, 769 passed): CPU, not waiting. The machine is about 90 % busy (5 s
+samples over a whole `bash .ci/run` on 2026-12-06; memory peaked at 9.6 of 24 GB), so the sum
+of the test times (1288 s, from 948 s before issue 28's fault, stop, reward-pool and checkpoint
+tests) over two cores is close to the wall time, and only less CPU work makes the suite faster
+(a third worker would not). The same commit's wall time varies by about 10 % between runs. The
+work is process start-up: each run of the driver starts a Ray cluster (~7 s of CPU) and actors
+that import torch and transformers (~5 s of CPU each); both cost twice that while every process
+compiled them from source, before the environment's bytecode was compiled at install (which
+halved the suite); each torchrun world of the Megatron tests imports megatron-core. Slowest
+files, by total test time on 2026-12-07: test_faults (211 s: six driver runs, each fault at a
+named point), test_megatron_loop (89 s), test_loop (86 s), test_stop_signals (83 s),
+test_algorithms (81 s), test_job_submit (71 s: a real head node, two jobs), test_megatron_checkpoint
+(70 s), test_weight_group_rebuild (60 s). SLOWEST_FIRST below was ordered from the 2026-12-06
+totals and kept: the three slowest files still go first.
 """
 
 import os
