@@ -7,7 +7,7 @@ order below (xdist would otherwise order them by their number of tests, which pu
 file, a single test, last: four minutes with one worker idle).
 
 What the time goes to (2-core machine, two workers, 2026-12-07, CI's run from a fresh clone:
-pytest 11:08 and 11:11, 769 passed): CPU, not waiting. The machine is about 90 % busy (5 s
+pytest 11:08, 11:11 and 11:30, 769 passed): CPU, not waiting. The machine is about 90 % busy (5 s
 samples over a whole `bash .ci/run` on 2026-12-06; memory peaked at 9.6 of 24 GB), so the sum
 of the test times (1288 s, from 948 s before issue 28's fault, stop, reward-pool and checkpoint
 tests) over two cores is close to the wall time, and only less CPU work makes the suite faster
