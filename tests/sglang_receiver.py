@@ -26,6 +26,7 @@ sglang is imported inside functions: it takes about 10 s, and only engine proces
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -49,6 +50,11 @@ Received = dict[str, tuple[str, list[int], bytes]]
 
 INITIAL_WEIGHT_VERSION = "default"
 """SGLang's `--weight-version` default, what `/model_info` reports before any update."""
+
+WITHOUT_SESSIONS = "SGLANG_DOUBLE_WITHOUT_SESSIONS"
+"""Set in the double's environment, it answers as sglang 0.5.17 (`make_server(sessions=False)`)."""
+
+BEGIN_WEIGHT_UPDATE, END_WEIGHT_UPDATE = "/begin_weight_update", "/end_weight_update"
 
 NO_SESSION = (
     "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
@@ -313,8 +319,8 @@ ROUTES: dict[str, Route] = {
     "/destroy_weights_update_group": Route(
         POST, "DestroyWeightsUpdateGroupReqInput", EngineDouble.destroy_group
     ),
-    "/begin_weight_update": Route(POST, "BeginWeightUpdateReqInput", EngineDouble.begin_update),
-    "/end_weight_update": Route(POST, "EndWeightUpdateReqInput", EngineDouble.end_update),
+    BEGIN_WEIGHT_UPDATE: Route(POST, "BeginWeightUpdateReqInput", EngineDouble.begin_update),
+    END_WEIGHT_UPDATE: Route(POST, "EndWeightUpdateReqInput", EngineDouble.end_update),
     "/update_weights_from_distributed": Route(
         POST, "UpdateWeightsFromDistributedReqInput", EngineDouble.update_from_distributed
     ),
@@ -390,10 +396,12 @@ def _flush_cache_query(query: str) -> None:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Dispatches to `ROUTES` and the read-only GET routes; one thread per request."""
+    """Dispatches to `routes` (`ROUTES`, less the session routes for an 0.5.17 double) and the
+    read-only GET routes; one thread per request."""
 
     engine: EngineDouble
     validators: Validators
+    routes: dict[str, Route]
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -414,7 +422,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _call(self, method: str) -> None:
         url = urlsplit(self.path)
-        route = ROUTES.get(url.path)
+        route = self.routes.get(url.path)
         if route is None:
             self._send(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
             return
@@ -450,20 +458,32 @@ class Handler(BaseHTTPRequestHandler):
         """Quiet: the tests read replies, not access logs."""
 
 
-def make_server(port: int, host: str = "127.0.0.1", tp_size: int = 1) -> ThreadingHTTPServer:
-    """The double, bound (port 0: any free one) but not yet serving; sglang imported first."""
+def make_server(
+    port: int, host: str = "127.0.0.1", tp_size: int = 1, sessions: bool = True
+) -> ThreadingHTTPServer:
+    """The double, bound (port 0: any free one) but not yet serving; sglang imported first.
+    `sessions=False` answers as sglang 0.5.17 does: no `/begin_weight_update` and
+    `/end_weight_update` routes, and weight updates taken without a session."""
     init_default_group()
     engine = EngineDouble(make_weight_updater(), tp_size=tp_size)
     engine.received_by_rank = {rank: {} for rank in range(1, tp_size)}
-    handler = type("BoundHandler", (Handler,), {"engine": engine, "validators": Validators()})
+    routes = dict(ROUTES)
+    if not sessions:
+        del routes[BEGIN_WEIGHT_UPDATE], routes[END_WEIGHT_UPDATE]
+        engine.session_open = True  # (0.5.17 has no session rule: every update is taken)
+    handler = type(
+        "BoundHandler",
+        (Handler,),
+        {"engine": engine, "validators": Validators(), "routes": routes},
+    )
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
 
 
-def serve(port: int, host: str = "127.0.0.1", tp_size: int = 1) -> None:
+def serve(port: int, host: str = "127.0.0.1", tp_size: int = 1, sessions: bool = True) -> None:
     """Run the double until killed; prints `listening on PORT` once requests can come."""
-    server = make_server(port, host, tp_size)
+    server = make_server(port, host, tp_size, sessions)
     print(f"listening on {server.server_address[1]}", flush=True)
     server.serve_forever()
 
@@ -488,7 +508,7 @@ def main() -> None:
     # The other launch_server arguments Sluice passes (--model-path, ...) are ignored, so the
     # engine's own launch code can start this double in tests.
     args, _ = parser.parse_known_args()
-    serve(args.port, args.host, args.tp_size)
+    serve(args.port, args.host, args.tp_size, sessions=not os.environ.get(WITHOUT_SESSIONS))
 
 
 if __name__ == "__main__":

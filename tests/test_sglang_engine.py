@@ -24,6 +24,7 @@ from inference.sglang.server import EngineFailure
 from models.checkpoint_format import checkpoint_tensors
 from models.tiny import build_tiny_model, save_tiny_model
 from placement.planner import ClusterShape, NodeShape, plan_layout
+from tests.sglang_receiver import WITHOUT_SESSIONS
 from weights.errors import WeightSyncError
 from weights.ipc import IpcExport
 from weights.manifest import manifest_of, plan_buckets
@@ -126,6 +127,36 @@ def test_weight_update_sequence_reaches_sglangs_receiver(model_dir, tmp_path):
         assert [u["weight_version"] for u in updates] == [None] * (len(updates) - 1) + ["7"]
         assert [n for u in updates for n in u["names"]] == [n for n, _ in weights]
         assert {u["load_format"] for u in updates} == {"flattened_bucket"}
+    finally:
+        engine.shutdown()
+
+
+def test_a_server_without_weight_update_sessions_is_updated_without_them(
+    model_dir, tmp_path, monkeypatch
+):
+    """sglang 0.5.17 (what serves on the GPU machine) has no `/begin_weight_update`: the engine
+    finds that out from the server and sends the update without a session."""
+    monkeypatch.setenv(WITHOUT_SESSIONS, "1")  # the double answers as sglang 0.5.17
+    engine = make_engine(model_dir, tmp_path, RECEIVER)
+    try:
+        assert not engine.weight_sessions
+        sender = join_group(engine, free_port())
+        weights = trainer_weights(scale=0.5)
+        plan = plan_buckets(manifest_of(weights), bucket_bytes=16 << 10)
+        engine.check_weights_update(plan)
+        sent = threading.Thread(target=sender.send, args=(plan, iter(weights), 3))
+        sent.start()
+        stats = engine.update_weights_from_distributed(plan, version=3)
+        sent.join()
+
+        assert engine.weight_version == 3
+        received = requests.get(f"{engine.url}/_received", timeout=10).json()
+        assert received == {name: sha256(t) for name, t in weights}
+        paths = [c["path"] for c in requests.get(f"{engine.url}/_recorded", timeout=10).json()]
+        assert paths == [
+            "/init_weights_update_group",
+            *["/update_weights_from_distributed"] * stats.buckets,
+        ]
     finally:
         engine.shutdown()
 

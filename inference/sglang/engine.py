@@ -23,10 +23,12 @@ import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import ray
+import requests
 
 from config.schema import SluiceConfig
 from inference.engine import (
@@ -120,6 +122,7 @@ class SglangEngine(InferenceEngine):
         for note in self.resolved.notes:
             print(f"[sglang engine {engine_index}] note: {note}", flush=True)
         self.url = self._start(self.resolved)
+        self.weight_sessions = _has_weight_sessions(self.url)
         routing = None
         if config.algorithm.routing_replay:
             from models.routing import replay_routing_shape
@@ -285,6 +288,8 @@ class SglangEngine(InferenceEngine):
         receiving its broadcast, which would leave the trainer waiting.
         """
         self._check_against_checkpoint(plan)
+        if not self.weight_sessions:
+            return
         if self.session_open:  # a failed transfer left it open
             self._post(bodies.END_WEIGHT_UPDATE, bodies.end_weight_update_body())
             self.session_open = False
@@ -319,7 +324,7 @@ class SglangEngine(InferenceEngine):
         """One request per non-empty bucket, in plan order, while the trainer broadcasts it;
         the last flushes the cache and sets the version; then the session closes and the
         server must report `version`."""
-        if self.group_name is None or not self.session_open:
+        if self.group_name is None or (self.weight_sessions and not self.session_open):
             raise WeightSyncError(
                 f"engine {self.index} cannot receive weights: call init_weights_update_group "
                 f"and check_weights_update first"
@@ -350,7 +355,7 @@ class SglangEngine(InferenceEngine):
                 f"engine {self.index} has {self.weight_ranks} ranks but got {len(handles)} CUDA "
                 f"IPC handles: each rank opens the one packed on its own GPU"
             )
-        if not self.session_open:
+        if self.weight_sessions and not self.session_open:
             raise WeightSyncError(f"engine {self.index}: call check_weights_update first")
         body = bodies.update_weights_from_tensor_body(
             list(handles),
@@ -362,10 +367,12 @@ class SglangEngine(InferenceEngine):
         bodies.parse_success(reply, f"engine {self.index} update_weights_from_tensor")
 
     def finish_weight_update(self, version: int) -> None:
-        """Close the session; the server must then report `version`."""
-        reply = self._post(bodies.END_WEIGHT_UPDATE, bodies.end_weight_update_body())
-        bodies.parse_success(reply, f"engine {self.index} end_weight_update")
-        self.session_open = False
+        """Close the session (where the server has them); the server must then report
+        `version`."""
+        if self.weight_sessions:
+            reply = self._post(bodies.END_WEIGHT_UPDATE, bodies.end_weight_update_body())
+            bodies.parse_success(reply, f"engine {self.index} end_weight_update")
+            self.session_open = False
         reported = self.client.get(self.url, bodies.MODEL_INFO).get("weight_version")
         if reported != str(version):
             raise WeightSyncError(
@@ -408,6 +415,15 @@ def _runs(prompts: list[list[int]]) -> list[list[list[int]]]:
         else:
             groups.append([prompt])
     return groups
+
+
+def _has_weight_sessions(url: str) -> bool:
+    """Whether the server has weight-update sessions (`/begin_weight_update`): sglang 0.5.23
+    refuses an update outside one, sglang 0.5.17 (the GPU machine's) has no such route and
+    takes updates as they come. A GET on the POST-only route answers 405 where it exists and
+    404 where it does not, and changes nothing."""
+    reply = requests.get(url + bodies.BEGIN_WEIGHT_UPDATE, timeout=STARTUP_PROBE_TIMEOUT_S)
+    return reply.status_code != HTTPStatus.NOT_FOUND
 
 
 def _healthy(url: str) -> bool:
