@@ -9,6 +9,19 @@ gpu_env() {
   if [ $# -gt 0 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$@" || exit 1
   fi
+  _gpu_exports
+}
+
+# `gpu_env_sglang`: the same for an SGLang run, from .gpu/site.tar.xz (bench/pack_sglang_run.sh:
+# ray, sglang 0.5.17, megatron-core and math-verify in one archive). The bundle leaves out
+# flashinfer's kernels, so SGLang is told not to pick them.
+gpu_env_sglang() {
+  mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
+  _gpu_exports
+  export SGLANG_IS_FLASHINFER_AVAILABLE=false
+}
+
+_gpu_exports() {
   export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
     PYTHONUNBUFFERED=1

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sluice on a real SGLang server, on the GPU machine (no uv, ray or SGLang there).
+#   usage, from the repository root:
+#     bench/pack_sglang_run.sh                  # -> .gpu/site.tar.xz (ray + sglang 0.5.17 + ...)
+#     then on the GPU machine, carrying .gpu:
+#     OUT=/some/dir bench/run_gpu_sglang.sh [tests contract bench]   (default: all, in order)
+# tests: tests/test_sglang_gpu.py (the server, bit-exact colocated updates, the loop learning
+# with and without routing replay, abort). contract: the SGLang contract tests (`-m sglang`,
+# written against sglang 0.5.23) run against the server's own sglang 0.5.17.
+# bench: bench/bench_sglang.py (tokens/s against the transformers engine, colocated sync time,
+# log-prob mismatch with and without routing replay) on the topology model.
+# Writes into $OUT: env.txt, tests.log, contract.log, bench.log, bench_sglang.json.
+set -uo pipefail
+OUT=${OUT:?set OUT to an output folder}
+source bench/gpu_env.sh && gpu_env_sglang
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c 'import torch, ray, sglang, transformers
+print("torch", torch.__version__, "ray", ray.__version__, "sglang", sglang.__version__,
+      "transformers", transformers.__version__)'
+} 2>&1 | tee "$OUT/env.txt"
+
+run_tests() {
+  step tests "${TESTS_LIMIT:-420}" python3 -m pytest -p no:cacheprovider -n 0 -q -rs -s \
+    -x tests/test_sglang_gpu.py ${TESTS_K:+-k "$TESTS_K"}
+}
+run_contract() {
+  step contract "${CONTRACT_LIMIT:-240}" python3 -m pytest -p no:cacheprovider -n 0 -q -rs -m sglang \
+    tests/test_sglang_requests.py tests/test_sglang_launch.py tests/test_sglang_engine.py
+}
+run_bench() {
+  step bench "${BENCH_LIMIT:-400}" python3 -m bench.bench_sglang --out "$OUT/bench_sglang.json"
+}
+
+for name in "${@:-tests contract bench}"; do
+  for one in $name; do "run_$one"; done
+done
