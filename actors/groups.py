@@ -16,9 +16,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledEr
 from actors import deadline
 from actors.process_exit import actor_processes, wait_for_exit
 from actors.rollout_actor import (
+    CONCURRENCY_GROUPS,
+    PEER_CALLS,
     EngineNeedsWeights,
     EvalResult,
-    GenerationAborted,
     RolloutActor,
     RolloutResult,
 )
@@ -26,6 +27,7 @@ from actors.train_actor import TrainActor
 from config.schema import SluiceConfig
 from data.prompts import PromptRecord
 from data.schema import RolloutBatchRef
+from inference.engine import GenerationAborted
 from inference.sglang.engine import EngineSite
 from placement.groups import Placement, Role
 from training.backend import TrainStats
@@ -35,6 +37,10 @@ RESTART_POLL_S = 0.5
 """How often to ask again an actor that Ray is restarting."""
 DOWN_PROBE_S = 0.2
 """How long an engine that is down gets to answer before the weight update goes on without it."""
+PEER_DROP_S = 10.0
+"""How long the driver waits for the live engines to drop a peer that went down (they answer
+at once, even mid-generation: `drop_peer` has a concurrency group of its own); one that has not
+answered by then is not waited for."""
 DEATH_PROBE_S = 10.0
 """How long a training rank's readiness probe may take before it counts as alive (busy)."""
 KILL_TIMEOUT_S = 60.0
@@ -44,7 +50,7 @@ itself a few seconds after `ray.kill`, so only a process the kernel cannot end o
 # The classes stay plain (importable by name, so Ray pickles them by reference); these are
 # their Ray actor versions.
 RemoteTrainActor = ray.remote(TrainActor)
-RemoteRolloutActor = ray.remote(RolloutActor)
+RemoteRolloutActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutActor)
 
 
 class TrainGroup:
@@ -211,6 +217,11 @@ class RolloutGroup:
     with it, so the run does not wait for a restart (minutes for a large model). If no engine
     is left alive, `rejoin` (set by the driver) waits for the restarts and syncs first; the
     run ends only when Ray will restart none of them.
+
+    Serving engines (SGLang) balance their requests over each other's servers: an engine found
+    down is dropped from the live engines' server lists at once (a killed actor's server may
+    outlive it, with weights no update reaches), and `connect_peers` lists it again once it
+    is back.
     """
 
     def __init__(self, config: SluiceConfig, placement: Placement):
@@ -236,6 +247,8 @@ class RolloutGroup:
         """Prompt groups (or evaluation prompts) re-issued to another engine."""
         self.rejoin: Callable[[], None] | None = None
         """Set by the driver: waits for every engine and syncs them (when none is live)."""
+        self.urls: dict[int, str] = {}
+        """The server URL of each serving engine the others were told of (`connect_peers`)."""
 
     def live(self) -> list[int]:
         """The engines that take work: all but those that died and have not rejoined."""
@@ -246,9 +259,14 @@ class RolloutGroup:
 
         Its first call is where the driver waits for the engines to finish starting: the
         constructor only launches them, so the trainers can start while the engines load."""
-        urls = [u for u in self._on_live("start-up", lambda a: a.url.remote()) if u is not None]
-        if urls:
-            self._on_live("connect_peers", lambda a: a.connect_peers.remote(urls))
+        answers = self._on_live("start-up", lambda a: a.url.remote())
+        told = {e: url for e, url in answers.items() if url is not None}
+        if not told:
+            return
+        self.urls = dict(told)
+        self._on_live("connect_peers", lambda a: a.connect_peers.remote(list(told.values())))
+        for e in told.keys() & self.down:  # died while the others were told: drop it again,
+            self._drop_peer(told[e])  # now that each of them holds the list it is dropped from
 
     def check_engines(self, members: list[int]) -> bool:
         """Before a weight update: restart the dead servers of live engines, notice engines
@@ -266,7 +284,7 @@ class RolloutGroup:
             try:
                 restarted = deadline.get(call)
             except ActorUnavailableError:  # Ray is restarting it
-                self.down.add(e)
+                self._mark_down(e)
                 continue
             except RayActorError:  # dead for good: the others go on (`_live_or_rejoined`)
                 self.went_down(e, "the check before a weight update")
@@ -316,15 +334,17 @@ class RolloutGroup:
     def resume_memory(self, regions: tuple[str, ...]) -> None:
         self._on_live("resume_memory", lambda a: a.resume_memory.remote(regions))
 
-    def _on_live(self, verb: str, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]) -> list:
-        """`call` on every live engine at once; the answers of those that gave one. An engine
-        that dies meanwhile is down (as one that dies generating): the run goes on without it
-        until Ray has restarted it and a weight update has reached it."""
+    def _on_live(
+        self, verb: str, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]
+    ) -> dict[int, Any]:
+        """`call` on every live engine at once; the answers of those that gave one, by engine.
+        An engine that dies meanwhile is down (as one that dies generating): the run goes on
+        without it until Ray has restarted it and a weight update has reached it."""
         calls = {e: call(self.actors[e]) for e in self.live()}
-        answers = []
+        answers = {}
         for e, ref in calls.items():
             try:
-                answers.append(deadline.get(ref))
+                answers[e] = deadline.get(ref)
             except RayActorError:
                 self.went_down(e, verb)
         return answers
@@ -338,7 +358,31 @@ class RolloutGroup:
                 file=sys.stderr,
                 flush=True,
             )
+        self._mark_down(engine)
+
+    def _mark_down(self, engine: int) -> None:
+        """`engine` takes no work until it is back, and the live engines drop its server."""
         self.down.add(engine)
+        url = self.urls.pop(engine, None)
+        if url is not None:
+            self._drop_peer(url)
+
+    def _drop_peer(self, url: str) -> None:
+        """Every live engine sends `url` nothing more, from now on (mid-generation too)."""
+        calls = {
+            e: self.actors[e].drop_peer.options(concurrency_group=PEER_CALLS).remote(url)
+            for e in self.live()
+        }
+        if not calls:
+            return
+        # Not deadline.get: a stuck engine's replacement calls this after its phase's bound.
+        ready, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=PEER_DROP_S)
+        for e, ref in calls.items():
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    self.went_down(e, "dropping a peer that went down")
 
     def dead_members(self, members: list[int], probe_s: float = DEATH_PROBE_S) -> list[int]:
         """Of the engines `members`, those whose process has died (marked down); see
@@ -396,7 +440,7 @@ class RolloutGroup:
         return self._call(engine, call.method, call.args)
 
     def _reissue(self, call: EngineCall, error: Exception) -> EngineCall:
-        self.down.add(call.engine)
+        self._mark_down(call.engine)
         live = self._live_or_rejoined(error)
         target = live[call.engine % len(live)]
         cause = {EngineNeedsWeights: "was restarted", deadline.PhaseTimeout: "was stuck"}

@@ -9,8 +9,10 @@ Verbs (all called by the driver):
   `update_weights_from_distributed`, `weight_checksums`), delegated to the engine.
 
 Concurrency: the driver never calls `generate` and `update_weights_from_distributed` on one
-actor at the same time (a Ray actor runs one method at a time anyway), so an engine never
-samples from half-loaded weights.
+actor at the same time (the actor runs its methods one at a time anyway), so an engine never
+samples from half-loaded weights. The one exception is `drop_peer`, which runs in a concurrency
+group of its own (PEER_CALLS) so that it reaches an engine in the middle of a generation; it
+only touches the engine's thread-safe server list.
 
 Restarts: when the actor's process dies, Ray starts it again in its bundle
 (`rollout.max_restarts`). The new incarnation holds its checkpoint's weights, not the run's
@@ -33,7 +35,7 @@ from config.schema import SluiceConfig
 from data.prompts import PromptRecord, encode_prompt
 from data.schema import RolloutBatchRef, build_rollout_batch
 from inference import create_engine
-from inference.engine import Completion, SamplingParams
+from inference.engine import Completion, GenerationAborted, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
 from rl.grpo import group_advantages, rewards_differ
 from rl.reward_pool import RewardScorer, Sample, Scores, failure_counts
@@ -43,10 +45,6 @@ from weights.sync import SyncStats
 
 if TYPE_CHECKING:
     from inference.sglang.engine import EngineSite
-
-
-class GenerationAborted(RuntimeError):
-    """The driver cancelled this generation (`rollout.partial: abort`) before it finished."""
 
 
 class EngineNeedsWeights(RuntimeError):
@@ -97,6 +95,13 @@ class EvalResult:
 
 CORRECT_REWARD = 1.0
 """A sample counts as correct (accuracy) when its reward reaches this value."""
+
+PEER_CALLS = "peers"
+"""The concurrency group `drop_peer` is called in: a call in the default group would wait for
+the running generation to end."""
+
+CONCURRENCY_GROUPS = {PEER_CALLS: 1}
+"""What `ray.remote` declares for a RolloutActor (the driver calls `drop_peer` in PEER_CALLS)."""
 
 
 class RolloutActor:
@@ -298,6 +303,11 @@ class RolloutActor:
 
     def connect_peers(self, urls: list[str]) -> None:
         self.engine.connect_peers(urls)
+
+    def drop_peer(self, url: str) -> None:
+        """Another engine went down: send its server nothing more. Called in PEER_CALLS, so
+        it may run while `generate` runs."""
+        self.engine.drop_peer(url)
 
     def ensure_running(self) -> bool:
         """True if the engine (or this whole actor) was restarted and needs the weight group

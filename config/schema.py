@@ -159,9 +159,9 @@ class RolloutConfig:
     """What a weight update does to generations still running ahead of training
     (algorithm.max_staleness 1): `finish` waits for them, so their samples are one version
     old; `abort` cancels them (queued ones at once, a running one at its next decoding step
-    with the transformers engine, or once its SGLang requests return) and generates their
-    prompt groups again, same seeds, with the new weights. Either way a sample comes from one
-    weight version."""
+    with the transformers engine, or with SGLang by aborting its requests on their servers,
+    their partial tokens dropped) and generates their prompt groups again, same seeds, with
+    the new weights. Either way a sample comes from one weight version."""
 
     reward: str = "tasks.digits:reward"
     """Reward function as `module:function`; see docs/data-and-rewards.md for its signature."""

@@ -16,6 +16,11 @@ from weights.process_group import GroupInfo
 from weights.sync import SyncStats
 
 
+class GenerationAborted(RuntimeError):
+    """The generation was stopped before it finished (`should_stop`: the driver cancelled the
+    call, `rollout.partial: abort`); nothing it sampled is kept."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
@@ -105,8 +110,10 @@ class InferenceEngine(ABC):
     # Optional hooks, no-ops for an in-process engine; the SGLang engine implements them.
 
     should_stop: Callable[[], bool] | None = None
-    """Set by the rollout actor: polled during a generation, which may then end early with
-    partial completions (the actor discards them: the call was cancelled)."""
+    """Set by the rollout actor (Ray's cancel flag of the running call), and read only in the
+    thread that called `generate`: once it is true the generation ends early. The transformers
+    engine returns partial completions at the next decoding step (the actor discards them);
+    the SGLang engine aborts its requests on their servers and raises `GenerationAborted`."""
 
     weight_ranks: int = 1
     """Ranks the engine takes in the weight group (rank_offset, rank_offset + 1, ...)."""
@@ -116,6 +123,10 @@ class InferenceEngine(ABC):
 
     def connect_peers(self, urls: list[str]) -> None:  # noqa: B027
         """Learn every engine's URL, to balance and retry requests over them."""
+
+    def drop_peer(self, url: str) -> None:  # noqa: B027
+        """Send no more requests to `url`: its engine went down (`connect_peers` adds it back
+        once it has rejoined). May be called while `generate` runs in another thread."""
 
     def ensure_running(self) -> bool:
         """Restart the engine if it died; True if it did (it then needs the weight group

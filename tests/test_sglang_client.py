@@ -4,10 +4,11 @@
 `/generate` with replies shaped like SGLang's (field names as in `test_sglang_requests.py`,
 which checks them against sglang's code), each completion derived from its prompt so that the
 order of results can be checked, `/health`, and `/abort_request` (recorded). It can be slowed
-down, told to answer HTTP 500 or 400 (every request, or the next few `/generate` only), or
-killed (after some requests: it drops the connection of the next one and stops listening, so
-later connections are refused). No SGLang code runs here, so these tests carry no `sglang`
-marker.
+down, told to answer HTTP 500 or 400 (every request, or the next few `/generate` only), told to
+hold every `/generate` until one of its request ids is aborted (then answered as SGLang answers
+an aborted request), or killed (after some requests: it drops the connection of the next one
+and stops listening, so later connections are refused). No SGLang code runs here, so these
+tests carry no `sglang` marker.
 """
 
 import contextlib
@@ -19,9 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from inference.engine import Completion, SamplingParams
+from inference.engine import Completion, GenerationAborted, SamplingParams
 from inference.sglang import requests as req
-from inference.sglang.client import AllEnginesDown, EngineUnreachable, SglangClient
+from inference.sglang.client import (
+    ABORT_AGAIN_S,
+    AllEnginesDown,
+    EngineUnreachable,
+    SglangClient,
+)
 from inference.sglang.requests import SglangError
 
 PARAMS = SamplingParams(max_new_tokens=3)
@@ -42,6 +48,22 @@ def fake_completion(prompt: list[int], max_new_tokens: int, version: str = "defa
     return {"text": "", "output_ids": tokens, "meta_info": meta_info}
 
 
+def aborted_completion(prompt: list[int]) -> dict:
+    """A reply entry for a request `/abort_request` ended (no tokens; SGLang's finish_reason)."""
+    reply = fake_completion(prompt, 0)
+    reply["meta_info"]["finish_reason"] = {
+        "type": "abort",
+        "message": "Abort before prefill",
+        "status_code": None,
+        "err_type": None,
+    }
+    return reply
+
+
+HOLD_LIMIT_S = 60.0
+"""The longest a held `/generate` waits for its abort (a test that never aborts fails first)."""
+
+
 def expected(prompt: list[int]) -> Completion:
     reply = fake_completion(prompt, PARAMS.max_new_tokens)
     return Completion(reply["output_ids"], [-0.5, -1.0, -1.5], "length", weight_version=0)
@@ -60,6 +82,10 @@ class FakeServer:
         """Answer this many of the next `/generate` requests with HTTP 500, then recover."""
         self.aborted: list[str] = []
         """The request ids `/abort_request` was called with."""
+        self.hold_until_aborted = False
+        """Hold each `/generate` until one of its request ids is aborted, then answer it as
+        aborted (as SGLang does)."""
+        self._abort_came = threading.Condition()
         self.before_reply: Callable[[dict], None] | None = None
         """Called with each `/generate` body before it is answered (a test may hold it)."""
         self.generate_count = 0
@@ -105,7 +131,9 @@ class FakeServer:
 
     def reply(self, path: str, body: dict) -> tuple[int, object]:
         if path == req.ABORT_REQUEST:
-            self.aborted.append(body["rid"])
+            with self._abort_came:
+                self.aborted.append(body["rid"])
+                self._abort_came.notify_all()
             return 200, None
         if self.status != 200:
             return self.status, {"error": {"message": f"fake failure {self.status}"}}
@@ -115,6 +143,8 @@ class FakeServer:
         if path == req.GENERATE:
             if self.before_reply is not None:
                 self.before_reply(body)
+            if self.hold_until_aborted:
+                return 200, self._held_until_aborted(body)
             self._work(self.delay_s)
             sampling = body["sampling_params"]  # one for all prompts, or one per prompt
             n = (sampling[0] if isinstance(sampling, list) else sampling)["max_new_tokens"]
@@ -126,6 +156,15 @@ class FakeServer:
         if path == req.UPDATE_WEIGHTS_FROM_DISTRIBUTED:
             return 400, {"success": False, "message": "Failed to update parameter online: x"}
         return 404, {"detail": "Not Found"}
+
+    def _held_until_aborted(self, body: dict) -> list[dict]:
+        with self._abort_came:
+            self._abort_came.wait_for(lambda: set(body["rid"]) & set(self.aborted), HOLD_LIMIT_S)
+        return [aborted_completion(prompt) for prompt in body["input_ids"]]
+
+    def sent_rids(self) -> list[str]:
+        """The request ids of every `/generate` it received, in order."""
+        return [rid for body in self.bodies if "input_ids" in body for rid in body["rid"]]
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -406,3 +445,39 @@ def test_a_groups_completions_are_reported_as_soon_as_its_request_returns(server
     check_in_order(groups, results)
     assert held == [True]  # reported while the other request was still out
     assert reported == dict(enumerate(c for group in results for c in group))
+
+
+def test_a_stopped_generation_aborts_the_requests_it_has_out_and_sends_no_more(servers):
+    """`rollout.partial: abort`: once `should_stop` says so, every request in flight is aborted
+    on the server it went to, by its ids, the groups not yet sent never are, and
+    GenerationAborted comes within a fraction of a second (the servers hold each request until
+    it is aborted: without the abort the call would never return)."""
+    a, b = servers(0.0, 0.0)
+    arrived = threading.Semaphore(0)
+    for server in (a, b):
+        server.hold_until_aborted = True
+        server.before_reply = lambda body: arrived.release()
+    client = SglangClient([a.url, b.url], timeout_s=60, max_in_flight=2)
+    stop = threading.Event()
+    outcome: dict[str, BaseException] = {}
+
+    def generate() -> None:
+        try:
+            client.generate(groups_of(10, size=3), PARAMS, should_stop=stop.is_set)
+        except BaseException as e:  # (reported to the test's thread)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    for _ in range(4):  # two requests out on each server; six groups wait for a slot
+        assert arrived.acquire(timeout=10)
+    stop.set()
+    stopped_at = time.monotonic()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and time.monotonic() - stopped_at < 2
+    assert isinstance(outcome.get("error"), GenerationAborted)
+    time.sleep(ABORT_AGAIN_S + 0.3)  # the freed slots send nothing; nothing is aborted twice
+    for server in (a, b):
+        assert server.generate_count == 2 and len(server.sent_rids()) == 6
+        assert sorted(server.aborted) == sorted(server.sent_rids())
+    assert client.live_urls == [a.url, b.url]  # an abort says nothing against a server

@@ -6,19 +6,22 @@ a slow or busy engine does not hold the whole batch back, and a server that stop
 marked down and its requests are sent elsewhere, so no prompt group is lost. A request given up
 on is aborted on its server (`/abort_request`), so the server does not go on generating it into
 the next weight update; a server marked down is probed again (`/health`) and comes back once
-it answers, so one timeout does not take it out for the rest of the run.
+it answers, so one timeout does not take it out for the rest of the run. A generation told to
+stop (`should_stop`, the rollout actor's cancel flag) aborts every request it has out and sends
+no more.
 """
 
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import requests
 
-from inference.engine import Completion, OnCompletion, SamplingParams
+from inference.engine import Completion, GenerationAborted, OnCompletion, SamplingParams
 from inference.sglang.requests import (
     ABORT_REQUEST,
     GENERATE,
@@ -46,6 +49,14 @@ REPROBE_INTERVAL_S = 30.0
 
 ABORT_TIMEOUT_S = 5.0
 """One `/abort_request`; a server that does not answer it is down, and its requests with it."""
+
+STOP_POLL_S = 0.1
+"""How often a generation given `should_stop` asks it while it waits for its requests."""
+
+ABORT_AGAIN_S = 1.0
+"""A stopped generation's requests still out this long after their abort are aborted once more:
+a request sent just before the stop may have reached its server after the first abort, which
+SGLang ignores for a request id it does not know yet."""
 
 Json = Any
 """A decoded JSON reply: a dict for most endpoints, a list for a batched `/generate`."""
@@ -135,6 +146,12 @@ class SglangClient:
             self._cond.notify_all()
 
     @property
+    def urls(self) -> list[str]:
+        """Every URL on the server list, down ones included, in the order given."""
+        with self._cond:
+            return list(self._urls)
+
+    @property
     def live_urls(self) -> list[str]:
         """URLs not marked down, in the order given."""
         with self._cond:
@@ -163,6 +180,17 @@ class SglangClient:
             if url in self._in_flight:
                 self._down[url] = reason
                 self._probed_at[url] = time.monotonic()
+            self._cond.notify_all()
+
+    def drop_url(self, url: str) -> None:
+        """Take `url` off the server list (its engine is gone; `set_urls` brings it back):
+        unlike `mark_down`, no probe sends requests to it again. Its requests in flight finish
+        where they are."""
+        url = url.rstrip("/")
+        with self._cond:
+            self._urls = [u for u in self._urls if u != url]
+            for table in (self._in_flight, self._down, self._probed_at):
+                table.pop(url, None)
             self._cond.notify_all()
 
     def reprobe_down(self, force: bool = False) -> bool:
@@ -220,6 +248,7 @@ class SglangClient:
         groups: list[list[list[int]]],
         params: SamplingParams,
         on_completion: OnCompletion | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Completion]]:
         """Completions for every prompt group, in input order (one list per group, per prompt).
 
@@ -231,6 +260,9 @@ class SglangClient:
         `SglangError` (not retried) when a server refuses a request or aborts one.
         `on_completion(i, completion)` (i counts the prompts of all groups in order) is called
         for a group's prompts as soon as its request returns, in the thread that sent it.
+        `should_stop` is asked every STOP_POLL_S, in the calling thread only, while requests are
+        out; once it is true every request out is aborted on its server, no other is sent, and
+        `GenerationAborted` is raised (the completions already returned are dropped).
         """
         if not groups:
             return []
@@ -238,33 +270,58 @@ class SglangClient:
         workers = min(len(groups), self.max_in_flight * max(1, len(self._urls)))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang-generate")
         starts = list(accumulate((len(group) for group in groups), initial=0))
+        out = _RequestsOut()
         try:
             futures = [
-                pool.submit(self._generate_one, group, params, on_completion, first)
+                pool.submit(self._generate_one, group, params, out, on_completion, first)
                 for group, first in zip(groups, starts[:-1], strict=True)
             ]
-            return _results_in_order(futures)
+            results = _results_in_order(futures, should_stop)
+            if results is None:
+                raise self._stop(out)
+            return results
         finally:
             # On an error, queued groups are dropped and running ones finish in the background.
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _stop(self, out: "_RequestsOut") -> GenerationAborted:
+        """Abort every request `out` has on its server, now and, for those still out,
+        ABORT_AGAIN_S later (in the background); the error `generate` raises."""
+        stopped = out.stop()
+        for url, rids in stopped:
+            self._abort(url, rids)
+        if stopped:
+            retry = threading.Timer(ABORT_AGAIN_S, self._abort_still_out, (out,))
+            retry.daemon = True
+            retry.start()
+        servers = sorted({url for url, _ in stopped})
+        return GenerationAborted(
+            f"generation stopped: {sum(len(rids) for _, rids in stopped)} SGLang request(s) "
+            f"aborted on {servers or 'no server'}"
+        )
+
+    def _abort_still_out(self, out: "_RequestsOut") -> None:
+        for url, rids in out.still_out():
+            self._abort(url, rids)
 
     def _generate_one(
         self,
         group: list[list[int]],
         params: SamplingParams,
+        out: "_RequestsOut",
         on_completion: OnCompletion | None = None,
         first: int = 0,
     ) -> list[Completion]:
         """One group's request, retried on another server until one answers; its completions
-        are reported as prompts `first`, `first + 1`, ..."""
-        completions = self._request_group(group, params, first)
-        if on_completion is not None:
+        are reported as prompts `first`, `first + 1`, ... (not once the generation stopped)."""
+        completions = self._request_group(group, params, out, first)
+        if on_completion is not None and not out.stopped:
             for offset, completion in enumerate(completions):
                 on_completion(first + offset, completion)
         return completions
 
     def _request_group(
-        self, group: list[list[int]], params: SamplingParams, first: int = 0
+        self, group: list[list[int]], params: SamplingParams, out: "_RequestsOut", first: int = 0
     ) -> list[Completion]:
         failures = 0
         while True:
@@ -276,15 +333,20 @@ class SglangClient:
                 continue
             rids = [f"sluice-{uuid.uuid4().hex}-{i}" for i in range(len(group))]
             try:
+                if not out.start(url, rids):
+                    raise GenerationAborted("generation stopped before this request was sent")
                 routed = bool(self.routing)
                 body = generate_body(group, params, rids, routed_experts=routed, first=first)
                 payload = self.post(url, GENERATE, body)
             except EngineUnreachable as e:
+                if out.stopped:  # (nothing waits for it; its server is not to blame)
+                    raise GenerationAborted("generation stopped") from e
                 self.mark_down(url, e.reason)
                 self._abort(url, rids)
                 failures += 1
                 continue
             finally:
+                out.end(rids)
                 self._release(url)
             try:
                 return parse_generate_response(payload, group, self.routing)
@@ -329,13 +391,55 @@ def answers_health(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
         return False
 
 
-def _results_in_order(futures: list[Future]) -> list[Any]:
-    """Every future's result, in order; the first error is raised as soon as it happens."""
-    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-    for future in futures:
-        error = future.exception() if future in done else None
-        if error is not None:
-            raise error
+class _RequestsOut:
+    """The `/generate` requests one `generate` call has sent and not yet had answered, by
+    server, so that stopping the call can abort them; once stopped, no request is sent.
+    Thread-safe: the call's worker threads add and remove, the calling thread stops."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._out: dict[str, tuple[str, list[str]]] = {}  # first rid -> (url, rids)
+        self.stopped = False
+
+    def start(self, url: str, rids: list[str]) -> bool:
+        """Record a request about to go to `url`; False (do not send it) once stopped."""
+        with self._lock:
+            if self.stopped:
+                return False
+            self._out[rids[0]] = (url, rids)
+            return True
+
+    def end(self, rids: list[str]) -> None:
+        """The request's reply came, or it was never sent."""
+        with self._lock:
+            self._out.pop(rids[0], None)
+
+    def stop(self) -> list[tuple[str, list[str]]]:
+        """Send nothing more; the requests out now, as (url, rids)."""
+        with self._lock:
+            self.stopped = True
+            return list(self._out.values())
+
+    def still_out(self) -> list[tuple[str, list[str]]]:
+        with self._lock:
+            return list(self._out.values())
+
+
+def _results_in_order(
+    futures: list[Future], should_stop: Callable[[], bool] | None = None
+) -> list[Any] | None:
+    """Every future's result, in order; the first error is raised as soon as it happens.
+    None as soon as `should_stop()` (asked every STOP_POLL_S) is true."""
+    pending = set(futures)
+    poll_s = None if should_stop is None else STOP_POLL_S
+    while pending:
+        done, pending = wait(pending, timeout=poll_s, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            error = future.exception() if future in done else None
+            if error is not None:
+                raise error
+        if pending and should_stop is not None and should_stop():
+            return None
     return [future.result() for future in futures]
 
 

@@ -7,7 +7,10 @@ HTTP. What waits for what:
 - start-up: every process starts, then the engine waits for `/health` on node_rank 0, failing
   at once (with the log tail) if any process exits, or after `startup_timeout_s`;
 - `generate`: one `/generate` request per prompt group through `SglangClient`, balanced over
-  every engine's server (`connect_peers`), retried on another when one stops answering;
+  every engine's server (`connect_peers`; `drop_peer` when the driver finds an engine down),
+  retried on another when one stops answering; once `should_stop` (the call was cancelled,
+  `rollout.partial: abort`) every request out is aborted (`/abort_request`) and
+  `GenerationAborted` raised;
 - weight updates (the driver never overlaps them with `generate`): `/init_weights_update_group`
   with this engine's rank offset, then per bucket `/update_weights_from_distributed` while the
   trainer broadcasts it (SGLang receives one flat buffer per bucket), flushing the cache and
@@ -228,6 +231,12 @@ class SglangEngine(InferenceEngine):
         self.peers = [u for u in urls if u != self.url]
         self.client.set_urls([self.url, *self.peers])
 
+    def drop_peer(self, url: str) -> None:
+        """Its engine went down: its server (which may outlive a killed actor, with weights
+        no update reaches any more) gets no more requests from this engine."""
+        self.peers = [u for u in self.peers if u != url]
+        self.client.drop_url(url)
+
     def _stop_servers(self) -> None:
         self.local.stop()
         if self.remotes:
@@ -249,10 +258,11 @@ class SglangEngine(InferenceEngine):
     ) -> list[Completion]:
         """Completions in prompt order; runs of one repeated prompt go as one request.
         `on_completion` comes for a run's prompts as soon as its request returns (requests
-        finish at different times), from the client's threads."""
+        finish at different times), from the client's threads. `GenerationAborted` once
+        `should_stop`: the requests out are aborted on their servers, nothing is kept."""
         groups = _runs(prompts)
         try:
-            answered = self.client.generate(groups, params, on_completion)
+            answered = self.client.generate(groups, params, on_completion, self.should_stop)
         except AllEnginesDown as e:
             raise self.local.failure(f"and every peer stopped answering ({e})") from e
         return [c for group in answered for c in group]
