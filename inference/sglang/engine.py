@@ -126,6 +126,8 @@ class SglangEngine(InferenceEngine):
             print(f"[sglang engine {engine_index}] note: {note}", flush=True)
         self.url = self._start(self.resolved)
         self.weight_sessions = _has_weight_sessions(self.url)
+        self.server_version = _server_version(self.url)
+        print(f"[sglang engine {engine_index}] sglang {self.server_version}", flush=True)
         routing = None
         if config.algorithm.routing_replay:
             from models.routing import replay_routing_shape
@@ -434,6 +436,16 @@ def _has_weight_sessions(url: str) -> bool:
     404 where it does not, and changes nothing."""
     reply = requests.get(url + bodies.BEGIN_WEIGHT_UPDATE, timeout=STARTUP_PROBE_TIMEOUT_S)
     return reply.status_code != HTTPStatus.NOT_FOUND
+
+
+def _server_version(url: str) -> str:
+    """The SGLang version serving at `url` (`/server_info`), for the logs and the benchmarks;
+    "unknown" from a server that does not say."""
+    try:
+        reply = requests.get(url + bodies.SERVER_INFO, timeout=STARTUP_PROBE_TIMEOUT_S)
+        return str(reply.json().get("version", "unknown")) if reply.ok else "unknown"
+    except (requests.RequestException, ValueError, AttributeError):
+        return "unknown"
 
 
 def _healthy(url: str) -> bool:

@@ -47,9 +47,11 @@ BEGIN_WEIGHT_UPDATE = "/begin_weight_update"
 END_WEIGHT_UPDATE = "/end_weight_update"
 MODEL_INFO = "/model_info"
 """GET; its `weight_version` is the version the last weight update set."""
+SERVER_INFO = "/server_info"
+"""GET; its `version` is the server's SGLang version."""
 HEALTH = "/health"
-ABORT_REQUEST = "/abort_request"
 """GET; 200 once the server serves requests."""
+ABORT_REQUEST = "/abort_request"
 
 FLATTENED_BUCKET = "flattened_bucket"
 """SGLang's `load_format` for one buffer holding a bucket's tensors back to back, our wire layout
