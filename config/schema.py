@@ -248,9 +248,55 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
 
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """How the learning rate falls after the warm-up (`--lr-decay-style`): `constant` keeps
+    `lr`; `linear` and `cosine` go from `lr` down to `min_lr` at optimizer step
+    `lr_decay_iters` and stay there. Saved and restored with checkpoints."""
+
+    lr_warmup_iters: int = 0
+    """Optimizer steps of linear warm-up (`--lr-warmup-iters`): step k of the first
+    lr_warmup_iters trains with lr x k / lr_warmup_iters (the first step with
+    lr / lr_warmup_iters, where Megatron-LM's first warm-up step has 0), then the decay
+    starts."""
+
+    min_lr: float = 0.0
+    """The learning rate a `linear` or `cosine` decay ends at (`--min-lr`)."""
+
+    lr_decay_iters: int | None = None
+    """The optimizer step at which the decay reaches `min_lr` (`--lr-decay-iters`). Unset:
+    the run's optimizer steps, num_steps x rollout.batch_size / global_batch_size (1 with
+    global_batch_size 0) x epochs; or, when resuming, the value the checkpoint's run used, so
+    the schedule goes on as it was planned."""
+
+    global_batch_size: int = 0
+    """Samples per optimizer step (slime's `--global-batch-size`): a rollout step's samples
+    are split into ceil(samples / global_batch_size) mini-batches, each one optimizer step.
+    0 = the whole rollout batch in one step. Must divide rollout.batch_size (as slime
+    asserts); a step with fewer samples (dynamic sampling, staleness) takes fewer steps, never
+    a larger one, and drops none. Each data-parallel rank cuts its own token-balanced share
+    into that many contiguous parts of near-equal size, so a mini-batch holds
+    global_batch_size samples give or take one per rank. Prompt groups may be split: the
+    advantages are computed before training. Each step's loss is normalized by its own
+    mini-batch (its loss tokens, or samples with sequence_mean)."""
+
+    epochs: int = 1
+    """Passes over a rollout step's mini-batches (verl's `ppo_epochs`; slime has no such
+    flag: its `--num-epoch` counts passes over the prompt data), each pass in the same
+    order. With more than one optimizer step per rollout step, the trainer's old log-probs
+    (the ratio's denominator with algorithm.old_log_probs recompute, and the TIS / MIS
+    weights) are computed once, before the first step, so the PPO clip acts on the later
+    ones. Metrics are means over the optimizer steps (train/optimizer_steps counts them)."""
+
     max_tokens_per_micro_batch: int = 8192
     """Token budget of one forward/backward (padded tokens count); bounds activation memory
     (`--max-tokens-per-gpu`)."""
+
+    pack_sequences: bool = False
+    """Pack rows into one sequence of at most `max_tokens_per_micro_batch` tokens per
+    micro-batch, without padding: each row keeps its own positions (from 0) and attends only
+    to itself (variable-length attention: flash varlen on GPUs in bf16, exact per-row SDPA on
+    the CPU); with routing replay only real tokens are replayed. Off: rows are right-padded
+    to the longest of their micro-batch."""
 
     layer_spec: Literal["torch", "local"] = "torch"
     """Megatron: the expert and attention modules, without Transformer Engine. `torch`: all
@@ -259,6 +305,25 @@ class TrainConfig:
     `local`: megatron-core's local spec (SequentialMLP, one GEMM per expert; unfused
     attention), for comparison. `--moe-grouped-gemm` sets `torch`, `--moe-grouped-gemm false`
     sets `local`."""
+
+    recompute_granularity: Literal["off", "full", "selective"] = "off"
+    """Activation recompute (`--recompute-granularity`): keep fewer activations in the
+    forward and compute them again in the backward, trading compute for memory; losses and
+    gradients are unchanged. `full`: whole transformer layers (Megatron; the torch backend's
+    gradient checkpointing of decoder layers); `selective`: the core attention of each layer
+    only (Megatron only; megatron-core's default `--recompute-modules core_attn`). With
+    algorithm.routing_replay the recomputed forward replays the same experts; refused with
+    pipeline parallelism (see docs/algorithms.md)."""
+
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With recompute_granularity full (`--recompute-method`): `uniform` recomputes every
+    layer, in chunks of recompute_num_layers layers; `block` recomputes only the first
+    recompute_num_layers layers (of each pipeline stage) and keeps the rest's activations.
+    The torch backend takes uniform with 1 layer, or block."""
+
+    recompute_num_layers: int = 1
+    """With recompute_granularity full (`--recompute-num-layers`): layers per recomputed
+    chunk (uniform), or how many layers are recomputed (block)."""
 
     use_distributed_optimizer: bool = True
     """Megatron: shard optimizer state over data-parallel ranks (`--use-distributed-optimizer`)."""
@@ -278,6 +343,70 @@ class TrainConfig:
     cpu_adam_on_multiple_nodes: bool = False
     """Keep CPU Adam when the trainers span several nodes; by default it is turned off there
     with a notice (the distributed optimizer already shards the optimizer state)."""
+
+    def optimizer_steps_per_rollout(self, rollout_batch_size: int) -> int:
+        """Optimizer steps of a full rollout step: its mini-batches, times the epochs."""
+        per_pass = rollout_batch_size // self.global_batch_size if self.global_batch_size else 1
+        return per_pass * self.epochs
+
+    def check_lr_schedule(self, planned_steps: int) -> None:
+        """Refuse schedule settings that cannot hold or would do nothing (called by
+        `SluiceConfig.validate`; `planned_steps`: the run's optimizer steps)."""
+        if self.lr_warmup_iters < 0:
+            raise UserError(
+                f"train.lr_warmup_iters={self.lr_warmup_iters} must be >= 0 (optimizer steps "
+                f"of warm-up; 0 = none)"
+            )
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(
+                f"train.min_lr={self.min_lr:g} must be in [0, train.lr={self.lr:g}]: the "
+                f"decay goes from lr down to min_lr"
+            )
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise UserError(f"train.lr_decay_iters={self.lr_decay_iters} must be >= 1")
+        if self.lr_decay_style == "constant":
+            given = {"train.min_lr": self.min_lr, "train.lr_decay_iters": self.lr_decay_iters}
+            unused = [f"{k}={v}" for k, v in given.items() if v]
+            if unused:
+                raise UserError(
+                    f"{', '.join(unused)} has no effect with train.lr_decay_style=constant; set "
+                    f"lr_decay_style to linear or cosine, or leave them unset"
+                )
+            return
+        decay, unset = self.lr_decay_iters, ""
+        if decay is None:
+            decay, unset = planned_steps, " (unset: the run's optimizer steps)"
+        if decay <= self.lr_warmup_iters:
+            raise UserError(
+                f"train.lr_decay_iters={decay}{unset} must be above train.lr_warmup_iters="
+                f"{self.lr_warmup_iters}: the {self.lr_decay_style} decay runs from the end of "
+                f"the warm-up to that step"
+            )
+
+    def check_steps_and_recompute(self, rollout_batch_size: int) -> None:
+        """Refuse mini-batch and recompute settings that cannot hold (called by
+        `SluiceConfig.validate`; what only one backend cannot do, `training` checks)."""
+        gbs = self.global_batch_size
+        if gbs < 0:
+            raise UserError(f"train.global_batch_size={gbs} must be >= 0 (0 = the whole batch)")
+        if gbs and rollout_batch_size % gbs:
+            divisors = [d for d in range(1, rollout_batch_size + 1) if rollout_batch_size % d == 0]
+            raise UserError(
+                f"train.global_batch_size={gbs} does not divide rollout.batch_size="
+                f"{rollout_batch_size}: each rollout step is cut into whole mini-batches; use "
+                f"one of {divisors[-6:]} (or 0 for one step)"
+            )
+        _positive(self, "epochs", "train.")
+        _positive(self, "recompute_num_layers", "train.")
+        if self.recompute_granularity != "full" and (
+            self.recompute_method != "uniform" or self.recompute_num_layers != 1
+        ):
+            raise UserError(
+                f"train.recompute_method={self.recompute_method} and "
+                f"train.recompute_num_layers={self.recompute_num_layers} apply only with "
+                f"train.recompute_granularity=full (it is {self.recompute_granularity}); "
+                f"set it to full, or leave them at uniform and 1"
+            )
 
 
 @dataclass
@@ -603,10 +732,12 @@ class SluiceConfig:
             _positive(r, name, "rollout.")
         for name in ("num_workers", "max_tokens_per_micro_batch"):
             _positive(t, name, "train.")
+        t.check_steps_and_recompute(r.batch_size)
         for name in ("tensor", "pipeline", "context", "expert", "expert_tensor"):
             _positive(t.parallel, name, "train.parallel.")
         if t.lr <= 0:
             raise UserError(f"train.lr={t.lr} must be > 0")
+        t.check_lr_schedule(self.num_steps * t.optimizer_steps_per_rollout(r.batch_size))
         if t.weight_decay < 0:
             raise UserError(f"train.weight_decay={t.weight_decay} must be >= 0")
         if t.adam_eps <= 0:

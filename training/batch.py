@@ -1,10 +1,17 @@
-"""Rollout record batches -> padded micro-batches of tensors, within a token budget.
+"""Rollout record batches -> micro-batches of tensors, within a token budget.
 
 Sequences are prompt + response, right-padded. Position t of the per-token tensors scores
 token t + 1 (the model's next-token prediction), so the response token j of a sample with a
 P-token prompt sits at position P - 1 + j.
+
+Packed micro-batches (`train.pack_sequences`) feed the model one row of the rows' tokens back
+to back, without padding, and cut its per-token output back into the padded [B, T-1] layout
+(`MicroBatch.unpack`): the loss, whose per-sequence terms (sequence means, GSPO, advantages)
+read rows, stays the same code on either layout, on B x T scalars, while the model, its
+activations and its [tokens, vocab] logits see real tokens only.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,12 +39,41 @@ class MicroBatch:
     routed_experts: torch.Tensor | None = None
     """[B, T, moe_layers, top_k] the engine's experts of each input position, to replay
     (routing replay on); positions it did not feed (the last token, padding) hold experts
-    0..top_k-1, which can change nothing the loss reads."""
+    0..top_k-1, which can change nothing the loss reads. Packed: [1, N, moe_layers, top_k],
+    the rows' own routing back to back (every position of a packed row was fed)."""
+    position_ids: torch.Tensor | None = None
+    """Packed only: [1, N] each token's position in its own row (from 0). `input_ids`,
+    `attention_mask` (ones) and `targets` are then [1, N] too: row b feeds its tokens but the
+    last (L_b - 1 of them) and `targets` holds the next token of each; the other fields keep
+    the padded [B, T-1] layout."""
+    cu_seqlens: torch.Tensor | None = None
+    """Packed only: int32 [B + 1] where each row starts in the packed one (flash varlen's
+    `cu_seqlens`), and its end."""
+    unpack_index: torch.Tensor | None = None
+    """Packed only: [B, T-1] the packed position of each padded-layout position, -1 where
+    the row has none (padding)."""
+    old_log_probs: torch.Tensor | None = None
+    """[B, T-1] (the loss's layout) the policy's log-probs of each target before the rollout
+    step's first optimizer step, set when a step takes several (train.global_batch_size,
+    train.epochs) and the loss reads them; None: the forward's own, detached, are."""
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(
             **{k: v.to(device) if v is not None else None for k, v in vars(self).items()}
         )
+
+    @property
+    def max_seqlen(self) -> int:
+        """The longest packed row's token count (packed micro-batches only)."""
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor of the model's layout ([1, N] packed) in the padded [B, T-1]
+        layout the loss reads, 0 on padding; a padded micro-batch's as it is."""
+        if self.unpack_index is None:
+            return per_token
+        index = self.unpack_index
+        return torch.where(index >= 0, per_token[0, index.clamp(min=0)], 0.0)
 
 
 @dataclass
@@ -130,6 +166,57 @@ def split_by_token_budget(rows: Rows, max_tokens: int) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
+
+
+def pack_by_token_budget(rows: Rows, max_tokens: int) -> list[list[int]]:
+    """Row indices per packed micro-batch, the rows' tokens summing to at most max_tokens:
+    first-fit decreasing (each row, longest first, goes to the first micro-batch it fits in),
+    which fills micro-batches closely on long-tailed lengths. Indices ascend within a
+    micro-batch; a row longer than the budget gets its own."""
+    groups: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: (-rows.length(i), i)):
+        n = rows.length(i)
+        fits = next((g for g, load in enumerate(loads) if load + n <= max_tokens), len(groups))
+        if fits == len(groups):
+            groups.append([])
+            loads.append(0)
+        groups[fits].append(i)
+        loads[fits] += n
+    return [sorted(group) for group in groups]
+
+
+def pack_micro_batch(rows: Rows, indices: list[int]) -> MicroBatch:
+    """The rows as one packed row (see `MicroBatch.position_ids`) with the loss fields of
+    their padded micro-batch. Row b feeds its first L_b - 1 tokens, the positions whose
+    next token is scored: its last token predicts nothing the loss reads, and the engine
+    records no routing for it."""
+    padded = pad_micro_batch(dataclasses.replace(rows, routing=None), indices)
+    fed = [rows.length(i) - 1 for i in indices]
+    starts = np.concatenate([[0], np.cumsum(fed)])
+    tokens = padded.input_ids
+    input_ids = torch.cat([tokens[b, :n] for b, n in enumerate(fed)]).unsqueeze(0)
+    targets = torch.cat([tokens[b, 1 : n + 1] for b, n in enumerate(fed)]).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for n in fed]).unsqueeze(0)
+    column = torch.arange(padded.targets.shape[1])
+    lengths = torch.tensor(fed).unsqueeze(1)
+    unpack_index = torch.where(
+        column < lengths, torch.from_numpy(starts[:-1]).unsqueeze(1) + column, -1
+    )
+    routed = None
+    if rows.routing is not None:
+        routed = [torch.from_numpy(rows.routed_experts[i].astype(np.int32)) for i in indices]
+        routed = torch.cat(routed).unsqueeze(0)
+    return dataclasses.replace(
+        padded,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        targets=targets,
+        routed_experts=routed,
+        position_ids=positions,
+        cu_seqlens=torch.from_numpy(starts).to(torch.int32),
+        unpack_index=unpack_index,
+    )
 
 
 def pad_micro_batch(rows: Rows, indices: list[int]) -> MicroBatch:

@@ -15,9 +15,10 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from config.errors import UserError
-from config.schema import SluiceConfig
+from config.schema import SluiceConfig, TrainConfig
 from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_model, load_tokenizer
 from models.model_dir import trainer_model
@@ -26,13 +27,19 @@ from rl.grpo import aggregate, kl_penalty, log_probs_from_logits
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
+    Rows,
+    pack_by_token_budget,
+    pack_micro_batch,
     pad_micro_batch,
     response_log_probs,
     rows_of,
     split_by_token_budget,
 )
 from training.loss import LossSettings, policy_term
+from training.lr_schedule import LrSchedule, ScheduleState
 from training.megatron.checkpoint import TORCH_STATE_FILE
+from training.mini_batches import needs_old_log_probs, plan_mini_batches, select_rows
+from training.varlen_attention import use_in_transformers
 
 
 class TorchBackend(TrainingBackend):
@@ -46,6 +53,7 @@ class TorchBackend(TrainingBackend):
         if config.algorithm.routing_replay:
             self.routing = replay_routing_shape(config)
         self.model = load_model(trainer_model(config.model), config.seed, device).train()
+        checkpoint_layers(self.model, config.train)
         self.module = self.model
         if self.world_size > 1:
             self.module = DistributedDataParallel(
@@ -59,37 +67,86 @@ class TorchBackend(TrainingBackend):
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
         )
+        self.schedule = ScheduleState(LrSchedule.of(config))
         self.reference = None
         if config.algorithm.kl_coef > 0:
             self.reference = load_model(
                 trainer_model(config.model), config.seed, device
             ).requires_grad_(False)
+        if config.train.pack_sequences:
+            for model in (self.model, self.reference):
+                if model is not None:
+                    use_in_transformers(model)
+
+    def _replay(self, model: torch.nn.Module, mb: MicroBatch):
+        """Inside it, `model` replays the engines' routing of `mb` when it is the policy and
+        routing replay is on; the frozen reference routes on its own."""
+        replay = mb.routed_experts is not None and model is not self.reference
+        return replay_routing(self.model, mb.routed_experts) if replay else contextlib.nullcontext()
 
     def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-        # The policy replays the engines' routing (routing replay on); the frozen reference
-        # routes on its own.
-        replay = mb.routed_experts is not None and model is not self.reference
-        with replay_routing(self.model, mb.routed_experts) if replay else contextlib.nullcontext():
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-        return log_probs_from_logits(logits[:, :-1], mb.targets, self.config.rollout.temperature)
+        with self._replay(model, mb):
+            logits = model(input_ids=mb.input_ids, **_attention_inputs(mb)).logits
+        width = mb.targets.shape[1]
+        log_probs = log_probs_from_logits(
+            logits[:, :width], mb.targets, self.config.rollout.temperature
+        )
+        return mb.unpack(log_probs)
+
+    def _plan(self, rows: Rows) -> list[list[int]]:
+        """The row indices of each micro-batch, packed or padded."""
+        budget = self.config.train.max_tokens_per_micro_batch
+        if self.config.train.pack_sequences:
+            return pack_by_token_budget(rows, budget)
+        return split_by_token_budget(rows, budget)
+
+    def _micro_batch(self, rows: Rows, indices: list[int]) -> MicroBatch:
+        build = pack_micro_batch if self.config.train.pack_sequences else pad_micro_batch
+        return build(rows, indices).to(self.device)
 
     @torch.no_grad()
     def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
         rows = rows_of(batches, self.routing)
-        out: list[torch.Tensor] = []
-        for indices in split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch):
-            mb = pad_micro_batch(rows, indices).to(self.device)
-            out += [
-                lp.cpu()
-                for lp in response_log_probs(self._token_log_probs(self.model, mb), rows, indices)
-            ]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for indices in self._plan(rows):  # packed micro-batches take rows out of order
+            per_token = self._token_log_probs(self.model, self._micro_batch(rows, indices))
+            for i, lp in zip(indices, response_log_probs(per_token, rows, indices), strict=True):
+                out[i] = lp.cpu()
         return out
 
     def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
+        """The rollout step's optimizer steps (`training.mini_batches`): one by default."""
         start = time.perf_counter()
         rows = rows_of(batches, self.routing)
-        plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
-        stats = TrainStats(samples=len(rows), micro_batches=len(plan))
+        t = self.config.train
+        minis = plan_mini_batches(
+            rows, normalizer, t, self.config.algorithm.loss_aggregation, self.device
+        )
+        parts = [select_rows(rows, mini.rows) for mini in minis]
+        plans = [self._plan(part) for part in parts]
+        old = self._old_log_probs(parts, plans) if len(minis) * t.epochs > 1 else None
+        stats = TrainStats(samples=len(rows), micro_batches=sum(map(len, plans)))
+        grad_norms = []
+        for _ in range(t.epochs):
+            for j, mini in enumerate(minis):
+                olds = old[j] if old is not None else None
+                grad_norms.append(
+                    self._optimizer_step(parts[j], plans[j], mini.normalizer, stats, olds)
+                )
+        stats.lr = self.schedule.last_lr
+        stats.compute_seconds = time.perf_counter() - start
+        return stats.flush().per_rollout_step(len(grad_norms), t.epochs, grad_norms)
+
+    def _optimizer_step(
+        self,
+        rows: Rows,
+        plan: list[list[int]],
+        normalizer: float,
+        stats: TrainStats,
+        old: list[torch.Tensor] | None,
+    ) -> float:
+        """One optimizer step over the micro-batches of `plan`, with their old log-probs if
+        given; returns the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
         if not plan:
             self._empty_backward()
@@ -100,11 +157,26 @@ class TorchBackend(TrainingBackend):
                 if last or self.module is self.model
                 else self.module.no_sync()
             )
+            mb = self._micro_batch(rows, indices)
+            if old is not None:
+                mb.old_log_probs = old[k]
             with sync:
-                self._micro_step(pad_micro_batch(rows, indices).to(self.device), normalizer, stats)
-        stats.grad_norm = self._clip_and_step()
-        stats.compute_seconds = time.perf_counter() - start
-        return stats.flush()
+                self._micro_step(mb, normalizer, stats)
+        return self._clip_and_step()
+
+    @torch.no_grad()
+    def _old_log_probs(
+        self, parts: list[Rows], plans: list[list[list[int]]]
+    ) -> list[list[torch.Tensor]] | None:
+        """The policy's log-probs of every micro-batch before the rollout step's first update,
+        when the loss reads them (`needs_old_log_probs`); from the same micro-batches as the
+        training forwards, so the first step's ratio is exactly 1."""
+        if not needs_old_log_probs(self.loss_settings):
+            return None
+        return [
+            [self._token_log_probs(self.model, self._micro_batch(part, i)) for i in plan]
+            for part, plan in zip(parts, plans, strict=True)
+        ]
 
     def _micro_step(self, mb: MicroBatch, normalizer: float, stats: TrainStats) -> None:
         a = self.config.algorithm
@@ -121,9 +193,14 @@ class TorchBackend(TrainingBackend):
             )
             loss = loss + a.kl_coef * kl
         # DDP averages gradients over ranks; the normalizer is already global, so undo the mean.
-        (loss * self.world_size).backward()
+        # A recomputed (checkpointed) layer runs its forward, and its router, again in the
+        # backward: the replay must still hold there.
+        with self._replay(self.module, mb):
+            (loss * self.world_size).backward()
         kl_loss = kl if self.reference is not None else None
-        stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, corrections, kl_loss)
+        # The trainer/engine mismatch is that of the weights that generated: before the update.
+        before = log_probs if mb.old_log_probs is None else mb.old_log_probs
+        stats.add_micro_batch(loss, pg_loss, before, mb, loss_stats, corrections, kl_loss)
 
     def _empty_backward(self) -> None:
         """Join the gradient all-reduce with zero gradients when this rank got no rows."""
@@ -135,6 +212,7 @@ class TorchBackend(TrainingBackend):
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip > 0 else float("inf")
         )
+        self.schedule.next_lr(self.optimizer.param_groups)
         self.optimizer.step()
         return norm.item()
 
@@ -149,7 +227,11 @@ class TorchBackend(TrainingBackend):
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(self.device), folder / f"rng_rank{self.rank}.pt")
         if self.rank == 0:  # written last: its presence marks the checkpoint complete
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.schedule.state_dict(),
+            }
             torch.save(state, folder / TORCH_STATE_FILE)
         if self.world_size > 1:
             dist.barrier()
@@ -167,6 +249,7 @@ class TorchBackend(TrainingBackend):
         self.model.load_state_dict(state["model"])
         if with_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule = ScheduleState.restored(self.config, state.get("lr_schedule"))
         rng = folder / f"rng_rank{self.rank}.pt"
         if rng.is_file():  # absent for a rank the saving run did not have
             _set_rng_state(torch.load(rng, weights_only=True), self.device)
@@ -176,6 +259,30 @@ class TorchBackend(TrainingBackend):
             return  # every rank holds the same weights; rank 0 writes
         self.model.save_pretrained(path)
         load_tokenizer(self.config.model).save_pretrained(path)
+
+
+def _attention_inputs(mb: MicroBatch) -> dict:
+    """The model's inputs besides the token ids: a padded micro-batch's padding mask, or a
+    packed one's positions and sequence bounds (for `training.varlen_attention`)."""
+    if mb.position_ids is None:
+        return {"attention_mask": mb.attention_mask}
+    bounds = {"cu_seq_lens_q": mb.cu_seqlens, "max_length_q": mb.max_seqlen}
+    return {"position_ids": mb.position_ids, **bounds}
+
+
+def checkpoint_layers(model: torch.nn.Module, train: TrainConfig) -> None:
+    """Gradient checkpointing of whole decoder layers (train.recompute_granularity full, the
+    torch backend's activation recompute): method uniform (1 layer per chunk) checkpoints
+    every layer, block only the first recompute_num_layers. Each checkpointed layer keeps
+    only its input and runs its forward again in the backward (torch's non-reentrant
+    checkpoint, transformers' default)."""
+    if train.recompute_granularity == "off":
+        return
+    model.gradient_checkpointing_enable()
+    if train.recompute_method == "block":
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers[train.recompute_num_layers :]:
+            layer.gradient_checkpointing = False
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
