@@ -62,6 +62,10 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--expert-model-parallel-size": SeedFlag("train.parallel.expert"),
     "--expert-tensor-parallel-size": SeedFlag("train.parallel.expert_tensor"),
     "--max-tokens-per-gpu": SeedFlag("train.max_tokens_per_micro_batch"),
+    "--global-batch-size": SeedFlag("train.global_batch_size"),
+    "--recompute-granularity": SeedFlag("train.recompute_granularity"),
+    "--recompute-method": SeedFlag("train.recompute_method"),
+    "--recompute-num-layers": SeedFlag("train.recompute_num_layers"),
     "--use-distributed-optimizer": SeedFlag("train.use_distributed_optimizer", switch=True),
     "--optimizer-cpu-offload": SeedFlag("train.optimizer_cpu_offload", switch=True),
     "--overlap-cpu-optimizer-d2h-h2d": SeedFlag("train.overlap_cpu_optimizer_d2h_h2d", switch=True),
@@ -75,6 +79,10 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--adam-eps": SeedFlag("train.adam_eps"),
     "--weight-decay": SeedFlag("train.weight_decay"),
     "--clip-grad": SeedFlag("train.grad_clip"),
+    "--lr-decay-style": SeedFlag("train.lr_decay_style"),
+    "--lr-warmup-iters": SeedFlag("train.lr_warmup_iters"),
+    "--min-lr": SeedFlag("train.min_lr"),
+    "--lr-decay-iters": SeedFlag("train.lr_decay_iters"),
     "--hf-checkpoint": SeedFlag("model.hf_checkpoint"),
     "--load": SeedFlag("checkpoint.load"),
     "--save": SeedFlag("checkpoint.save"),
@@ -118,6 +126,11 @@ SEED_FLAGS: dict[str, SeedFlag] = {
 NOT_ALIASED: dict[str, str] = {
     "--rollout-batch-size": "slime's --rollout-batch-size counts prompts per step, ours counts "
     "samples: pass --rollout.batch_size PROMPTS x rollout.samples_per_prompt instead",
+    "--num-steps-per-rollout": "slime's --num-steps-per-rollout N is --global-batch-size "
+    "(rollout.batch_size / N) here: pass that instead",
+    "--num-epoch": "slime's --num-epoch counts passes over the prompt data; Sluice counts RL "
+    "steps (--num-rollout, num_steps), and its train.epochs repeats each rollout batch's "
+    "optimizer steps (verl's ppo_epochs): set num_steps instead",
 }
 
 _DEST = "seed:"  # argparse dest prefix of an alias, so its value never mixes with a key's

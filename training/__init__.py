@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 from config.errors import UserError
-from config.schema import SluiceConfig
+from config.schema import SluiceConfig, TrainConfig
 
 if TYPE_CHECKING:  # torch loads only when a backend is built
     import torch
@@ -43,6 +43,7 @@ def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> N
 
         shape = model_shape(load_hf_config(trainer_model(config.model))) if model_readable else None
         check_megatron_config(t, config.model.dtype, shape)
+        _check_replay_with_recompute(config)
     if config.algorithm.routing_replay and model_readable:
         from config.schema import config_json_readable
         from models.model_dir import trainer_model
@@ -78,6 +79,42 @@ def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> N
                 f"{', '.join(given)}: only the megatron backend supports this; "
                 f"set train.backend=megatron or remove it"
             )
+        _check_torch_recompute(t)
+
+
+def _check_replay_with_recompute(config: SluiceConfig) -> None:
+    """Refuse at start-up what megatron-core's R3 cannot replay under recompute (the model
+    build checks it again, whichever key set it)."""
+    t = config.train
+    granularity = None if t.recompute_granularity == "off" else t.recompute_granularity
+    if not config.algorithm.routing_replay or granularity is None:
+        return
+    from training.megatron.routing_replay import replay_refusals  # imports torch
+
+    problems = replay_refusals(False, granularity, t.parallel.pipeline)
+    if problems:
+        raise UserError(
+            "algorithm.routing_replay=true (R3) cannot be replayed by megatron-core with "
+            + "; ".join(problems)
+        )
+
+
+def _check_torch_recompute(t: TrainConfig) -> None:
+    """The torch backend's recompute is gradient checkpointing of whole decoder layers."""
+    if t.recompute_granularity == "selective":
+        raise UserError(
+            "train.recompute_granularity=selective (core attention only) is megatron-core's; "
+            "the torch backend recomputes whole decoder layers: set it to full, or use "
+            "train.backend=megatron"
+        )
+    chunked = t.recompute_method == "uniform" and t.recompute_num_layers != 1
+    if t.recompute_granularity == "full" and chunked:
+        raise UserError(
+            f"train.recompute_num_layers={t.recompute_num_layers} with "
+            f"train.recompute_method=uniform: the torch backend checkpoints layer by layer, not "
+            f"in chunks; set it to 1, or use recompute_method=block to recompute only the first "
+            f"layers"
+        )
 
 
 def create_backend(config: SluiceConfig, device: "torch.device") -> "TrainingBackend":

@@ -21,7 +21,13 @@ MAX_OVER_RANKS = (
     "compute_seconds",
     "gpu_peak_gb",
     "host_rss_gb",
+    "optimizer_steps",
+    "lr",
 )
+
+STEP_MEANS = ("loss", "policy_loss", "kl_loss")
+"""Loss terms, each normalized within its own optimizer step: a rollout step of several
+reports their mean over them (`TrainStats.per_rollout_step`)."""
 
 
 @dataclass
@@ -54,11 +60,15 @@ class TrainStats:
     advantage_sum: float = 0.0
     advantage_square_sum: float = 0.0
     grad_norm: float = 0.0
+    lr: float = 0.0
+    """The learning rate of the rank's last optimizer step (the same on every rank)."""
     compute_seconds: float = 0.0
     gpu_peak_gb: float = 0.0
     """Peak GPU memory allocated by torch during the step (10^9 bytes; 0 on a CPU)."""
     host_rss_gb: float = 0.0
     """The rank's resident host memory after the step (CPU Adam keeps its state there)."""
+    optimizer_steps: int = 0
+    """Optimizer steps the rollout step took (train.global_batch_size, train.epochs)."""
 
     def record_memory(self, device: torch.device) -> None:
         """Fill the memory fields; on CUDA, the peak since the caller reset the counter."""
@@ -120,6 +130,21 @@ class TrainStats:
                 setattr(self, name, getattr(self, name) + column.sum().item())
         return self
 
+    def per_rollout_step(self, steps: int, epochs: int, grad_norms: list[float]) -> "TrainStats":
+        """After `steps` optimizer steps in `epochs` passes over the same rows (flushed): the
+        loss terms become their mean over the steps, grad_norm the mean of `grad_norms`, and
+        every other sum one pass's worth, so that `train/tokens` counts the rows once while
+        the ratios of sums (clip fraction, mismatch, advantages) are means over every pass.
+        Returns self."""
+        self.optimizer_steps = steps
+        self.grad_norm = sum(grad_norms) / len(grad_norms)
+        for f in fields(TrainStats):
+            if f.name in STEP_MEANS:
+                setattr(self, f.name, getattr(self, f.name) / steps)
+            elif f.name not in MAX_OVER_RANKS and f.name not in ("samples", "micro_batches"):
+                setattr(self, f.name, getattr(self, f.name) / epochs)
+        return self
+
     @staticmethod
     def reduce(per_rank: list["TrainStats"]) -> dict[str, float]:
         total = TrainStats()
@@ -148,6 +173,8 @@ class TrainStats:
             "train/kl_loss": total.kl_loss,
             "train/clip_fraction": total.clipped_sum / tokens,
             "train/grad_norm": total.grad_norm,
+            "train/lr": total.lr,
+            "train/optimizer_steps": total.optimizer_steps,
             "train/tokens": total.tokens,
             "train/samples": total.samples,
             # Of the advantages the loss applied (after any normalization by the trainers):

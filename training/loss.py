@@ -117,8 +117,9 @@ def policy_term(
     """Per-token policy loss [B, T] of a micro-batch (unmasked; `aggregate` it), its ratio
     statistics and the mismatch corrections used (TIS weights, MIS mask).
 
-    The trainer's old log-probs are this forward's own, detached: a rollout batch takes one
-    optimizer step, so they are the log-probs before the update.
+    The trainer's old log-probs are the micro-batch's `old_log_probs` when a rollout step
+    takes several optimizer steps (computed before the first), else this forward's own,
+    detached: with one step they are the log-probs before the update.
     """
     from rl.grpo import (
         gspo_loss,
@@ -128,7 +129,7 @@ def policy_term(
     )
 
     s = settings
-    own = log_probs.detach()
+    own = log_probs.detach() if mb.old_log_probs is None else mb.old_log_probs
     old = mb.rollout_log_probs if s.old_log_probs == "rollout" else own
     corrections = Corrections(
         tis=truncated_importance_weights(

@@ -86,7 +86,8 @@ class TorchBackend(TrainingBackend):
 
     def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         with self._replay(model, mb):
-            logits = model(input_ids=mb.input_ids, **_attention_inputs(mb)).logits
+            # no KV cache: nothing decodes after a training forward
+            logits = model(input_ids=mb.input_ids, use_cache=False, **_attention_inputs(mb)).logits
         width = mb.targets.shape[1]
         log_probs = log_probs_from_logits(
             logits[:, :width], mb.targets, self.config.rollout.temperature
