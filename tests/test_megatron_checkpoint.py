@@ -216,7 +216,7 @@ def resume_world(tmp_path_factory) -> tuple[Path, list[str]]:
     megatron-core import per rank for both tests); its folder and output lines."""
     root = tmp_path_factory.mktemp("resume")
     worker = ROOT / "tests" / "megatron" / "checkpoint_resume.py"
-    done = _torchrun(2, worker, root, *RESUME_VARIANTS, "cross-spec")
+    done = _torchrun(2, worker, root, *RESUME_VARIANTS, "cross-spec", "schedule")
     return root, done.stdout.splitlines()
 
 
@@ -235,6 +235,14 @@ def test_checkpoints_load_across_layer_specs(resume_world):
     _, lines = resume_world
     loaded = [line for line in lines if line.startswith("loaded")]
     assert loaded == ["loaded torch->local", "loaded local->torch"]
+
+
+def test_the_backend_resumes_its_learning_rate_schedule_exactly(resume_world):
+    """MegatronBackend under a cosine schedule with warm-up: resumed after two of five steps,
+    every later step has the uninterrupted run's lr, and the weights end bit-equal."""
+    root, lines = resume_world
+    assert "schedule resumed" in lines
+    assert (root / "schedule" / TRACKER_FILE).read_text() == "2\n"
 
 
 # Atomic switch-over.

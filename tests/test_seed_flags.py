@@ -76,6 +76,10 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         (["--adam-beta2", "0.98"], "train.adam_beta2", 0.98),
         (["--weight-decay", "0.1"], "train.weight_decay", 0.1),
         (["--clip-grad", "0.5"], "train.grad_clip", 0.5),
+        (["--lr-decay-style", "cosine"], "train.lr_decay_style", "cosine"),
+        (["--lr-warmup-iters", "10"], "train.lr_warmup_iters", 10),
+        (["--lr-decay-style", "linear", "--min-lr", "1e-6"], "train.min_lr", 1e-6),
+        (["--lr-decay-style", "linear", "--lr-decay-iters", "500"], "train.lr_decay_iters", 500),
         (
             ["--hf-checkpoint", "/models/Qwen3-30B-A3B"],
             "model.hf_checkpoint",

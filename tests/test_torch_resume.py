@@ -2,8 +2,9 @@
 
 One run of the built-in job (one-step-off: `algorithm.max_staleness 1`) saves at steps 2 and
 4; a second run resumes from the step-2 checkpoint and must repeat steps 3 and 4 bit for bit
-(model, optimizer, RNG, step counter, weight version, data position, sampling seeds, and the
-rollouts of step 3, generated during step 2 by older weights and saved with the checkpoint).
+(model, optimizer, RNG, step counter, weight version, data position, sampling seeds, the
+learning-rate schedule's place, and the rollouts of step 3, generated during step 2 by older
+weights and saved with the checkpoint).
 """
 
 import json
@@ -46,6 +47,7 @@ def ray_local():
 def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(ray_local, tmp_path):
     first, resumed, checkpoints = tmp_path / "first", tmp_path / "resumed", tmp_path / "ckpt"
     common = ["--num_steps", "4", "--logging.eval_every", "0", "--algorithm.max_staleness", "1"]
+    common += ["--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--min-lr", "1e-4"]
     run_driver(
         *common, "--save", str(checkpoints), "--save-interval", "2",
         "--logging.output_dir", str(first),
@@ -71,6 +73,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(ray_local, tmp_
         assert "train/loss" in compared and "rollout/reward_mean" in compared
         assert {k: again[step][k] for k in compared} == compared, step
         assert compared["async/version_lag"] == 1  # trained on the previous version's samples
+    assert original[3]["train/lr"] > original[4]["train/lr"] == 1e-4  # decayed to min_lr
 
 
 def test_a_torch_dist_checkpoint_is_refused_by_name(tmp_path):

@@ -67,7 +67,7 @@ class TorchBackend(TrainingBackend):
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
         )
-        self.schedule = ScheduleState(LrSchedule.of(config))
+        self.lr_schedule = ScheduleState(LrSchedule.of(config))
         self.reference = None
         if config.algorithm.kl_coef > 0:
             self.reference = load_model(
@@ -134,7 +134,7 @@ class TorchBackend(TrainingBackend):
                 grad_norms.append(
                     self._optimizer_step(parts[j], plans[j], mini.normalizer, stats, olds)
                 )
-        stats.lr = self.schedule.last_lr
+        stats.lr = self.lr_schedule.last_lr
         stats.compute_seconds = time.perf_counter() - start
         return stats.flush().per_rollout_step(len(grad_norms), t.epochs, grad_norms)
 
@@ -213,7 +213,7 @@ class TorchBackend(TrainingBackend):
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip > 0 else float("inf")
         )
-        self.schedule.next_lr(self.optimizer.param_groups)
+        self.lr_schedule.next_lr(self.optimizer.param_groups)
         self.optimizer.step()
         return norm.item()
 
@@ -231,7 +231,7 @@ class TorchBackend(TrainingBackend):
             state = {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "lr_schedule": self.schedule.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(),
             }
             torch.save(state, folder / TORCH_STATE_FILE)
         if self.world_size > 1:
@@ -250,7 +250,7 @@ class TorchBackend(TrainingBackend):
         self.model.load_state_dict(state["model"])
         if with_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule = ScheduleState.restored(self.config, state.get("lr_schedule"))
+            self.lr_schedule = ScheduleState.restored(self.config, state.get("lr_schedule"))
         rng = folder / f"rng_rank{self.rank}.pt"
         if rng.is_file():  # absent for a rank the saving run did not have
             _set_rng_state(torch.load(rng, weights_only=True), self.device)

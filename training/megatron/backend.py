@@ -19,6 +19,7 @@ logits (`vocab_parallel_cross_entropy`): no rank ever gathers a full-vocabulary 
 """
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,17 +40,21 @@ from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
     Rows,
+    pack_by_token_budget,
+    pack_micro_batch,
     pad_micro_batch,
     response_log_probs,
     rows_of,
     split_by_token_budget,
 )
 from training.loss import LossSettings, policy_term
+from training.lr_schedule import LrSchedule, ScheduleState
 from training.megatron.hf_weights import export_hf_weights, hf_weight_specs, load_hf_weights
 from training.megatron.model import build_gpt_model, init_model_parallel
-from training.megatron.model_config import load_hf_config, model_shape
+from training.megatron.model_config import load_hf_config, model_shape, recompute_settings
 from training.megatron.parallel import check_megatron_config
 from training.megatron.routing_replay import MegatronRoutingReplay, take_router_replays
+from training.mini_batches import needs_old_log_probs, plan_mini_batches, select_rows
 from weights.manifest import TensorSpec
 from weights.runs import StreamItem, pairs
 
@@ -69,7 +74,7 @@ class MegatronBackend(TrainingBackend):
         replay = config.algorithm.routing_replay
         self.routing = replay_routing_shape(config) if replay else None
         take_router_replays()  # another model's, built earlier in this process
-        model = self._build_model_with_hf_weights(routing_replay=replay)
+        model = self._build_model_with_hf_weights(routing_replay=replay, recompute=True)
         self.routing_replay = None
         if replay:
             self.routing_replay = MegatronRoutingReplay(
@@ -77,11 +82,13 @@ class MegatronBackend(TrainingBackend):
             )
         self.model = _wrap_ddp(model, config)
         self.optimizer = _build_optimizer(self.model, config)
+        self.lr_schedule = ScheduleState(LrSchedule.of(config))
         _connect_schedule(model.config, self.model, self.optimizer)
         self.reference = None
         if config.algorithm.kl_coef > 0:
             self.reference = self._build_model_with_hf_weights().eval().requires_grad_(False)
         self.data_parallel_size = ps.get_data_parallel_world_size()
+        self._data_parallel_group = ps.get_data_parallel_group()
         self._data_parallel_rank = ps.get_data_parallel_rank()
         # One rank per model replica reports loss statistics, so the driver's sum counts
         # every sample once (TP ranks compute identical losses; only the last stage has them).
@@ -94,7 +101,11 @@ class MegatronBackend(TrainingBackend):
     def data_parallel_rank(self) -> int:
         return self._data_parallel_rank
 
-    def _build_model_with_hf_weights(self, routing_replay: bool = False) -> Any:
+    def _build_model_with_hf_weights(
+        self, routing_replay: bool = False, recompute: bool = False
+    ) -> Any:
+        """A model with the checkpoint's weights; `recompute`: with train.recompute_* (the
+        policy, whose backward it serves; the frozen reference runs no backward)."""
         c = self.config
         model = build_gpt_model(
             self.hf_config,
@@ -103,6 +114,7 @@ class MegatronBackend(TrainingBackend):
             self.device,
             c.train.layer_spec,
             routing_replay,
+            recompute_settings(c.train) if recompute else None,
         )
         load_hf_weights(model, _checkpoint_reader(c), self.shape, model.config)
         return model
@@ -110,22 +122,48 @@ class MegatronBackend(TrainingBackend):
     # Training.
 
     def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
+        """The rollout step's optimizer steps (`training.mini_batches`): one by default. The
+        reference's log-probs, and the policy's before the first step when the loss reads
+        them, are taken once per micro-batch, before any step."""
         start = time.perf_counter()
-        micro_batches, real = self._micro_batches(batches)
-        stats = TrainStats(samples=real.samples if self.reports_stats else 0)
-        stats.micro_batches = real.count
-        reference = None
+        rows = rows_of(batches, self.routing)
+        t = self.config.train
+        aggregation = self.config.algorithm.loss_aggregation
+        minis = plan_mini_batches(
+            rows, normalizer, t, aggregation, self.device, self._data_parallel_group
+        )
+        built = [self._micro_batches_of(select_rows(rows, mini.rows)) for mini in minis]
+        steps = [micro_batches for micro_batches, _ in built]
+        stats = TrainStats(samples=len(rows) if self.reports_stats else 0)
+        stats.micro_batches = sum(real.count for _, real in built)
+        references = [None] * len(steps)
         if self.reference is not None:
-            reference = self._forward_only(self.reference, micro_batches)
+            references = [self._forward_only(self.reference, mbs) for mbs in steps]
+        if len(steps) * t.epochs > 1 and needs_old_log_probs(self.loss_settings):
+            for micro_batches in steps:
+                per_token = self._forward_only(self.model, micro_batches)  # last stage only
+                for mb, old in zip(micro_batches, per_token, strict=False):
+                    mb.old_log_probs = old
+        grad_norms = []
+        for _ in range(t.epochs):
+            for mini, micro_batches, reference in zip(minis, steps, references, strict=True):
+                grad_norms.append(
+                    self._optimizer_step(micro_batches, mini.normalizer, reference, stats)
+                )
+        stats.compute_seconds = time.perf_counter() - start
+        return stats.flush().per_rollout_step(len(grad_norms), t.epochs, grad_norms)
+
+    def _optimizer_step(self, micro_batches, normalizer, reference, stats) -> float:
+        """One optimizer step over `micro_batches` (every rank has as many); returns the
+        gradient norm."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         scale = len(micro_batches) * self.data_parallel_size
         loss_fn = partial(self._loss, normalizer=normalizer, scale=scale, stats=stats)
         self._schedule(self.model, micro_batches, loss_fn, reference, forward_only=False)
+        stats.lr = self.lr_schedule.next_lr(self.optimizer.param_groups)
         _, grad_norm, _ = self.optimizer.step()
-        stats.grad_norm = float(grad_norm or 0.0)
-        stats.compute_seconds = time.perf_counter() - start
-        return stats.flush()
+        return float(grad_norm or 0.0)
 
     def _loss(self, mb, reference, logits, *, normalizer, scale, stats):
         a = self.config.algorithm
@@ -140,7 +178,9 @@ class MegatronBackend(TrainingBackend):
             )
             loss = loss + a.kl_coef * kl
         if self.reports_stats:
-            stats.add_micro_batch(loss, pg_loss, log_probs, mb, loss_stats, corrections, kl)
+            # The trainer/engine mismatch is that of the weights that generated.
+            before = log_probs if mb.old_log_probs is None else mb.old_log_probs
+            stats.add_micro_batch(loss, pg_loss, before, mb, loss_stats, corrections, kl)
         # megatron-core divides by the number of micro-batches and its data-parallel gradient
         # reduction averages; the normalizer is already the step's global count, so undo both.
         return loss * scale, {}
@@ -149,7 +189,7 @@ class MegatronBackend(TrainingBackend):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         scaled = logits[:, : mb.targets.shape[1]].float() / self.config.rollout.temperature
-        return -vocab_parallel_cross_entropy(scaled, mb.targets)
+        return mb.unpack(-vocab_parallel_cross_entropy(scaled, mb.targets))
 
     @torch.no_grad()
     def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
@@ -160,9 +200,10 @@ class MegatronBackend(TrainingBackend):
         per_token = self._forward_only(self.model, micro_batches)
         if not self.is_last_stage:
             return []
-        out = []
-        for indices, lp in zip(real.plan, per_token, strict=False):
-            out += [t.cpu() for t in response_log_probs(lp, real.rows, indices)]
+        out: list[torch.Tensor] = [torch.empty(0)] * real.samples
+        for indices, lp in zip(real.plan, per_token, strict=False):  # packed: out of order
+            for i, row in zip(indices, response_log_probs(lp, real.rows, indices), strict=True):
+                out[i] = row.cpu()
         return out
 
     def _forward_only(self, model, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
@@ -187,8 +228,7 @@ class MegatronBackend(TrainingBackend):
             mb = next(data_iterator)
             if replay is not None:
                 replay.set_micro_batch(mb.routed_experts)
-            positions = torch.arange(mb.input_ids.shape[1], device=self.device)
-            logits = chunk(mb.input_ids, positions.expand_as(mb.input_ids), attention_mask=None)
+            logits = chunk(mb.input_ids, attention_mask=None, **_positions(mb))
             ref = next(references) if references is not None else None
             return logits, partial(loss_fn, mb, ref)
 
@@ -204,12 +244,22 @@ class MegatronBackend(TrainingBackend):
         )
 
     def _micro_batches(self, batches: list[pa.RecordBatch]) -> tuple[list[MicroBatch], "_Plan"]:
-        rows = rows_of(batches, self.routing)
-        plan = split_by_token_budget(rows, self.config.train.max_tokens_per_micro_batch)
+        return self._micro_batches_of(rows_of(batches, self.routing))
+
+    def _micro_batches_of(self, rows: Rows) -> tuple[list[MicroBatch], "_Plan"]:
+        """The rows' micro-batches, as many on every rank (padding ones where it has fewer:
+        a collective of the training world)."""
+        t = self.config.train
+        split, build = (
+            (pack_by_token_budget, pack_micro_batch)
+            if t.pack_sequences
+            else (split_by_token_budget, pad_micro_batch)
+        )
+        plan = split(rows, t.max_tokens_per_micro_batch)
         count = torch.tensor([len(plan)], dtype=torch.long, device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # see the module docstring
-        multiple = self.config.train.parallel.tensor if self.config.train.parallel.sequence else 1
-        micro_batches = [_pad_to(pad_micro_batch(rows, i), multiple) for i in plan]
+        multiple = t.parallel.tensor if t.parallel.sequence else 1
+        micro_batches = [_pad_to(build(rows, i), multiple) for i in plan]
         padding = _empty_micro_batch(multiple, self.routing)
         micro_batches += [padding] * (int(count.item()) - len(plan))
         return [mb.to(self.device) for mb in micro_batches], _Plan(plan, rows)
@@ -251,13 +301,16 @@ class MegatronBackend(TrainingBackend):
     def save_checkpoint(self, directory: str) -> None:
         from training.megatron.checkpoint import save_torch_dist
 
-        save_torch_dist(Path(directory), self.model, self.optimizer)
+        save_torch_dist(Path(directory), self.model, self.optimizer, self.lr_schedule.state_dict())
 
     def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
         from training.megatron.checkpoint import load_torch_dist
 
-        load_torch_dist(Path(directory), self.model, self.optimizer if with_optimizer else None)
-        if not with_optimizer:
+        optimizer = self.optimizer if with_optimizer else None
+        saved_schedule = load_torch_dist(Path(directory), self.model, optimizer)
+        if with_optimizer:
+            self.lr_schedule = ScheduleState.restored(self.config, saved_schedule)
+        else:
             # The optimizer's fp32 main weights were copied from the model at start-up.
             with torch.no_grad():
                 self.optimizer.reload_model_params()
@@ -279,11 +332,27 @@ class _Plan:
         return len(self.rows)
 
 
+def _positions(mb: MicroBatch) -> dict[str, Any]:
+    """The model's position arguments: a padded micro-batch's 0..T-1 in every row, or a
+    packed one's THD layout (each row's positions from 0, and its bounds for the attention
+    and the rotary embedding)."""
+    if mb.position_ids is None:
+        positions = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device)
+        return {"position_ids": positions.expand_as(mb.input_ids)}
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, longest = mb.cu_seqlens, mb.max_seqlen
+    params = PackedSeqParams("thd", cu, cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+    return {"position_ids": mb.position_ids, "packed_seq_params": params}
+
+
 def _pad_to(mb: MicroBatch, multiple: int) -> MicroBatch:
     """Right-pad the sequence dim to a multiple (sequence parallelism splits it over TP)."""
     extra = -mb.input_ids.shape[1] % multiple
     if not extra:
         return mb
+    if mb.position_ids is not None:
+        return _pad_packed(mb, extra)
     pad = torch.nn.functional.pad
     return MicroBatch(
         input_ids=pad(mb.input_ids, (0, extra)),
@@ -292,6 +361,21 @@ def _pad_to(mb: MicroBatch, multiple: int) -> MicroBatch:
         loss_mask=pad(mb.loss_mask, (0, extra)),
         rollout_log_probs=pad(mb.rollout_log_probs, (0, extra)),
         advantages=mb.advantages,
+        routed_experts=_pad_routing(mb.routed_experts, extra),
+    )
+
+
+def _pad_packed(mb: MicroBatch, extra: int) -> MicroBatch:
+    """A packed row with `extra` (< TP) padding tokens at its end, as a sequence of their own
+    that no real token attends to; the loss reads `targets`' real positions only."""
+    pad = torch.nn.functional.pad
+    end = mb.cu_seqlens[-1:] + extra
+    return dataclasses.replace(
+        mb,
+        input_ids=pad(mb.input_ids, (0, extra)),
+        attention_mask=pad(mb.attention_mask, (0, extra)),
+        position_ids=torch.cat([mb.position_ids, torch.arange(extra).unsqueeze(0)], dim=1),
+        cu_seqlens=torch.cat([mb.cu_seqlens, end]),
         routed_experts=_pad_routing(mb.routed_experts, extra),
     )
 

@@ -39,13 +39,22 @@ STAGING_SUFFIX = ".tmp"
 DELETING_SUFFIX = ".deleting"
 CHECKPOINT_NAME = re.compile(r"iter_(\d{7})")
 OPTIMIZER_KEY_PREFIX = "optimizer."
+LR_SCHEDULE_KEY = "lr_schedule"
+"""Common (unsharded) state of a checkpoint: the learning-rate schedule's step count and
+settings (`training.lr_schedule.ScheduleState.state_dict`), saved with the optimizer."""
 
 
-def save_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) -> None:
+def save_torch_dist(
+    directory: str | Path,
+    model: Any,
+    optimizer: Any = None,
+    lr_schedule: dict[str, Any] | None = None,
+) -> None:
     """Save this rank's shards of the model (and optimizer) into `directory` (a collective).
 
     `model` is a GPTModel or a wrapper of one (megatron-core DDP, Float16Module); `optimizer`
-    is what megatron-core's `get_megatron_optimizer` returns. The directory is created; a
+    is what megatron-core's `get_megatron_optimizer` returns; `lr_schedule` (plain numbers,
+    the same on every rank) goes with it as common state. The directory is created; a
     staging directory left by a crashed save is emptied first.
     """
     from megatron.core import dist_checkpointing
@@ -53,7 +62,10 @@ def save_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) ->
     _check_writer()
     directory = Path(directory)
     _prepare_directory(directory)
-    dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory))
+    state = _sharded_state(model, optimizer, loading=False)
+    if lr_schedule is not None:
+        state[LR_SCHEDULE_KEY] = lr_schedule
+    dist_checkpointing.save(state, str(directory))
 
 
 def _check_writer() -> None:
@@ -68,8 +80,12 @@ def _check_writer() -> None:
         )
 
 
-def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) -> None:
+def load_torch_dist(
+    directory: str | Path, model: Any, optimizer: Any = None
+) -> dict[str, Any] | None:
     """Load a torch_dist checkpoint into this rank's model (and optimizer): a collective.
+    With the optimizer, returns the learning-rate schedule state saved with it (None when the
+    checkpoint has none: written before schedules were saved, or converted).
 
     The model loads from a checkpoint saved under any parallel layout (TP, PP, EP, ETP and
     DP may all differ): megatron-core reads each rank's slices of the global tensors. The
@@ -92,10 +108,10 @@ def load_torch_dist(directory: str | Path, model: Any, optimizer: Any = None) ->
     # No autograd: with fp32 weights the optimizer's main weights are views of the
     # parameters, and loading copies into both in place.
     with torch.no_grad():
-        _load(directory, model, optimizer)
+        return _load(directory, model, optimizer)
 
 
-def _load(directory: Path, model: Any, optimizer: Any) -> None:
+def _load(directory: Path, model: Any, optimizer: Any) -> dict[str, Any] | None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -107,9 +123,11 @@ def _load(directory: Path, model: Any, optimizer: Any) -> None:
     # state when loading weights only) are fine.
     loaded = dist_checkpointing.load(state, str(directory), strict=StrictHandling.RAISE_UNEXPECTED)
     unwrap(model).load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-        _restore_step_counts(optimizer)
+    if optimizer is None:
+        return None
+    optimizer.load_state_dict(loaded["optimizer"])
+    _restore_step_counts(optimizer)
+    return loaded.get(LR_SCHEDULE_KEY)  # common state: loaded whether asked for or not
 
 
 def _allocate_optimizer_state(optimizer: Any) -> None:
