@@ -38,7 +38,7 @@ def replay_refusals(
         )
     if recompute_granularity is not None and pipeline > 1:
         problems.append(
-            f"recompute_granularity={recompute_granularity!r} with train.parallel.pipeline="
+            f"train.recompute_granularity={recompute_granularity!r} with train.parallel.pipeline="
             f"{pipeline}: a micro-batch recomputed in its backward would replay a later "
             f"micro-batch's experts; turn activation recompute off, or use pipeline 1"
         )
