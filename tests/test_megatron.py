@@ -32,6 +32,9 @@ LOCAL_SPEC_LAYOUTS = ["tp1", "tp2-sp", "ep2"]
 ROUTING_REPLAY_LAYOUTS = ["tp2-sp-r3", "ep2-r3", "pp2-r3"]
 """Also run with routing replay (`-r3`): the sequence-parallel slice, the expert-parallel
 dispatch and the pipeline stage's own layers."""
+PACKED_LAYOUT = "tp2-sp-ep2-r3"
+"""Run padded and packed (`-pack`): THD through tensor, sequence and expert parallelism with
+routing replay."""
 
 
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
@@ -48,7 +51,7 @@ def layouts(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("layouts")
     results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local", "tp1-r3"])
     two = TWO_RANK_LAYOUTS + [f"{name}-local" for name in LOCAL_SPEC_LAYOUTS[1:]]
-    two += ROUTING_REPLAY_LAYOUTS
+    two += [*ROUTING_REPLAY_LAYOUTS, PACKED_LAYOUT, f"{PACKED_LAYOUT}-pack"]
     results |= run_layouts(out / "two.json", 2, two)
     return results, out
 
@@ -119,6 +122,21 @@ def test_routing_replay_forces_the_rows_experts(layouts, layout):
 
 
 @pytest.mark.megatron
+def test_packed_rows_train_like_padded_ones(layouts):
+    """fp32, TP2 + SP + EP2 + R3: the log-probs and the first step's loss and gradient norm
+    within 1e-6 of the padded micro-batches'; the later steps (after Adam moved the weights
+    by a rounding apart) within 1e-5."""
+    results, _ = layouts
+    padded, packed = results[PACKED_LAYOUT], results[f"{PACKED_LAYOUT}-pack"]
+    assert packed["logprob_abs_diff_mean"] < 1e-4  # the rows' routing forced, as padded
+    for a, b in zip(packed["log_probs"], padded["log_probs"], strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
+    for key in ("losses", "grad_norms"):
+        assert packed[key][0] == pytest.approx(padded[key][0], rel=1e-6)
+        assert packed[key] == pytest.approx(padded[key], rel=1e-5)
+
+
+@pytest.mark.megatron
 def test_cpu_adam_matches_the_device_optimizer(layouts):
     """--optimizer-cpu-offload --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer
     gives the parameters of a run without offload (bf16 parameters, fp32 optimizer state)."""
@@ -169,6 +187,15 @@ def test_cpu_adam_in_fp32_with_the_distributed_optimizer_is_refused():
     with pytest.raises(UserError, match="train in bfloat16"):
         check_megatron_config(train, "float32", model_shape(tiny_config()))
     check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
+
+
+def test_packing_with_megatron_cores_local_attention_is_refused():
+    train = _train(2)
+    train.pack_sequences, train.layer_spec = True, "local"
+    with pytest.raises(UserError, match=r"pack_sequences=true needs train\.layer_spec=torch"):
+        check_megatron_config(train, "float32", model_shape(tiny_config()))
+    train.layer_spec = "torch"
+    check_megatron_config(train, "float32", model_shape(tiny_config()))
 
 
 def megatron_settings(fusion: bool, recompute: str | None, pipeline: int) -> SimpleNamespace:

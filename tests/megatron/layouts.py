@@ -4,9 +4,9 @@ Started by tests/test_megatron.py as
     torchrun --nproc-per-node N tests/megatron/layouts.py OUT.json LAYOUT [LAYOUT ...]
 with the CPU shim on PYTHONPATH. Each layout (e.g. `dp2`, `tp2-sp`, `ep2`, `pp2`,
 `tp2-sp-etp2`, `dp2-bf16-cpuadam`; `-local` for megatron-core's local layer spec instead of
-ours; `-r3` for routing replay of the rows' random routing) builds a fresh `MegatronBackend`
-over the same built-in model and the same rollout rows,
-runs three optimizer steps and records, on rank 0: the step losses and gradient norms, the
+ours; `-r3` for routing replay of the rows' random routing; `-pack` for packed micro-batches)
+builds a fresh `MegatronBackend` over the same built-in model and the same rollout rows, runs
+three optimizer steps and records, on rank 0: the step losses and gradient norms, the
 log-probs of the rows before training against the Hugging Face model's (forced to the same
 routing under `-r3`, and also against its own routing then), whether the export
 before training equals the Hugging Face tensors bit for bit, and (in OUT.json.LAYOUT.pt) the
@@ -71,6 +71,8 @@ def layout_config(name: str, world: int) -> SluiceConfig:
             config.train.layer_spec = "local"
         elif part == "r3":
             config.algorithm.routing_replay = True
+        elif part == "pack":
+            config.train.pack_sequences = True
     config.train.parallel = p
     return config
 
@@ -144,6 +146,7 @@ def run_layout(name: str, batches, out: str) -> dict:
             reference = hf_log_probs(share, replay=forced)
             diffs = torch.cat([(a - b).abs() for a, b in zip(log_probs, reference, strict=True)])
             result[key] = diffs.mean().item()
+        result["log_probs"] = [lp.tolist() for lp in log_probs]  # this rank's share's
     for key in ("logprob_abs_diff_mean", "free_logprob_abs_diff_mean"):
         gathered_diffs = [None] * world
         dist.all_gather_object(gathered_diffs, result.get(key))

@@ -101,6 +101,28 @@ def optimizer_problems(train: TrainConfig, dtype: str) -> list[str]:
     return problems
 
 
+def recompute_problems(train: TrainConfig, s: ModelShape) -> list[str]:
+    """megatron-core's bound on recompute_num_layers: the layers of one pipeline stage."""
+    per_stage = s.num_layers // train.parallel.pipeline
+    if train.recompute_granularity == "full" and train.recompute_num_layers > per_stage:
+        return [
+            f"train.recompute_num_layers={train.recompute_num_layers} is more than the "
+            f"{per_stage} layers of a pipeline stage"
+        ]
+    return []
+
+
+def packing_problems(train: TrainConfig) -> list[str]:
+    """Packed rows run only through this backend's SDPA attention (layer_spec torch):
+    megatron-core's local attention takes no THD layout."""
+    if train.pack_sequences and train.layer_spec != "torch":
+        return [
+            f"train.pack_sequences=true needs train.layer_spec=torch (the {train.layer_spec!r} "
+            f"spec's attention takes no packed sequences); set one of them differently"
+        ]
+    return []
+
+
 def check_layout(p: ParallelConfig, world: int, shape: ModelShape) -> None:
     """The layout checks alone (the checkpoint converters run no optimizer)."""
     problems = layout_problems(p, world, shape)
@@ -113,6 +135,9 @@ def check_megatron_config(train: TrainConfig, dtype: str, shape: ModelShape | No
     needing the model only when its `shape` is given)."""
     problems = layout_problems(train.parallel, train.num_workers, shape)
     problems += optimizer_problems(train, dtype)
+    problems += packing_problems(train)
+    if shape is not None:
+        problems += recompute_problems(train, shape)
     if problems:
         raise UserError("invalid Megatron configuration: " + "; ".join(problems))
 

@@ -10,7 +10,10 @@ rank's heads under tensor parallelism (sequence parallelism has already gathered
 sequence before the QKV projection); the output is [sq, b, heads x d].
 
 Rows are right-padded by the trainer and attention is causal, so padding never reaches a real
-token and no mask tensor is needed; any other mask is refused rather than ignored.
+token and no mask tensor is needed; any other mask is refused rather than ignored. Packed rows
+(`train.pack_sequences`) come in megatron-core's THD layout, query [t, heads, d] with
+`PackedSeqParams` (qkv_format `thd`, `cu_seqlens_q`): each sequence attends to itself only,
+through `training.varlen_attention` (flash varlen on a GPU in bf16, SDPA per sequence else).
 """
 
 import contextlib
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from training.varlen_attention import causal_varlen_attention
 
 
 class SdpaAttention(torch.nn.Module):
@@ -59,8 +64,10 @@ class SdpaAttention(torch.nn.Module):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        if attention_mask is not None or attention_bias is not None or packed_seq_params:
-            raise ValueError("SdpaAttention takes no attention mask, bias or packed sequences")
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError("SdpaAttention takes no attention mask or bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         # [s, b, n, d] -> [b, n, s, d], the layout SDPA reads.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         with _kernel_for(q):
@@ -69,6 +76,16 @@ class SdpaAttention(torch.nn.Module):
             )
         sq, b = query.shape[:2]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _packed(self, query, key, value, params) -> torch.Tensor:
+        """THD: query [t, heads, d], key / value [t, groups, d] -> [t, heads x d]."""
+        if params.qkv_format != "thd" or params.cu_seqlens_q_padded is not None:
+            raise ValueError("SdpaAttention takes packed sequences in THD without padding only")
+        with _kernel_for(query):
+            out = causal_varlen_attention(
+                query, key, value, params.cu_seqlens_q, params.max_seqlen_q, self.scale
+            )
+        return out.reshape(out.shape[0], -1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         return {}  # no parameters
