@@ -31,14 +31,16 @@ def build_gpt_model(
     device: torch.device,
     layer_spec: str = "torch",
     routing_replay: bool = False,
+    recompute: dict[str, Any] | None = None,
 ):
     """This rank's part of the model, uninitialised (weights are loaded from a checkpoint).
     `layer_spec` picks the expert and attention modules (`layers.LAYER_SPECS`);
-    `routing_replay` gives each router megatron-core's `RouterReplay`."""
+    `routing_replay` gives each router megatron-core's `RouterReplay`; `recompute` the
+    activation-recompute fields (`model_config.recompute_settings`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    config = transformer_config(hf_config, parallel, dtype)
+    config = transformer_config(hf_config, parallel, dtype, recompute)
     config.moe_enable_routing_replay = routing_replay
     if routing_replay:
         check_replayable(config)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.errors import UserError
-from config.schema import ModelConfig, ParallelConfig
+from config.schema import ModelConfig, ParallelConfig, TrainConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -130,8 +130,26 @@ def model_args(hf: Any) -> list[str]:
     return args
 
 
-def transformer_config(hf: Any, layout: ParallelConfig, dtype: str) -> Any:
-    """megatron-core's `TransformerConfig` for this model and parallel layout.
+def recompute_settings(train: TrainConfig) -> dict[str, Any]:
+    """`TransformerConfig`'s activation-recompute fields for `train.recompute_*` (slime's
+    --recompute-granularity / --recompute-method / --recompute-num-layers); empty when off.
+    megatron-core takes a method and a layer count with `full` only."""
+    if train.recompute_granularity == "off":
+        return {}
+    if train.recompute_granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": train.recompute_method,
+        "recompute_num_layers": train.recompute_num_layers,
+    }
+
+
+def transformer_config(
+    hf: Any, layout: ParallelConfig, dtype: str, recompute: dict[str, Any] | None = None
+) -> Any:
+    """megatron-core's `TransformerConfig` for this model and parallel layout, with the
+    activation-recompute fields of `recompute_settings` (none: no recompute).
 
     Transformer Engine is not assumed: the expert and attention modules come from our layer
     spec (`layers.decoder_block_spec`), so megatron-core's own grouped-GEMM and permute-fusion
@@ -194,6 +212,7 @@ def transformer_config(hf: Any, layout: ParallelConfig, dtype: str) -> Any:
         expert_tensor_parallel_size=layout.expert_tensor,
         variable_seq_lengths=True,
         **moe,
+        **(recompute or {}),
     )
 
 
