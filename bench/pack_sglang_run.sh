@@ -21,8 +21,7 @@
 #   flashinfer/data: cutlass examples/python/tests and cccl's python (flashinfer's JIT, which
 #     builds sgl_kernel's RMSNorm with the machine's nvcc, reads only the headers and csrc);
 #   sglang's Rust extensions (Rust server, native gRPC, inkling preprocessing: other flags);
-#   sglang.multimodal_gen (diffusion serving, `sglang generate`) and libsndfile (audio input;
-#     soundfile is imported only for audio requests);
+#   sglang.multimodal_gen (diffusion serving, `sglang generate`);
 #   xgrammar's static library; jedi and parso (IPython imports them lazily, for completion);
 #   zstandard's cffi backend (the C backend is the one loaded);
 #   ray: the Java jars, the dashboard's web build, rllib/tune/serve/llm/workflow/data/train
@@ -96,7 +95,7 @@ for spec in "${SGLANG[@]}" "${RAY[@]}" "${SLUICE[@]}"; do
   (cd "$site" && unzip -q -o "$wheel" ${skip[@]+-x "${skip[@]}"})
 done
 rm -f "$site"/sglang/srt/{server,grpc,multimodal}/_core.*.so
-rm -rf "$site"/sglang/multimodal_gen "$site"/_soundfile_data
+rm -rf "$site"/sglang/multimodal_gen
 rm -f "$site"/torch_memory_saver_hook_mode_*_cu12.abi3.so  # the machine's torch is cu13
 strip --strip-debug "$site"/xgrammar/libxgrammar_bindings.so "$site"/ray/_raylet.so \
   "$site"/ray/core/src/ray/gcs/gcs_server "$site"/ray/core/src/ray/raylet/raylet

@@ -27,6 +27,7 @@ run_tests() {
 }
 run_contract() {
   step contract "${CONTRACT_LIMIT:-240}" python3 -m pytest -p no:cacheprovider -n 0 -q -rs -m sglang \
+    --continue-on-collection-errors \
     tests/test_sglang_requests.py tests/test_sglang_launch.py tests/test_sglang_engine.py
 }
 run_bench() {
