@@ -288,8 +288,8 @@ class TrainConfig:
     ones. Metrics are means over the optimizer steps (train/optimizer_steps counts them)."""
 
     max_tokens_per_micro_batch: int = 8192
-    """Token budget of one forward/backward (padded tokens count); bounds activation memory
-    (`--max-tokens-per-gpu`)."""
+    """Token budget of one forward/backward (padded tokens count; packed: the rows' tokens);
+    bounds activation memory (`--max-tokens-per-gpu`)."""
 
     pack_sequences: bool = False
     """Pack rows into one sequence of at most `max_tokens_per_micro_batch` tokens per
