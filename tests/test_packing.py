@@ -15,7 +15,6 @@ from tests.test_batching import ROW_A, ROW_B, ROW_C, columns_of, rows_of_lengths
 from tests.test_torch_backend import config, response_tokens, rollout_batch
 from training.batch import pack_by_token_budget, pack_micro_batch, pad_micro_batch, rows_of
 from training.torch_backend import TorchBackend
-from training.varlen_attention import causal_varlen_attention
 
 CPU = torch.device("cpu")
 
@@ -170,27 +169,3 @@ def test_routing_replay_with_packing_replays_only_the_rows_own_routing():
     assert sum(call[0].shape[0] for call in replayed[False]) > real
     for a, b in zip(log_probs[True], log_probs[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-# --- the attention kernel on a GPU ----------------------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_varlen_attention_on_a_gpu_equals_attention_per_sequence():
-    """bf16 on a GPU runs torch's flash varlen kernel; its output and gradients agree with
-    the per-sequence SDPA path in fp32, to bf16 rounding."""
-    g = torch.Generator().manual_seed(0)
-    lengths = [700, 1, 33, 2048, 130]
-    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
-    q, k, v = (torch.randn(sum(lengths), h, 128, generator=g) for h in (32, 4, 4))
-    outs, grads = [], []
-    for dtype, device in ((torch.bfloat16, "cuda"), (torch.float32, "cpu")):
-        inputs = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
-        out = causal_varlen_attention(*inputs, cu, max(lengths), scale=128**-0.5)
-        out.float().square().sum().backward()
-        outs.append(out.float().cpu())
-        grads.append([t.grad.float().cpu() for t in inputs])
-    assert relative_error(outs[0], outs[1]) < 1e-2
-    for a, b in zip(*grads, strict=True):
-        assert relative_error(a, b) < 2e-2

@@ -14,6 +14,8 @@ position ids) would be exact too, but costs [N, N] of mask and N^2 of attention 
 tokens, so packing many short rows would make attention slower than padding them.
 """
 
+import functools
+import inspect
 import itertools
 
 import torch
@@ -39,9 +41,12 @@ def causal_varlen_attention(
         from torch.nn.attention.varlen import varlen_attn
 
         cu = cu_seqlens.to(query.device, torch.int32)
+        # torch 2.14 asks for `enable_gqa` with fewer key/value heads; torch 2.11 (the GPU
+        # machine's) has no such argument and its flash kernel takes grouped heads as they are.
+        extra = {"enable_gqa": gqa} if _varlen_takes_gqa() else {}
         return varlen_attn(
             query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale,
-            window_size=(-1, 0), enable_gqa=gqa,
+            window_size=(-1, 0), **extra,
         )  # fmt: skip
     bounds = cu_seqlens.tolist()
     pieces = []
@@ -52,6 +57,13 @@ def causal_varlen_attention(
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         pieces.append(out.transpose(0, 1))
     return torch.cat(pieces)
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def transformers_attention(
