@@ -36,6 +36,9 @@ PACKED_LAYOUT = "tp2-sp-ep2-r3"
 """Run padded and packed (`-pack`): THD through tensor, sequence and expert parallelism with
 routing replay."""
 
+ONE_RANK_EXTRAS = ["tp1-full", "tp1-selective", "tp1-r3-full", "tp1-mb2"]
+"""Activation recompute (`-full`, `-selective`), with R3 too, and mini-batches (`-mb2`)."""
+
 
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{SHIM_SITE}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
@@ -49,7 +52,7 @@ def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("layouts")
-    results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local", "tp1-r3"])
+    results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local", "tp1-r3", *ONE_RANK_EXTRAS])
     two = TWO_RANK_LAYOUTS + [f"{name}-local" for name in LOCAL_SPEC_LAYOUTS[1:]]
     two += [*ROUTING_REPLAY_LAYOUTS, PACKED_LAYOUT, f"{PACKED_LAYOUT}-pack"]
     results |= run_layouts(out / "two.json", 2, two)
@@ -134,6 +137,29 @@ def test_packed_rows_train_like_padded_ones(layouts):
     for key in ("losses", "grad_norms"):
         assert packed[key][0] == pytest.approx(padded[key][0], rel=1e-6)
         assert packed[key] == pytest.approx(padded[key], rel=1e-5)
+
+
+@pytest.mark.megatron
+def test_recompute_trains_bit_for_bit_and_mini_batches_take_their_steps(layouts):
+    """fp32: activation recompute gives the same losses, gradient norms and weights as none
+    (with R3 too: megatron-core's replay keeps the micro-batch's experts for the recomputed
+    forward), while the recomputed modules really run twice; two mini-batches over two
+    epochs take four optimizer steps per rollout step and the clip acts (ratio against the
+    log-probs before the first)."""
+    results, out = layouts
+    for layout, base in (("tp1-full", "tp1"), ("tp1-selective", "tp1"), ("tp1-r3-full", "tp1-r3")):
+        assert results[layout]["losses"] == results[base]["losses"]
+        assert results[layout]["grad_norms"] == results[base]["grad_norms"]
+        trained, reference = _weights(out, layout), _weights(out, base)
+        assert all(torch.equal(trained[name], w) for name, w in reference.items()), layout
+    plain = results["tp1"]["forwards"]
+    assert results["tp1-full"]["forwards"] == {key: 2 * n for key, n in plain.items()}
+    selective = {"layer": plain["layer"], "core_attention": 2 * plain["core_attention"]}
+    assert results["tp1-selective"]["forwards"] == selective
+    split = results["tp1-mb2"]
+    assert results["tp1"]["optimizer_steps"] == [1, 1, 1] and split["optimizer_steps"] == [4] * 3
+    assert min(split["clip_fractions"]) > 0
+    assert split["losses"] != pytest.approx(results["tp1"]["losses"], rel=1e-3)
 
 
 @pytest.mark.megatron

@@ -4,9 +4,11 @@ Started by tests/test_megatron.py as
     torchrun --nproc-per-node N tests/megatron/layouts.py OUT.json LAYOUT [LAYOUT ...]
 with the CPU shim on PYTHONPATH. Each layout (e.g. `dp2`, `tp2-sp`, `ep2`, `pp2`,
 `tp2-sp-etp2`, `dp2-bf16-cpuadam`; `-local` for megatron-core's local layer spec instead of
-ours; `-r3` for routing replay of the rows' random routing; `-pack` for packed micro-batches)
+ours; `-r3` for routing replay of the rows' random routing; `-pack` for packed micro-batches;
+`-full` / `-selective` for activation recompute; `-mb2` for two mini-batches and two epochs)
 builds a fresh `MegatronBackend` over the same built-in model and the same rollout rows, runs
-three optimizer steps and records, on rank 0: the step losses and gradient norms, the
+three training steps (`train` calls) and records, on rank 0: their losses, gradient norms,
+optimizer steps and clip fractions, the
 log-probs of the rows before training against the Hugging Face model's (forced to the same
 routing under `-r3`, and also against its own routing then), whether the export
 before training equals the Hugging Face tensors bit for bit, and (in OUT.json.LAYOUT.pt) the
@@ -73,6 +75,12 @@ def layout_config(name: str, world: int) -> SluiceConfig:
             config.algorithm.routing_replay = True
         elif part == "pack":
             config.train.pack_sequences = True
+        elif part in ("full", "selective"):  # activation recompute
+            config.train.recompute_granularity = part
+        elif part == "mb2":  # two mini-batches of 12 rows, two epochs: four optimizer steps
+            config.train.global_batch_size = 12
+            config.train.epochs = 2
+            config.algorithm.old_log_probs = "recompute"
     config.train.parallel = p
     return config
 
@@ -151,21 +159,46 @@ def run_layout(name: str, batches, out: str) -> dict:
         gathered_diffs = [None] * world
         dist.all_gather_object(gathered_diffs, result.get(key))
         result[key] = max(d for d in gathered_diffs if d is not None)
-    losses, grad_norms = [], []
+    forwards = count_forwards(backend.model)
+    recorded = {key: [] for key in ("loss", "grad_norm", "optimizer_steps", "clip_fraction")}
     for _ in range(STEPS):
         stats = backend.train(share, normalizer)
         gathered = [None] * world
         dist.all_gather_object(gathered, stats)
         reduced = TrainStats.reduce(gathered)
-        losses.append(reduced["train/loss"])
-        grad_norms.append(reduced["train/grad_norm"])
-    result["losses"] = losses
-    result["grad_norms"] = grad_norms
+        for key, values in recorded.items():
+            values.append(reduced[f"train/{key}"])
+    result["losses"] = recorded["loss"]
+    result["grad_norms"] = recorded["grad_norm"]
+    result["optimizer_steps"] = recorded["optimizer_steps"]
+    result["clip_fractions"] = recorded["clip_fraction"]
+    result["forwards"] = forwards  # of the training steps: recompute runs some twice
     weights = {n: t.clone() for n, t in backend.named_weights()}
     if dist.get_rank() == 0:
         torch.save(weights, weights_path(out, name))
     parallel_state.destroy_model_parallel()
     return result
+
+
+def count_forwards(model) -> dict[str, int]:
+    """Counts from now on the forwards of the model's transformer layers and of their core
+    attention (a pre-hook: it sees a recomputed forward too)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    counts = {"layer": 0, "core_attention": 0}
+
+    def counter(key):
+        def count(module, args, kwargs):
+            counts[key] += 1
+
+        return count
+
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            module.register_forward_pre_hook(counter("layer"), with_kwargs=True)
+            attention = module.self_attention.core_attention
+            attention.register_forward_pre_hook(counter("core_attention"), with_kwargs=True)
+    return counts
 
 
 def initial_export_matches(name: str) -> bool:
