@@ -467,7 +467,7 @@ class TimeoutsConfig:
     """Generation and rewards of one step (long responses of a 30B model take minutes)."""
 
     train_s: float = 3600.0
-    """One optimizer step on every training rank."""
+    """One step's training on every training rank (all its optimizer steps)."""
 
     sync_s: float = 1800.0
     """The weight update into every engine (with engine restarts and group rebuilds)."""
@@ -528,10 +528,11 @@ class AlgorithmConfig:
 
     old_log_probs: Literal["auto", "rollout", "recompute"] = "auto"
     """Denominator of the importance ratio: the engine's log-probs (`rollout`, corrects for any
-    trainer/engine mismatch inside the clipped ratio) or the trainer's own before the update
-    (`recompute`; with one optimizer step per rollout batch the ratio is then exactly 1 and the
-    mismatch is only reported, or corrected by TIS). auto = recompute when TIS is on, else
-    rollout."""
+    trainer/engine mismatch inside the clipped ratio) or the trainer's own before the rollout
+    step's first update (`recompute`; with one optimizer step per rollout batch the ratio is
+    then exactly 1 and the mismatch is only reported, or corrected by TIS; with mini-batches or
+    epochs, train.global_batch_size / train.epochs, it moves after the first step and the clip
+    acts). auto = recompute when TIS is on, else rollout."""
 
     tis: Literal["auto", "on", "off"] = "auto"
     """Truncated importance sampling: weight each token's loss by min(exp(trainer log-prob -
