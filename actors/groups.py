@@ -91,7 +91,8 @@ class TrainGroup:
         normalizer: float,
         advantage_shift_scale: tuple[float, float] | None = None,
     ) -> list[TrainStats]:
-        """One optimizer step on every rank; `shares[d]` are data-parallel rank d's batches."""
+        """One step's training on every rank (one optimizer step, or one per mini-batch:
+        `training.mini_batches`); `shares[d]` are data-parallel rank d's batches."""
         return deadline.get(
             [
                 a.train.remote(shares[d], normalizer, advantage_shift_scale)

@@ -73,7 +73,8 @@ class TrainActor:
         normalizer: float,
         advantage_shift_scale: tuple[float, float] | None = None,
     ) -> TrainStats:
-        """One optimizer step on this rank's share; rows are read zero-copy from the store.
+        """One step's training on this rank's share (its optimizer steps: one, or one per
+        mini-batch, `training.mini_batches`); rows are read zero-copy from the store.
         `advantage_shift_scale` (shift, scale): advantages become (a - shift) * scale first
         (REINFORCE++'s normalization over the whole step, computed by the driver)."""
         fault_points.reached("train", self.rank, "train")

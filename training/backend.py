@@ -204,7 +204,9 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def train(self, batches: list[pa.RecordBatch], normalizer: float) -> TrainStats:
-        """One optimizer step on this rank's share; `normalizer` is the step's global count of
+        """One step's training on this rank's share: one optimizer step, or one per mini-batch
+        of train.global_batch_size samples, train.epochs times (`training.mini_batches`, a
+        collective of the data-parallel ranks); `normalizer` is the step's global count of
         loss tokens (or sequences), the same on every rank."""
 
     @abstractmethod
