@@ -291,6 +291,14 @@ class TrainConfig:
     """Token budget of one forward/backward (padded tokens count; packed: the rows' tokens);
     bounds activation memory (`--max-tokens-per-gpu`)."""
 
+    log_prob_chunk_tokens: int = 1024
+    """Tokens whose log-probs and entropy are taken at a time (slime's
+    `--log-probs-chunk-size`): the output layer is applied to this many hidden states at once,
+    and the backward recomputes each chunk's logits, so no [tokens, vocabulary] logits tensor
+    exists (at 8k tokens and a 151k vocabulary its fp32 copy alone is 5 GB). Both backends;
+    vocabulary-parallel under Megatron's tensor parallelism. 0 (or slime's default -1): all of
+    a micro-batch's tokens in one chunk."""
+
     pack_sequences: bool = False
     """Pack rows into one sequence of at most `max_tokens_per_micro_batch` tokens per
     micro-batch, without padding: each row keeps its own positions (from 0) and attends only
@@ -514,6 +522,12 @@ class AlgorithmConfig:
 
     kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     """KL estimator: k1 (log-ratio), k2 (squared), k3 / low_var_kl (clamped k3)."""
+
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (slime's `--entropy-coef`): the loss is the policy loss
+    minus entropy_coef x the policy's entropy per response token, aggregated like the loss
+    (`loss_aggregation`). 0 = off: the entropy is still reported (`train/entropy`) but takes
+    no gradient and no memory for one."""
 
     max_staleness: int = 0
     """How many weight versions behind the trainer a trained sample may be: 0 or 1. 0:
@@ -780,6 +794,16 @@ class SluiceConfig:
             raise UserError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
         if a.kl_coef < 0:
             raise UserError("algorithm.kl_coef must be >= 0")
+        if a.entropy_coef < 0:
+            raise UserError(
+                f"algorithm.entropy_coef={a.entropy_coef:g} must be >= 0 (a bonus for entropy; "
+                f"0 = off)"
+            )
+        if t.log_prob_chunk_tokens < -1:
+            raise UserError(
+                f"train.log_prob_chunk_tokens={t.log_prob_chunk_tokens} must be >= 0 (0, or "
+                f"slime's -1: a micro-batch's tokens in one chunk)"
+            )
         if a.tis_cap < 1:
             raise UserError(
                 f"algorithm.tis_cap={a.tis_cap} must be >= 1: TIS weights are min(ratio, cap), "

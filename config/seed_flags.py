@@ -62,6 +62,7 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--expert-model-parallel-size": SeedFlag("train.parallel.expert"),
     "--expert-tensor-parallel-size": SeedFlag("train.parallel.expert_tensor"),
     "--max-tokens-per-gpu": SeedFlag("train.max_tokens_per_micro_batch"),
+    "--log-probs-chunk-size": SeedFlag("train.log_prob_chunk_tokens"),
     "--global-batch-size": SeedFlag("train.global_batch_size"),
     "--recompute-granularity": SeedFlag("train.recompute_granularity"),
     "--recompute-method": SeedFlag("train.recompute_method"),
@@ -95,6 +96,7 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--use-tis": SeedFlag("algorithm.tis", switch=True, values=(("true", "on"), ("false", "off"))),
     "--tis-clip": SeedFlag("algorithm.tis_cap"),
     "--tis-clip-low": SeedFlag("algorithm.tis_floor"),
+    "--entropy-coef": SeedFlag("algorithm.entropy_coef"),
     "--advantage-estimator": SeedFlag(
         "algorithm.loss",
         keyed_values=(

@@ -60,6 +60,10 @@ def test_first_step_log_probs_match_and_ratio_is_one(driver):
     assert metrics["mismatch/logprob_abs_diff_mean"] < 1e-5
     assert abs(metrics["mismatch/importance_ratio_mean"] - 1.0) < 1e-5
     assert metrics["train/clip_fraction"] == 0.0
+    # The policy's entropy per response token, taken with the log-probs (chunk by chunk), and
+    # the default constant schedule's learning rate.
+    assert 0.0 < metrics["train/entropy"] < float("inf")
+    assert metrics["train/lr"] == driver.config.train.lr
 
 
 def test_trainer_log_probs_of_engine_samples(driver):

@@ -36,8 +36,11 @@ PACKED_LAYOUT = "tp2-sp-ep2-r3"
 """Run padded and packed (`-pack`): THD through tensor, sequence and expert parallelism with
 routing replay."""
 
-ONE_RANK_EXTRAS = ["tp1-full", "tp1-selective", "tp1-r3-full", "tp1-mb2"]
-"""Activation recompute (`-full`, `-selective`), with R3 too, and mini-batches (`-mb2`)."""
+ONE_RANK_EXTRAS = ["tp1-full", "tp1-selective", "tp1-r3-full", "tp1-mb2", "tp1-ent"]
+"""Activation recompute (`-full`, `-selective`), with R3 too, mini-batches (`-mb2`), and the
+entropy bonus (`-ent`)."""
+ENTROPY_LAYOUT = "tp2-sp-ent"
+"""The entropy bonus with its gradient split over the vocabulary of two ranks."""
 
 
 def run_layouts(out: Path, nproc: int, layouts: list[str]) -> dict:
@@ -54,7 +57,7 @@ def layouts(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("layouts")
     results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local", "tp1-r3", *ONE_RANK_EXTRAS])
     two = TWO_RANK_LAYOUTS + [f"{name}-local" for name in LOCAL_SPEC_LAYOUTS[1:]]
-    two += [*ROUTING_REPLAY_LAYOUTS, PACKED_LAYOUT, f"{PACKED_LAYOUT}-pack"]
+    two += [*ROUTING_REPLAY_LAYOUTS, PACKED_LAYOUT, f"{PACKED_LAYOUT}-pack", ENTROPY_LAYOUT]
     results |= run_layouts(out / "two.json", 2, two)
     return results, out
 
@@ -293,3 +296,24 @@ def test_save_interval_needs_a_save_directory():
     config.checkpoint.save_interval = 5
     with pytest.raises(UserError, match=r"needs checkpoint.save \(--save DIR\)"):
         config.validate()
+
+
+@pytest.mark.megatron
+def test_the_entropy_bonus_enters_the_loss_and_trains_alike_under_tensor_parallelism(layouts):
+    """train/entropy is reported without the bonus too; with algorithm.entropy_coef 0.1 the
+    loss is the policy loss minus 0.1 x the entropy, and TP2 + SP (the entropy's gradient
+    vocabulary-parallel) trains like TP1."""
+    results, out = layouts
+    plain, bonus, split = results["tp1"], results["tp1-ent"], results[ENTROPY_LAYOUT]
+    assert plain["entropies"][0] == pytest.approx(bonus["entropies"][0], rel=1e-6)  # same start
+    assert all(e > 0.1 for e in plain["entropies"])
+    for loss, policy, entropy in zip(
+        bonus["losses"], bonus["policy_losses"], bonus["entropies"], strict=True
+    ):
+        assert loss == pytest.approx(policy - 0.1 * entropy, rel=1e-6, abs=1e-8)
+    assert bonus["entropies"][-1] != pytest.approx(plain["entropies"][-1], rel=1e-4)
+    assert split["losses"] == pytest.approx(bonus["losses"], rel=1e-5, abs=1e-7)
+    assert split["entropies"] == pytest.approx(bonus["entropies"], rel=1e-5)
+    reference, trained = _weights(out, "tp1-ent"), _weights(out, ENTROPY_LAYOUT)
+    for name in reference:  # Adam amplifies rounding: see test_parallel_layouts_train_like_tp1
+        torch.testing.assert_close(trained[name], reference[name], rtol=1e-5, atol=1e-5)

@@ -105,6 +105,9 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
         (["--use-tis", "false"], "algorithm.tis", "off"),
         (["--tis-clip", "1.5"], "algorithm.tis_cap", 1.5),
         (["--tis-clip-low", "0.1"], "algorithm.tis_floor", 0.1),
+        (["--entropy-coef", "0.01"], "algorithm.entropy_coef", 0.01),
+        (["--log-probs-chunk-size", "2048"], "train.log_prob_chunk_tokens", 2048),
+        (["--log-probs-chunk-size", "-1"], "train.log_prob_chunk_tokens", -1),  # slime's "off"
         (["--advantage-estimator", "gspo"], "algorithm.loss", "gspo"),
         (["--advantage-estimator", "grpo"], "algorithm.loss", "grpo"),
         (

@@ -25,7 +25,7 @@ MAX_OVER_RANKS = (
     "lr",
 )
 
-STEP_MEANS = ("loss", "policy_loss", "kl_loss")
+STEP_MEANS = ("loss", "policy_loss", "kl_loss", "entropy")
 """Loss terms, each normalized within its own optimizer step: a rollout step of several
 reports their mean over them (`TrainStats.per_rollout_step`)."""
 
@@ -42,6 +42,8 @@ class TrainStats:
     loss: float = 0.0
     policy_loss: float = 0.0
     kl_loss: float = 0.0
+    entropy: float = 0.0
+    """The policy's entropy per response token, aggregated like the loss (its share)."""
     tokens: float = 0.0
     samples: int = 0
     micro_batches: int = 0
@@ -77,11 +79,20 @@ class TrainStats:
         self.host_rss_gb = psutil.Process().memory_info().rss / 1e9
 
     def add_micro_batch(
-        self, loss, policy_loss, log_probs, mb, loss_stats, corrections=None, kl_loss=None
+        self,
+        loss,
+        policy_loss,
+        log_probs,
+        mb,
+        loss_stats,
+        corrections=None,
+        kl_loss=None,
+        entropy=None,
     ) -> None:
         """Accumulate one micro-batch: its loss terms and the trainer/engine mismatch of its
         loss tokens (`mb` is a `training.batch.MicroBatch`, `loss_stats` from the policy loss,
-        `corrections` the `training.loss.Corrections` it used, `kl_loss` the KL term, if any).
+        `corrections` the `training.loss.Corrections` it used, `kl_loss` the KL term, if any,
+        `entropy` the aggregated entropy).
 
         The figures stay on the device until `flush` reads them all at once: a `.item()` for
         each would stall the GPU's queue about ten times per micro-batch."""
@@ -97,6 +108,7 @@ class TrainStats:
             "loss": loss.detach(),
             "policy_loss": policy_loss.detach(),
             "kl_loss": zero if kl_loss is None else kl_loss.detach(),
+            "entropy": zero if entropy is None else entropy.detach(),
             "tokens": tokens,
             "clipped_sum": (loss_stats.clipped & mask).sum(),
             "logprob_abs_diff_sum": mismatch["logprob_abs_diff_mean"] * tokens,
@@ -171,6 +183,7 @@ class TrainStats:
             "train/loss": total.loss,
             "train/policy_loss": total.policy_loss,
             "train/kl_loss": total.kl_loss,
+            "train/entropy": total.entropy,
             "train/clip_fraction": total.clipped_sum / tokens,
             "train/grad_norm": total.grad_norm,
             "train/lr": total.lr,

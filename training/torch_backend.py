@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from config.errors import UserError
@@ -23,7 +24,7 @@ from models.checkpoint_format import checkpoint_tensors
 from models.loading import load_model, load_tokenizer
 from models.model_dir import trainer_model
 from models.routing import replay_routing, replay_routing_shape
-from rl.grpo import aggregate, kl_penalty, log_probs_from_logits
+from rl.grpo import aggregate, kl_penalty
 from training.backend import TrainingBackend, TrainStats
 from training.batch import (
     MicroBatch,
@@ -39,6 +40,7 @@ from training.loss import LossSettings, policy_term
 from training.lr_schedule import LrSchedule, ScheduleState
 from training.megatron.checkpoint import TORCH_STATE_FILE
 from training.mini_batches import needs_old_log_probs, plan_mini_batches, select_rows
+from training.token_stats import token_stats
 from training.varlen_attention import use_in_transformers
 
 
@@ -54,10 +56,11 @@ class TorchBackend(TrainingBackend):
             self.routing = replay_routing_shape(config)
         self.model = load_model(trainer_model(config.model), config.seed, device).train()
         checkpoint_layers(self.model, config.train)
-        self.module = self.model
+        # The loss's forward: DDP's, over the policy up to its last hidden states.
+        self.module = _HiddenStates(self.model)
         if self.world_size > 1:
             self.module = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
+                self.module, device_ids=[device.index] if device.type == "cuda" else None
             )
         t = config.train
         self.optimizer = torch.optim.AdamW(
@@ -84,15 +87,31 @@ class TorchBackend(TrainingBackend):
         replay = mb.routed_experts is not None and model is not self.reference
         return replay_routing(self.model, mb.routed_experts) if replay else contextlib.nullcontext()
 
-    def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    def _token_stats(
+        self, model: torch.nn.Module, mb: MicroBatch, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of `mb`'s targets and the entropy at each position, [B, T-1] each, from
+        `model` (the policy or the reference, or `self.module`), chunk by chunk of tokens
+        (`training.token_stats`): the full logits are never built."""
         with self._replay(model, mb):
             # no KV cache: nothing decodes after a training forward
-            logits = model(input_ids=mb.input_ids, use_cache=False, **_attention_inputs(mb)).logits
+            hidden = _last_hidden_states(
+                model, input_ids=mb.input_ids, use_cache=False, **_attention_inputs(mb)
+            )
+        head = (self.reference if model is self.reference else self.model).get_output_embeddings()
         width = mb.targets.shape[1]
-        log_probs = log_probs_from_logits(
-            logits[:, :width], mb.targets, self.config.rollout.temperature
+        log_probs, entropy = token_stats(
+            hidden[:, :width],
+            head.weight,
+            mb.targets,
+            self.config.rollout.temperature,
+            self.config.train.log_prob_chunk_tokens,
+            entropy_grad,
         )
-        return mb.unpack(log_probs)
+        return mb.unpack(log_probs), mb.unpack(entropy)
+
+    def _token_log_probs(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        return self._token_stats(model, mb)[0]
 
     def _plan(self, rows: Rows) -> list[list[int]]:
         """The row indices of each micro-batch, packed or padded."""
@@ -154,9 +173,7 @@ class TorchBackend(TrainingBackend):
         for k, indices in enumerate(plan):
             last = k == len(plan) - 1
             sync = (
-                contextlib.nullcontext()
-                if last or self.module is self.model
-                else self.module.no_sync()
+                contextlib.nullcontext() if last or self.world_size == 1 else self.module.no_sync()
             )
             mb = self._micro_batch(rows, indices)
             if old is not None:
@@ -182,10 +199,11 @@ class TorchBackend(TrainingBackend):
     def _micro_step(self, mb: MicroBatch, normalizer: float, stats: TrainStats) -> None:
         a = self.config.algorithm
         mode = a.loss_aggregation
-        log_probs = self._token_log_probs(self.module, mb)
+        log_probs, entropy = self._token_stats(self.module, mb, a.entropy_coef > 0)
         per_token, loss_stats, corrections = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
-        loss = pg_loss
+        entropy = aggregate(entropy, mb.loss_mask, mode, normalizer)
+        loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
         if self.reference is not None:
             with torch.no_grad():
                 ref_log_probs = self._token_log_probs(self.reference, mb)
@@ -201,12 +219,13 @@ class TorchBackend(TrainingBackend):
         kl_loss = kl if self.reference is not None else None
         # The trainer/engine mismatch is that of the weights that generated: before the update.
         before = log_probs if mb.old_log_probs is None else mb.old_log_probs
-        stats.add_micro_batch(loss, pg_loss, before, mb, loss_stats, corrections, kl_loss)
+        stats.add_micro_batch(loss, pg_loss, before, mb, loss_stats, corrections, kl_loss, entropy)
 
     def _empty_backward(self) -> None:
         """Join the gradient all-reduce with zero gradients when this rank got no rows."""
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        (self.module(input_ids=ids).logits.sum() * 0.0).backward()
+        head = self.model.get_output_embeddings().weight  # used outside the module's forward
+        (self.module(input_ids=ids).sum() * 0.0 + head.sum() * 0.0).backward()
 
     def _clip_and_step(self) -> float:
         clip = self.config.train.grad_clip
@@ -260,6 +279,27 @@ class TorchBackend(TrainingBackend):
             return  # every rank holds the same weights; rank 0 writes
         self.model.save_pretrained(path)
         load_tokenizer(self.config.model).save_pretrained(path)
+
+
+class _HiddenStates(torch.nn.Module):
+    """A causal LM up to its last hidden states (after the final norm): its output layer is
+    applied chunk by chunk by `token_stats`. One module, so DDP's forward covers the decoder;
+    the output layer's gradient reaches DDP's hooks from the backward all the same."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.model.get_decoder()(**inputs).last_hidden_state
+
+
+def _last_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """`model`'s last hidden states: a causal LM's decoder output, or what `_HiddenStates`
+    (or DDP over it) returns."""
+    if isinstance(model, PreTrainedModel):
+        return model.get_decoder()(**inputs).last_hidden_state
+    return model(**inputs)
 
 
 def _attention_inputs(mb: MicroBatch) -> dict:

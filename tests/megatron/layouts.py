@@ -49,6 +49,7 @@ def layout_config(name: str, world: int) -> SluiceConfig:
     # change of up to 2 lr through Adam's g / (|g| + eps); eps 1e-4 bounds it (see the tests).
     config.train.adam_eps = 1e-4
     config.train.max_tokens_per_micro_batch = 40  # several micro-batches per step
+    config.train.log_prob_chunk_tokens = 16  # several chunks per micro-batch (token_stats)
     p = ParallelConfig()
     for part in name.split("-"):
         if part.startswith("etp"):
@@ -69,6 +70,8 @@ def layout_config(name: str, world: int) -> SluiceConfig:
             config.model.dtype = "bfloat16"
         elif part == "kl":
             config.algorithm.kl_coef = 0.1
+        elif part == "ent":  # the entropy bonus, whose gradient is vocabulary-parallel under TP
+            config.algorithm.entropy_coef = 0.1
         elif part == "local":  # megatron-core's local spec instead of our torch spec
             config.train.layer_spec = "local"
         elif part == "r3":
@@ -160,7 +163,8 @@ def run_layout(name: str, batches, out: str) -> dict:
         dist.all_gather_object(gathered_diffs, result.get(key))
         result[key] = max(d for d in gathered_diffs if d is not None)
     forwards = count_forwards(backend.model)
-    recorded = {key: [] for key in ("loss", "grad_norm", "optimizer_steps", "clip_fraction")}
+    keys = ("loss", "grad_norm", "optimizer_steps", "clip_fraction", "entropy", "policy_loss")
+    recorded = {key: [] for key in keys}
     for _ in range(STEPS):
         stats = backend.train(share, normalizer)
         gathered = [None] * world
@@ -172,6 +176,8 @@ def run_layout(name: str, batches, out: str) -> dict:
     result["grad_norms"] = recorded["grad_norm"]
     result["optimizer_steps"] = recorded["optimizer_steps"]
     result["clip_fractions"] = recorded["clip_fraction"]
+    result["entropies"] = recorded["entropy"]
+    result["policy_losses"] = recorded["policy_loss"]
     result["forwards"] = forwards  # of the training steps: recompute runs some twice
     weights = {n: t.clone() for n, t in backend.named_weights()}
     if dist.get_rank() == 0:

@@ -14,8 +14,10 @@ What waits for what within one `train` call:
   (`finalize_model_grads`), then every rank steps its optimizer shard and the updated
   parameters are all-gathered.
 
-The loss is the RL loss of `rl.grpo` on log-probs taken straight from the vocab-parallel
-logits (`vocab_parallel_cross_entropy`): no rank ever gathers a full-vocabulary row.
+The loss is the RL loss of `rl.grpo` on log-probs (and the entropy) taken by the last stage's
+output processor straight from the hidden states, chunk by chunk of tokens and
+vocabulary-parallel (`training.token_stats`): no rank ever holds a full-vocabulary row, nor
+the [tokens, vocabulary / TP] logits.
 """
 
 import copy
@@ -55,6 +57,7 @@ from training.megatron.model_config import load_hf_config, model_shape, recomput
 from training.megatron.parallel import check_megatron_config
 from training.megatron.routing_replay import MegatronRoutingReplay, take_router_replays
 from training.mini_batches import needs_old_log_probs, plan_mini_batches, select_rows
+from training.token_stats import VocabShard, token_stats
 from weights.manifest import TensorSpec
 from weights.runs import StreamItem, pairs
 
@@ -165,13 +168,15 @@ class MegatronBackend(TrainingBackend):
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm or 0.0)
 
-    def _loss(self, mb, reference, logits, *, normalizer, scale, stats):
+    def _loss(self, mb, reference, output, *, normalizer, scale, stats):
         a = self.config.algorithm
         mode = a.loss_aggregation
-        log_probs = self._token_log_probs(logits, mb)
+        log_probs, entropy = output  # what `_token_stats` returned
         per_token, loss_stats, corrections = policy_term(log_probs, mb, self.loss_settings)
         pg_loss = aggregate(per_token, mb.loss_mask, mode, normalizer)
-        loss, kl = pg_loss, None
+        entropy = aggregate(entropy, mb.loss_mask, mode, normalizer)
+        loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
+        kl = None
         if reference is not None:
             kl = aggregate(
                 kl_penalty(log_probs, reference, a.kl_type), mb.loss_mask, mode, normalizer
@@ -180,16 +185,47 @@ class MegatronBackend(TrainingBackend):
         if self.reports_stats:
             # The trainer/engine mismatch is that of the weights that generated.
             before = log_probs if mb.old_log_probs is None else mb.old_log_probs
-            stats.add_micro_batch(loss, pg_loss, before, mb, loss_stats, corrections, kl)
+            stats.add_micro_batch(loss, pg_loss, before, mb, loss_stats, corrections, kl, entropy)
         # megatron-core divides by the number of micro-batches and its data-parallel gradient
         # reduction averages; the normalizer is already the step's global count, so undo both.
         return loss * scale, {}
 
-    def _token_log_probs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    def _token_stats(
+        self, mb, entropy_grad, *, hidden_states, output_layer, output_weight, **_
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """megatron-core's output processor of the last stage (GPTModel's `output_processor`):
+        the log-probs of `mb`'s targets and the entropy at each position, [B, T-1] each,
+        from the final hidden states [S (/ TP under SP), B, H], in place of the logits."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
 
-        scaled = logits[:, : mb.targets.shape[1]].float() / self.config.rollout.temperature
-        return mb.unpack(-vocab_parallel_cross_entropy(scaled, mb.targets))
+        weight = output_weight if output_weight is not None else output_layer.weight
+        # Every rank of the group takes its vocabulary slice of every position: the whole
+        # sequence, whose gradient then sums over the group (as the output layer's own does).
+        if output_layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True
+            )
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden_states)
+        tensor_parallel = ps.get_tensor_model_parallel_world_size() > 1
+        shard = VocabShard(
+            start=ps.get_tensor_model_parallel_rank() * weight.shape[0],
+            group=ps.get_tensor_model_parallel_group() if tensor_parallel else None,
+        )
+        log_probs, entropy = token_stats(
+            hidden.transpose(0, 1)[:, : mb.targets.shape[1]],
+            weight,
+            mb.targets,
+            self.config.rollout.temperature,
+            self.config.train.log_prob_chunk_tokens,
+            entropy_grad,
+            shard,
+        )
+        return mb.unpack(log_probs), mb.unpack(entropy)
 
     @torch.no_grad()
     def compute_log_probs(self, batches: list[pa.RecordBatch]) -> list[torch.Tensor]:
@@ -209,9 +245,10 @@ class MegatronBackend(TrainingBackend):
     def _forward_only(self, model, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
         collected: list[torch.Tensor] = []
 
-        def keep(mb, reference, logits):
-            collected.append(self._token_log_probs(logits, mb).detach())
-            return logits.new_zeros(()), {}
+        def keep(mb, reference, output):
+            log_probs, _ = output
+            collected.append(log_probs.detach())
+            return log_probs.new_zeros(()), {}
 
         self._schedule(model, micro_batches, keep, None, forward_only=True)
         return collected
@@ -223,14 +260,22 @@ class MegatronBackend(TrainingBackend):
         # The policy replays the engines' routing (routing replay on); the reference routes
         # on its own.
         replay = self.routing_replay if model is self.model else None
+        # The entropy bonus's gradient, only where the policy trains with one.
+        entropy_grad = not forward_only and self.config.algorithm.entropy_coef > 0
 
         def forward_step(data_iterator, chunk):
             mb = next(data_iterator)
             if replay is not None:
                 replay.set_micro_batch(mb.routed_experts)
-            logits = chunk(mb.input_ids, attention_mask=None, **_positions(mb))
+            # The last stage returns `_token_stats`'s pair, the others their hidden states.
+            output = chunk(
+                mb.input_ids,
+                attention_mask=None,
+                output_processor=partial(self._token_stats, mb, entropy_grad),
+                **_positions(mb),
+            )
             ref = next(references) if references is not None else None
-            return logits, partial(loss_fn, mb, ref)
+            return output, partial(loss_fn, mb, ref)
 
         width = max(mb.input_ids.shape[1] for mb in micro_batches)
         get_forward_backward_func()(
