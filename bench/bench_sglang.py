@@ -52,7 +52,7 @@ def make_sglang_engine(model_dir: Path, out_dir: Path, *flags: str) -> SglangEng
         ["--rollout.engine", "sglang", "--model.hf_checkpoint", str(model_dir),
          "--train.num_workers", "1", "--rollout.num_engines", "1",
          "--placement.colocate", "true", "--logging.output_dir", str(out_dir),
-         "--rollout.sglang.startup_timeout_s", "400", *DEVICE_BUNDLE_FLAGS, *flags]
+         "--rollout.sglang.startup_timeout_s", "240", *DEVICE_BUNDLE_FLAGS, *flags]
     )  # fmt: skip
     node = NodeShape(node_id="f" * 56, address="127.0.0.1", num_gpus=1, num_cpus=8.0)
     layout = plan_layout(ClusterShape((node,)), config)

@@ -23,7 +23,10 @@ print("torch", torch.__version__, "ray", ray.__version__, "sglang", sglang.__ver
 
 run_tests() {
   step tests "${TESTS_LIMIT:-420}" python3 -m pytest -p no:cacheprovider -n 0 -q -rs -s \
-    -x tests/test_sglang_gpu.py ${TESTS_K:+-k "$TESTS_K"}
+    tests/test_sglang_gpu.py ${TESTS_K:+-k "$TESTS_K"}
+  # the servers' own logs, for what the test output does not show
+  find /tmp/pytest-of-* -path '*sglang*' -name '*.log' 2>/dev/null |
+    tar -czf "$OUT/sglang_logs.tgz" -T - 2>/dev/null
 }
 run_contract() {
   step contract "${CONTRACT_LIMIT:-240}" python3 -m pytest -p no:cacheprovider -n 0 -q -rs -m sglang \

@@ -144,7 +144,7 @@ def run_loop(model_dir: Path, out: Path, steps: int, *flags: str) -> list[dict]:
         "--train.num_workers", "1", "--rollout.num_engines", "1",
         "--placement.colocate", "true", "--placement.cpus_per_bundle", "1",
         "--num_steps", str(steps), "--logging.progress_bar", "false",
-        "--logging.output_dir", str(out), "--rollout.sglang.startup_timeout_s", "400",
+        "--logging.output_dir", str(out), "--rollout.sglang.startup_timeout_s", "240",
         *DEVICE_BUNDLE_FLAGS, "--sglang-mem-fraction-static", "0.3",
         "--sglang-disable-cuda-graph", *flags,
     ]  # fmt: skip
