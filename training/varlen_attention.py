@@ -41,8 +41,9 @@ def causal_varlen_attention(
         from torch.nn.attention.varlen import varlen_attn
 
         cu = cu_seqlens.to(query.device, torch.int32)
-        # torch 2.14 asks for `enable_gqa` with fewer key/value heads; torch 2.11 (the GPU
-        # machine's) has no such argument and its flash kernel takes grouped heads as they are.
+        # torch 2.14 asks for `enable_gqa` with fewer key/value heads; older releases (the GPU
+        # machine has 2.11) have no such argument and hand grouped heads to the flash kernel as
+        # they are. tests/test_packing_gpu.py checks the kernel against SDPA per sequence.
         extra = {"enable_gqa": gqa} if _varlen_takes_gqa() else {}
         return varlen_attn(
             query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale,
