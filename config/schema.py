@@ -304,7 +304,7 @@ class TrainConfig:
     micro-batch, without padding: each row keeps its own positions (from 0) and attends only
     to itself (variable-length attention: flash varlen on GPUs in bf16, exact per-row SDPA on
     the CPU); with routing replay only real tokens are replayed. Off: rows are right-padded
-    to the longest of their micro-batch."""
+    to the longest of their micro-batch. slime: `--use-dynamic-batch-size`."""
 
     layer_spec: Literal["torch", "local"] = "torch"
     """Megatron: the expert and attention modules, without Transformer Engine. `torch`: all

@@ -62,6 +62,9 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--expert-model-parallel-size": SeedFlag("train.parallel.expert"),
     "--expert-tensor-parallel-size": SeedFlag("train.parallel.expert_tensor"),
     "--max-tokens-per-gpu": SeedFlag("train.max_tokens_per_micro_batch"),
+    # slime always packs a micro-batch's sequences (THD); this switch makes it fill micro-batches
+    # up to --max-tokens-per-gpu, which is what packing here does.
+    "--use-dynamic-batch-size": SeedFlag("train.pack_sequences", switch=True),
     "--log-probs-chunk-size": SeedFlag("train.log_prob_chunk_tokens"),
     "--global-batch-size": SeedFlag("train.global_batch_size"),
     "--recompute-granularity": SeedFlag("train.recompute_granularity"),

@@ -71,6 +71,7 @@ def test_the_seed_optimizer_args_switch_on_cpu_adam():
     ("argv", "key", "expected"),
     [
         (["--max-tokens-per-gpu", "4096"], "train.max_tokens_per_micro_batch", 4096),
+        (["--use-dynamic-batch-size"], "train.pack_sequences", True),
         (["--lr", "1e-6"], "train.lr", 1e-6),
         (["--adam-beta1", "0.8"], "train.adam_beta1", 0.8),
         (["--adam-beta2", "0.98"], "train.adam_beta2", 0.98),
