@@ -15,6 +15,7 @@ from tests.test_batching import ROW_A, ROW_B, ROW_C, columns_of, rows_of_lengths
 from tests.test_torch_backend import config, response_tokens, rollout_batch
 from training.batch import pack_by_token_budget, pack_micro_batch, pad_micro_batch, rows_of
 from training.torch_backend import TorchBackend
+from training.varlen_attention import transformers_attention
 
 CPU = torch.device("cpu")
 
@@ -169,3 +170,12 @@ def test_routing_replay_with_packing_replays_only_the_rows_own_routing():
     assert sum(call[0].shape[0] for call in replayed[False]) > real
     for a, b in zip(log_probs[True], log_probs[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("option", ["sliding_window", "softcap", "s_aux"])
+def test_attention_options_packing_lacks_are_refused_not_dropped(option):
+    """A model asking for sliding windows, soft-capping or sinks would get plain causal
+    attention from the packed path: it is refused, naming the setting."""
+    query = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"train\.pack_sequences"):
+        transformers_attention(None, query, query, query, None, **{option: 1})

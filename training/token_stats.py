@@ -111,7 +111,9 @@ class _ChunkedTokenStats(torch.autograd.Function):
     def backward(ctx, grad_log_probs, grad_entropy):
         hidden, weight, columns, here, lse, entropy = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        # Summed over chunks in fp32 and rounded once, as one matmul over every token would be:
+        # a bf16 sum would round once per chunk.
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, lse.dtype))
         with_entropy = ctx.entropy_grad and grad_entropy is not None
         for s in _chunks(hidden.shape[0], ctx.chunk):
             x = (hidden[s] @ weight.t()).to(lse.dtype) / ctx.temperature
@@ -124,8 +126,8 @@ class _ChunkedTokenStats(torch.autograd.Function):
                 g -= grad_entropy[s, None] * p * (x - mean)
             g = (g / ctx.temperature).to(weight.dtype)  # x = logits / temperature
             grad_hidden[s] = g @ weight
-            grad_weight.addmm_(g.t(), hidden[s])
-        return grad_hidden, grad_weight, None, None, None, None, None
+            grad_weight.addmm_(g.t().to(grad_weight.dtype), hidden[s].to(grad_weight.dtype))
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def _chunks(count: int, chunk: int):

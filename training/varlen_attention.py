@@ -67,6 +67,11 @@ def _varlen_takes_gqa() -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
+UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
+"""Attention options of some transformers models (sliding-window layers, logit soft-capping,
+attention sinks) that the packed path does not implement: refused, never dropped."""
+
+
 def transformers_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -84,8 +89,13 @@ def transformers_attention(
     (flash attention's names) over a [1, N] packed row. Without them each of the B rows is
     one sequence: a right-padded row, whose padding no real token sees under a causal mask
     (transformers passes no padding mask to a registered function)."""
-    if dropout:
-        raise ValueError("packed attention implements no attention dropout (RL uses none)")
+    unsupported = {k: kwargs[k] for k in UNSUPPORTED if kwargs.get(k) is not None}
+    if dropout or unsupported:
+        what = {"dropout": dropout, **unsupported} if dropout else unsupported
+        raise ValueError(
+            f"train.pack_sequences: packed attention has no {', '.join(what)} "
+            f"({what}); turn train.pack_sequences off for this model"
+        )
     b, _, s, _ = query.shape
     if cu_seq_lens_q is None:
         cu_seq_lens_q = torch.arange(0, (b + 1) * s, s, dtype=torch.int32)
