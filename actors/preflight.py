@@ -32,6 +32,9 @@ class RunInputs:
 
     train: list[PromptRecord] = field(default_factory=list)
     eval_prompts: list[PromptRecord] = field(default_factory=list)
+    """The default held-out set (data.eval_data or the built-in task's split)."""
+    eval_sets: dict[str, list[PromptRecord]] = field(default_factory=dict)
+    """What each evaluation answers, by set name (`data.sources.eval_sets`)."""
     fp8: object = None
     """The rollout checkpoint's fp8 settings (`models.fp8_checkpoint`), None for bf16."""
     loss: object = None
@@ -93,11 +96,13 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     if missing:
         inputs.notes.append(f"{', '.join(missing)} not found here; read at start-up")
     else:
-        from data.sources import load_train_and_eval
+        from data.sources import eval_sets, load_train_and_eval
 
         inputs.train, inputs.eval_prompts = load_train_and_eval(config.data, config.seed)
+        inputs.eval_sets = eval_sets(config.data, config.eval, inputs.eval_prompts)
         if model == BUILTIN_MODEL:
-            _check_builtin_vocabulary(inputs.train + inputs.eval_prompts)
+            held_out = [p for prompts in inputs.eval_sets.values() for p in prompts]
+            _check_builtin_vocabulary(inputs.train + held_out)
     _check_folders(config, inputs, planning)
     return inputs
 
@@ -186,7 +191,8 @@ def checkpoint_to_load(path: str) -> Path:
 
 def _data_paths(config: SluiceConfig) -> list[str]:
     data = config.data
-    return [p for p in (data.prompt_data, data.eval_data) if p and p != BUILTIN_TASK]
+    paths = [data.prompt_data, data.eval_data, *config.eval.prompt_data.values()]
+    return [p for p in paths if p and p != BUILTIN_TASK]
 
 
 def _check_builtin_vocabulary(prompts: list[PromptRecord]) -> None:
@@ -194,12 +200,12 @@ def _check_builtin_vocabulary(prompts: list[PromptRecord]) -> None:
     silently become padding, and such prompts cannot be learned."""
     from models.tiny_vocabulary import WORDS, first_unknown_word
 
-    for record in prompts:
-        word = first_unknown_word(record.text)
+    for record, text in ((r, t) for r in prompts for t in r.contents()):
+        word = first_unknown_word(text)
         if word is not None:
             raise UserError(
                 f"{record.source}: the built-in model's tokenizer cannot encode {word!r} in "
-                f"prompt {record.text[:60]!r} (it knows only {' '.join(WORDS)}, separated by "
+                f"prompt {text[:60]!r} (it knows only {' '.join(WORDS)}, separated by "
                 f"spaces); use a model with its own tokenizer (--model.hf_checkpoint DIR) or "
                 f"write the prompts in that vocabulary"
             )

@@ -4,7 +4,7 @@ Verbs (all called by the driver):
 - `generate(groups, step)`: sample `samples_per_prompt` responses for each prompt, score them,
   compute GRPO advantages per group, and put Arrow record batches of whole groups into the
   object store. Returns references and small counts only.
-- `evaluate(prompts)`: greedy answers to held-out prompts; returns counts.
+- `evaluate(prompts)`: k answers to each held-out prompt (`eval`), scored; returns counts.
 - weight updates (`init_weights_update_group`, `check_weights_update`,
   `update_weights_from_distributed`, `weight_checksums`), delegated to the engine.
 
@@ -31,12 +31,13 @@ import torch
 
 from actors import fault_points
 from actors.device import actor_device
-from config.schema import SluiceConfig
+from config.schema import EvalConfig, SluiceConfig
 from data.prompts import PromptRecord, encode_prompt
 from data.schema import RolloutBatchRef, build_rollout_batch
 from inference import create_engine
 from inference.engine import Completion, GenerationAborted, SamplingParams
 from models.checkpoint_format import checkpoint_tensors
+from rl.evaluation import EvalCounts
 from rl.grpo import group_advantages, rewards_differ
 from rl.reward_pool import RewardScorer, Sample, Scores, failure_counts
 from weights.manifest import Bucket
@@ -84,13 +85,6 @@ class RolloutStats:
 class RolloutResult:
     batches: list[RolloutBatchRef]
     stats: RolloutStats
-
-
-@dataclass
-class EvalResult:
-    prompts: int
-    correct: int
-    reward_sum: float
 
 
 CORRECT_REWARD = 1.0
@@ -194,8 +188,13 @@ class RolloutActor:
             raise GenerationAborted(f"rollout actor {self.engine_index}: generation cancelled")
 
     def _encode(self, records: list[PromptRecord]) -> list[list[int]]:
-        apply_template = self.config.data.apply_chat_template
-        return [encode_prompt(self.tokenizer, r.text, apply_template) for r in records]
+        data = self.config.data
+        return [
+            encode_prompt(
+                self.tokenizer, r.prompt, data.apply_chat_template, data.chat_template_kwargs
+            )
+            for r in records
+        ]
 
     def _scores(self, records: list[PromptRecord], n: int) -> Scores:
         """The rewards of a generation in which completion i answers record i // n."""
@@ -284,16 +283,27 @@ class RolloutActor:
         own = self.engine.weight_version
         return [own if c.weight_version is None else c.weight_version for c in completions]
 
-    def evaluate(self, prompts: list[PromptRecord]) -> EvalResult:
+    def evaluate(self, prompts: list[PromptRecord], settings: EvalConfig) -> EvalCounts:
+        """settings.samples_per_prompt answers to each held-out prompt, in one engine call
+        with the settings' length, temperature and top-p; scored, returned as counts only."""
         self._check_current_weights()
-        params = SamplingParams(self.config.rollout.max_new_tokens, greedy=True)
-        scores = self._scores(prompts, 1)
-        completions = self._generate(self._encode(prompts), params, scores)
+        k = settings.samples_per_prompt
+        repeated = [ids for ids in self._encode(prompts) for _ in range(k)]
+        scores = self._scores(prompts, k)
+        completions = self._generate(repeated, self._eval_params(settings), scores)
         rewards = self._rewards(scores, completions)
-        return EvalResult(
-            prompts=len(prompts),
-            correct=sum(reward >= CORRECT_REWARD for reward in rewards),
-            reward_sum=float(sum(rewards)),
+        lengths = [len(completion.token_ids) for completion in completions]
+        return EvalCounts.of(rewards, lengths, k, CORRECT_REWARD)
+
+    def _eval_params(self, e: EvalConfig) -> SamplingParams:
+        """The settings `e`; each one left unset takes the rollout's (top-k always does)."""
+        r = self.config.rollout
+        return SamplingParams(
+            e.max_new_tokens or r.max_new_tokens,
+            r.temperature if e.temperature is None else e.temperature,
+            r.top_p if e.top_p is None else e.top_p,
+            r.top_k,
+            greedy=e.greedy(),
         )
 
     # Serving engines (SGLang): peers to balance over, restarts, memory around training.

@@ -62,19 +62,28 @@ class DataConfig:
     """Held-out prompts (same format); None takes them from the built-in task's held-out split."""
 
     input_key: str = "prompt"
-    """Column or JSON key holding the prompt text."""
+    """Column or JSON key holding the prompt: a string, or a list of chat messages
+    (`[{role: system|user|assistant, content: str}]`, as dapo-math-17k stores it)."""
 
     label_key: str = "label"
     """Column or JSON key holding the reference answer handed to the reward function."""
 
     apply_chat_template: bool = True
-    """Wrap prompts in the tokenizer's chat template when it has one."""
+    """Render prompts with the tokenizer's own chat template (with the generation prompt): a
+    message-list prompt as its messages, a plain-text prompt as one user message. A plain-text
+    prompt is encoded as-is when the tokenizer has no template; a message-list prompt needs
+    this on and a tokenizer with a template."""
+
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments for the chat template, e.g. `{enable_thinking: false}` for Qwen3
+    (slime's `--apply-chat-template-kwargs`); needs `apply_chat_template`."""
 
     num_eval_prompts: int = 64
-    """How many held-out prompts each evaluation decodes greedily (0 = all)."""
+    """How many prompts of each held-out set an evaluation answers (0 = all)."""
 
     shuffle: bool = True
-    """Shuffle training prompts each epoch (seeded by `seed`)."""
+    """Shuffle training prompts each epoch (seeded by `seed`; a resumed run continues the same
+    order). slime's `--rollout-shuffle`; false serves them in file order."""
 
 
 @dataclass
@@ -667,6 +676,66 @@ class PlacementConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: which prompt sets, and how each prompt is answered.
+
+    Defaults keep the evaluation every run had before named sets: one set, `held_out`
+    (data.eval_data, or the built-in task's held-out split), one greedy answer per prompt."""
+
+    prompt_data: dict[str, str] = field(default_factory=dict)
+    """Named sets {name: .jsonl or .parquet path}, each reported as `eval/<name>/...` (slime's
+    `--eval-prompt-data NAME PATH ...`); empty = the one set `held_out` described above. Read
+    with data.input_key / data.label_key and cut to data.num_eval_prompts prompts each."""
+
+    samples_per_prompt: int = 1
+    """k: answers sampled per prompt; avg@k and pass@k are computed over them."""
+
+    max_new_tokens: int | None = None
+    """Response length limit of evaluation; None = rollout.max_new_tokens."""
+
+    temperature: float | None = None
+    """0 = greedy. None = greedy for one sample per prompt, rollout.temperature for several
+    (slime's eval inherits the rollout temperature)."""
+
+    top_p: float | None = None
+    """Nucleus sampling of evaluation; None = rollout.top_p. Unused when greedy."""
+
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or left unset with one sample per prompt."""
+        if self.temperature is None:
+            return self.samples_per_prompt == 1
+        return self.temperature == 0
+
+    def check(self, data: DataConfig) -> None:
+        """The section's own rules; UserError naming the field and the fix."""
+        _positive(self, "samples_per_prompt", "eval.")
+        if self.max_new_tokens is not None:
+            _positive(self, "max_new_tokens", "eval.")
+        if self.temperature is not None and self.temperature < 0:
+            raise UserError(f"eval.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"eval.top_p={self.top_p} must be in (0, 1]")
+        if self.greedy() and self.samples_per_prompt > 1:
+            raise UserError(
+                f"eval.samples_per_prompt={self.samples_per_prompt} with eval.temperature 0 "
+                f"would decode {self.samples_per_prompt} identical greedy answers: set "
+                f"eval.temperature > 0 (--eval-temperature), or samples_per_prompt 1"
+            )
+        for name, path in self.prompt_data.items():
+            if not name or "/" in name or not isinstance(path, str) or not path:
+                raise UserError(
+                    f"eval.prompt_data: {name!r}: {path!r} needs a name without '/' and a "
+                    f"path (--eval-prompt-data NAME PATH [NAME PATH ...])"
+                )
+        if self.prompt_data and data.eval_data is not None:
+            raise UserError(
+                f"data.eval_data={data.eval_data} and eval.prompt_data both name held-out "
+                f"prompts: give it as one named set instead (--eval-prompt-data held_out "
+                f"{data.eval_data} ...)"
+            )
+
+
+@dataclass
 class LoggingConfig:
     """Where results and metrics go."""
 
@@ -688,6 +757,68 @@ class LoggingConfig:
     config.json, tensorboard/, final_model/) once this run writes its first metrics. Without
     it a folder holding another run's results is refused, unless the run resumes from a
     checkpoint (--load), whose metrics then continue from the checkpoint's step."""
+
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where every step's numbers go besides metrics.jsonl: any of tensorboard (tensorboard/),
+    wandb (Weights & Biases), mlflow. The same keys at the same steps in each."""
+
+    wandb_project: str = "sluice"
+    """W&B project (with wandb in logging.backends)."""
+
+    wandb_team: str = ""
+    """W&B entity (team or user); empty = the API key's default entity."""
+
+    wandb_group: str = ""
+    """W&B run group; empty = none."""
+
+    wandb_run_id: str = ""
+    """W&B run id; empty = a new id, kept in output_dir/tracking.json so that a run resumed
+    from a checkpoint (--load) into the same output_dir continues the same W&B run."""
+
+    wandb_mode: Literal["", "online", "offline", "disabled"] = ""
+    """online, offline (files under wandb_dir only; `wandb sync` uploads them later) or
+    disabled; empty = W&B's own choice (the WANDB_MODE variable, else online)."""
+
+    wandb_dir: str = ""
+    """Folder that holds W&B's wandb/ files; empty = output_dir."""
+
+    wandb_host: str = ""
+    """W&B server URL (a self-hosted W&B); empty = W&B's own choice (WANDB_BASE_URL, else
+    the public service). The API key comes from WANDB_API_KEY or `wandb login`."""
+
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI; empty = a file store at output_dir/mlruns
+    (`uv run mlflow ui --backend-store-uri OUTPUT_DIR/mlruns`)."""
+
+    mlflow_experiment: str = "sluice"
+    """MLflow experiment name (made if missing)."""
+
+    def check(self) -> None:
+        """The backends are known, and no W&B or MLflow setting is given for a backend that
+        is off (it would be silently ignored)."""
+        known = ("tensorboard", "wandb", "mlflow")
+        unknown = [name for name in self.backends if name not in known]
+        if unknown or len(set(self.backends)) != len(self.backends):
+            raise UserError(
+                f"logging.backends={self.backends}: each of {', '.join(known)} at most once "
+                f"(e.g. --logging.backends tensorboard,wandb)"
+            )
+        defaults = LoggingConfig()
+        for prefix in ("wandb", "mlflow"):
+            given = [
+                f.name
+                for f in fields(self)
+                if f.name.startswith(prefix + "_")
+                and getattr(self, f.name) != getattr(defaults, f.name)
+            ]
+            if given and prefix not in self.backends:
+                with_it = ",".join([*self.backends, prefix])
+                raise UserError(
+                    f"logging.{given[0]} is set but logging.backends={self.backends} has no "
+                    f"{prefix}; add it (--logging.backends {with_it}"
+                    + (" or --use-wandb" if prefix == "wandb" else "")
+                    + f") or drop logging.{given[0]}"
+                )
 
 
 @dataclass
@@ -729,6 +860,9 @@ class SluiceConfig:
 
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Outputs and evaluation cadence."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation sets and their sampling."""
 
     def validate(self) -> "SluiceConfig":
         """Check cross-field rules once, before anything starts. Returns self."""
@@ -872,6 +1006,8 @@ class SluiceConfig:
             )
         if self.logging.eval_every < 0:
             raise UserError("logging.eval_every must be >= 0")
+        self.logging.check()
+        self.eval.check(self.data)
         return self
 
 

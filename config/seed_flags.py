@@ -36,6 +36,10 @@ class SeedFlag:
     --advantage-estimator names losses and advantages alike: `gspo` is our algorithm.loss,
     `reinforce_plus_plus_baseline` our algorithm.advantage. Other values are refused."""
 
+    pairs: bool = False
+    """The flag takes NAME VALUE pairs (slime's `--eval-prompt-data aime PATH ...`), read as
+    one mapping {NAME: VALUE}."""
+
     def key_for(self, raw: str) -> str:
         """The key that what the user gave the flag sets."""
         if not self.keyed_values:
@@ -91,6 +95,12 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--load": SeedFlag("checkpoint.load"),
     "--save": SeedFlag("checkpoint.save"),
     "--save-interval": SeedFlag("checkpoint.save_interval"),
+    "--prompt-data": SeedFlag("data.prompt_data"),
+    "--input-key": SeedFlag("data.input_key"),
+    "--label-key": SeedFlag("data.label_key"),
+    "--apply-chat-template": SeedFlag("data.apply_chat_template", switch=True),
+    "--apply-chat-template-kwargs": SeedFlag("data.chat_template_kwargs"),
+    "--rollout-shuffle": SeedFlag("data.shuffle", switch=True),
     "--num-rollout": SeedFlag("num_steps"),
     "--rollout-num-gpus-per-engine": SeedFlag("rollout.gpus_per_engine"),
     "--n-samples-per-prompt": SeedFlag("rollout.samples_per_prompt"),
@@ -123,6 +133,26 @@ SEED_FLAGS: dict[str, SeedFlag] = {
             ),
         ),
     ),
+    "--eval-prompt-data": SeedFlag("eval.prompt_data", pairs=True),
+    "--n-samples-per-eval-prompt": SeedFlag("eval.samples_per_prompt"),
+    "--eval-max-response-len": SeedFlag("eval.max_new_tokens"),
+    "--eval-temperature": SeedFlag("eval.temperature"),
+    "--eval-top-p": SeedFlag("eval.top_p"),
+    "--eval-interval": SeedFlag("logging.eval_every"),
+    # W&B. slime writes TensorBoard only with --use-tensorboard; Sluice keeps it beside W&B
+    # (give --logging.backends for another set, MLflow included).
+    "--use-wandb": SeedFlag(
+        "logging.backends",
+        switch=True,
+        values=(("true", "tensorboard,wandb"), ("false", "tensorboard")),
+    ),
+    "--wandb-project": SeedFlag("logging.wandb_project"),
+    "--wandb-team": SeedFlag("logging.wandb_team"),
+    "--wandb-group": SeedFlag("logging.wandb_group"),
+    "--wandb-run-id": SeedFlag("logging.wandb_run_id"),
+    "--wandb-mode": SeedFlag("logging.wandb_mode"),
+    "--wandb-dir": SeedFlag("logging.wandb_dir"),
+    "--wandb-host": SeedFlag("logging.wandb_host"),
     # slime's `--seed` needs no entry: our top-level key `seed` is already the flag `--seed`.
 }
 
@@ -136,6 +166,14 @@ NOT_ALIASED: dict[str, str] = {
     "--num-epoch": "slime's --num-epoch counts passes over the prompt data; Sluice counts RL "
     "steps (--num-rollout, num_steps), and its train.epochs repeats each rollout batch's "
     "optimizer steps (verl's ppo_epochs): set num_steps instead",
+    "--wandb-key": "slime's --wandb-key: an API key on the command line would be kept in "
+    "config.json, W&B's run config and the job's logs: set WANDB_API_KEY in the job's "
+    "environment (ray job submit --runtime-env-json "
+    "'{\"env_vars\": {\"WANDB_API_KEY\": ...}}') or run `wandb login`",
+    "--disable-wandb-random-suffix": "--disable-wandb-random-suffix: Sluice adds no random "
+    "suffix: the W&B run is named after logging.output_dir's folder; drop the flag",
+    "--wandb-always-use-train-step": "--wandb-always-use-train-step: Sluice charts every "
+    "metric against its one step (the RL step, W&B's `step` axis); drop the flag",
 }
 
 _DEST = "seed:"  # argparse dest prefix of an alias, so its value never mixes with a key's
@@ -161,6 +199,10 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
                 metavar="BOOL",
                 help=f"= --{alias.key} {alias.key_value(_SWITCH_ON)}",
             )
+        elif alias.pairs:
+            group.add_argument(
+                flag, dest=_DEST + flag, nargs="+", metavar="NAME VALUE", help=f"= --{alias.key}"
+            )
         elif alias.keyed_values:
             choices = "; ".join(f"{v} = --{k} {kv}" for v, k, kv in alias.keyed_values)
             group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=choices)
@@ -182,6 +224,8 @@ def merge_aliases(keyed: dict[str, Any], aliased: dict[str, str]) -> dict[str, A
     when an alias and its key disagree."""
     merged = dict(keyed)
     for flag, raw in aliased.items():
+        if SEED_FLAGS[flag].pairs:
+            raw = _pairs(flag, raw)
         key = SEED_FLAGS[flag].key_for(raw)
         # Read as the key's type now, so an error names the flag the user typed.
         value = typed_value(key, SEED_FLAGS[flag].key_value(raw), where=f"command line {flag}")
@@ -192,6 +236,20 @@ def merge_aliases(keyed: dict[str, Any], aliased: dict[str, str]) -> dict[str, A
             )
         merged[key] = value
     return merged
+
+
+def _pairs(flag: str, words: list[str]) -> dict[str, str]:
+    """NAME VALUE [NAME VALUE ...] as {NAME: VALUE}; UserError for an odd count or a name
+    given twice (one of its values would be dropped)."""
+    if len(words) % 2:
+        raise UserError(
+            f"command line: {flag} takes NAME PATH pairs, got {len(words)} words: "
+            f"{' '.join(words)}"
+        )
+    names = words[::2]
+    if len(set(names)) < len(names):
+        raise UserError(f"command line: {flag} names a set twice: {' '.join(names)}")
+    return dict(zip(names, words[1::2], strict=True))
 
 
 def _spelled(flag: str, raw: str) -> str:

@@ -1,6 +1,11 @@
 """Prompt data: loading a user's .jsonl or .parquet file, encoding prompts for the model, and
 serving them in a seeded, resumable order.
 
+A prompt is plain text or a list of chat messages in the OpenAI format
+(`[{"role": "system", "content": ...}, {"role": "user", "content": ...}]`, as dapo-math-17k
+stores it); message lists are rendered by the model's own chat template
+(`data.apply_chat_template`).
+
 Every problem with a user's file is a `UserError` of one line that names the file (and the
 line or row) and says what to change.
 """
@@ -19,6 +24,7 @@ import pyarrow.parquet as pq
 from config.errors import UserError
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".parquet")
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,8 @@ class PromptRecord:
     """One prompt of the data set."""
 
     text: str
-    """The prompt text, before any chat template."""
+    """The prompt text, before any chat template; for a message-list prompt, the content of its
+    last user message (what reward functions get as `prompt`, and logs show)."""
 
     label: str
     """The reference answer handed to the reward function; "" when the row has none."""
@@ -34,6 +41,18 @@ class PromptRecord:
     source: str
     """Where it came from, for error messages and samples in logs: `train.jsonl:12` (line,
     from 1) or `train.parquet[11]` (row index, from 0)."""
+
+    messages: tuple[dict[str, str], ...] = ()
+    """The prompt as chat messages ({"role", "content"}), in order; () for a plain-text prompt."""
+
+    @property
+    def prompt(self) -> str | list[dict[str, str]]:
+        """What the model is prompted with: the messages, or the text of a plain prompt."""
+        return [dict(m) for m in self.messages] if self.messages else self.text
+
+    def contents(self) -> list[str]:
+        """Every text the model reads from this prompt: each message's content, or the text."""
+        return [m["content"] for m in self.messages] if self.messages else [self.text]
 
 
 def load_prompts(path: str, input_key: str, label_key: str) -> list[PromptRecord]:
@@ -155,14 +174,42 @@ def _load_parquet(path: str, input_key: str, label_key: str) -> list[PromptRecor
     return records
 
 
-def _record(text: Any, label: Any, where: str, source: str, input_key: str) -> PromptRecord:
-    if not isinstance(text, str):
-        kind = "null" if text is None else type(text).__name__
+def _record(prompt: Any, label: Any, where: str, source: str, input_key: str) -> PromptRecord:
+    if isinstance(prompt, str):
+        return PromptRecord(text=prompt, label=_label_text(label), source=source)
+    if isinstance(prompt, list | tuple):
+        messages = _messages(prompt, where, input_key)
+        last_user = [m["content"] for m in messages if m["role"] == "user"][-1]
+        return PromptRecord(last_user, _label_text(label), source, messages)
+    kind = "null" if prompt is None else type(prompt).__name__
+    raise UserError(
+        f"{where}: {input_key!r} is {kind}; a prompt must be a string or a list of chat "
+        f'messages [{{"role": "user", "content": "..."}}] (fix the row, or set data.input_key '
+        f"to the prompt column)"
+    )
+
+
+def _messages(prompt: list | tuple, where: str, input_key: str) -> tuple[dict[str, str], ...]:
+    """A message-list prompt checked: OpenAI chat messages with string content, at least one
+    of them from the user (the turn the model answers)."""
+    fix = (
+        'each message must be {"role": "system"|"user"|"assistant", "content": "text"}; fix the row'
+    )
+    messages = []
+    for index, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: {input_key}[{index}] is not a chat message; {fix}")
+        if message.get("role") not in CHAT_ROLES:
+            raise UserError(
+                f"{where}: {input_key}[{index}] has role {message.get('role')!r}; {fix}"
+            )
+        messages.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "user" for m in messages):
         raise UserError(
-            f"{where}: {input_key!r} is {kind}, not a string; every prompt must be plain text "
-            f"(fix the row, or set data.input_key to the text column)"
+            f"{where}: {input_key!r} has no user message; a chat prompt needs at least one "
+            f'{{"role": "user", "content": ...}} for the model to answer'
         )
-    return PromptRecord(text=text, label=_label_text(label), source=source)
+    return tuple(messages)
 
 
 def _label_text(value: Any) -> str:
@@ -198,26 +245,69 @@ def _names(names: Any) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
 
 
-def encode_prompt(tokenizer: Any, text: str, apply_chat_template: bool) -> list[int]:
-    """Token ids of a prompt, ready for generation.
+def encode_prompt(
+    tokenizer: Any,
+    prompt: str | Sequence[dict[str, str]],
+    apply_chat_template: bool,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Token ids of a prompt (text or chat messages), ready for generation.
 
-    With `apply_chat_template` and a tokenizer that has a chat template: the text becomes one
-    user message, rendered with the generation prompt (the assistant turn's opening) and then
-    encoded WITHOUT the tokenizer's own special tokens, since templates write BOS themselves;
-    encoding the rendered text with them would give two BOS tokens. Otherwise: the text is
-    encoded as-is with the tokenizer's special tokens (BOS for Llama-style tokenizers, nothing
-    for Qwen), dropping a duplicate BOS when the text already starts with one.
+    With `apply_chat_template` and a tokenizer that has a chat template: the messages (a text
+    prompt as one user message) are rendered with the generation prompt (the assistant turn's
+    opening) and `template_kwargs`, then encoded WITHOUT the tokenizer's own special tokens,
+    since templates write BOS themselves; encoding the rendered text with them would give two
+    BOS tokens. Otherwise a text prompt is encoded as-is with the tokenizer's special tokens
+    (BOS for Llama-style tokenizers, nothing for Qwen), dropping a duplicate BOS when the text
+    already starts with one; a message list is refused, since any joining of its messages
+    would be a template of our own that the model never saw.
     """
-    if apply_chat_template and getattr(tokenizer, "chat_template", None):
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if not isinstance(prompt, str) and not (apply_chat_template and has_template):
+        raise UserError(_untemplated_messages_message(apply_chat_template))
+    if apply_chat_template and has_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=True,
+            **(template_kwargs or {}),
         )
         return list(tokenizer.encode(rendered, add_special_tokens=False))
-    ids = list(tokenizer.encode(text, add_special_tokens=True))
+    ids = list(tokenizer.encode(prompt, add_special_tokens=True))
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:
         ids = ids[1:]
     return ids
+
+
+def _untemplated_messages_message(apply_chat_template: bool) -> str:
+    if not apply_chat_template:
+        return (
+            "data.apply_chat_template is false but the prompts are chat message lists; set "
+            "data.apply_chat_template: true (--apply-chat-template) so the model's chat template "
+            "renders them, or give plain-text prompts"
+        )
+    return (
+        "the model's tokenizer has no chat template (tokenizer_config.json has no "
+        "chat_template) but the prompts are chat message lists; use a model with a chat "
+        "template, or give plain-text prompts"
+    )
+
+
+def check_chat_settings(
+    records: Sequence[PromptRecord], apply_chat_template: bool, template_kwargs: dict
+) -> None:
+    """Refuse settings that would be silently ignored or silently wrong: message-list prompts
+    without the chat template, template arguments with the template off."""
+    if not apply_chat_template and any(r.messages for r in records):
+        raise UserError(_untemplated_messages_message(apply_chat_template=False))
+    if template_kwargs and not apply_chat_template:
+        raise UserError(
+            f"data.chat_template_kwargs is set ({template_kwargs}) but data.apply_chat_template "
+            f"is false, so no template would read it; set data.apply_chat_template: true or "
+            f"drop data.chat_template_kwargs"
+        )
 
 
 class PromptStream:

@@ -1,7 +1,7 @@
 """Where a run's prompts come from: the built-in task or the user's files."""
 
-from config.schema import BUILTIN_TASK, DataConfig
-from data.prompts import PromptRecord, load_prompts
+from config.schema import BUILTIN_TASK, DataConfig, EvalConfig
+from data.prompts import PromptRecord, check_chat_settings, load_prompts
 
 
 def load_train_and_eval(
@@ -25,4 +25,22 @@ def load_train_and_eval(
         held_out = builtin_eval
     if config.num_eval_prompts:
         held_out = held_out[: config.num_eval_prompts]
+    check_chat_settings(train + held_out, config.apply_chat_template, config.chat_template_kwargs)
     return train, held_out
+
+
+def eval_sets(
+    data: DataConfig, evaluation: EvalConfig, held_out: list[PromptRecord]
+) -> dict[str, list[PromptRecord]]:
+    """The held-out sets an evaluation answers, by name: eval.prompt_data's, else `held_out`
+    (data.eval_data or the built-in split) as the set `held_out`; none when that is empty."""
+    if not evaluation.prompt_data:
+        return {"held_out": held_out} if held_out else {}
+    limit = data.num_eval_prompts or None
+    sets = {
+        name: load_prompts(path, data.input_key, data.label_key)[:limit]
+        for name, path in evaluation.prompt_data.items()
+    }
+    for prompts in sets.values():
+        check_chat_settings(prompts, data.apply_chat_template, data.chat_template_kwargs)
+    return sets

@@ -12,18 +12,32 @@ from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCau
 
 from models.tiny_vocabulary import BOS, EOS, PAD, VOCAB, WORDS  # noqa: F401 (re-exported)
 
+# The built-in chat template writes a conversation the way the built-in model reads and writes
+# the task: a question, then the answer right after it, closed by <eos> (as the model closes its
+# own answers). A system message is closed by <eos> too. No role tokens: new tokens would grow
+# the vocabulary, and so change the seeded model every run and test starts from. A lone user
+# message renders as its own text, so a plain prompt encodes the same with or without the
+# template; the generation prompt adds nothing (the answer starts right after the question).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %} {% endif -%}"
+    "{{ message['content'] }}"
+    "{%- if message['role'] != 'user' %} " + EOS + "{% endif -%}"
+    "{%- endfor -%}"
+)
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the digits, `=` and three special tokens.
-
-    It has no chat template: prompts of the built-in task are plain text.
-    """
+    """A word-level tokenizer over the digits, `=` and three special tokens, with a small chat
+    template (`CHAT_TEMPLATE`) so that chat-format prompts run on the built-in model too."""
     vocab = {token: index for index, token in enumerate(VOCAB)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=PAD
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_config(vocab_size: int = len(VOCAB)) -> Qwen3MoeConfig:

@@ -85,11 +85,28 @@ def test_a_row_without_the_input_key_lists_the_keys_it_has(tmp_path):
     assert "keys: 'query', 'label'" in message and "data.input_key" in message
 
 
-def test_a_prompt_that_is_not_a_string_is_rejected(tmp_path):
-    rows = [json.dumps({"prompt": [{"role": "user", "content": "hi"}], "label": "1"})]
-    path = _write_jsonl(tmp_path / "chat.jsonl", rows)
+def test_a_prompt_that_is_neither_text_nor_messages_is_rejected(tmp_path):
+    path = _write_jsonl(tmp_path / "n.jsonl", [json.dumps({"prompt": 7, "label": "1"})])
     message = _user_error(path, "prompt", "label")
-    assert f"{path}:1" in message and "'prompt' is list, not a string" in message
+    assert f"{path}:1" in message and "'prompt' is int" in message
+    assert "a string or a list of chat messages" in message and "data.input_key" in message
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ([{"role": "tool", "content": "1"}], "prompt[0] has role 'tool'"),
+        ([{"role": "user", "content": ["1"]}], "prompt[0] is not a chat message"),
+        ([{"role": "user"}], "prompt[0] is not a chat message"),
+        (["1 2"], "prompt[0] is not a chat message"),
+        ([{"role": "system", "content": "be brief"}], "'prompt' has no user message"),
+        ([], "'prompt' has no user message"),
+    ],
+)
+def test_a_malformed_message_list_names_the_row_and_message(tmp_path, prompt, expected):
+    path = _write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"prompt": prompt, "label": "1"})])
+    message = _user_error(path, "prompt", "label")
+    assert f"{path}:1: {expected}" in message
 
 
 def test_non_utf8_text_names_the_line(tmp_path):
@@ -267,3 +284,153 @@ def test_resuming_with_different_data_or_seed_is_refused():
     for other in (PromptStream(_records(10), seed=11), PromptStream(_records(9), seed=12)):
         with pytest.raises(UserError, match="cannot resume the prompt order"):
             other.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- chat-format prompts
+
+# A Qwen3-style (ChatML) template written for these tests: the `enable_thinking: false` kwarg
+# opens the answer with an empty think block, as Qwen3's own template does.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant "
+    "{% if enable_thinking is defined and not enable_thinking %}<think> </think> {% endif %}"
+    "{% endif %}"
+)
+CHATML_WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHATML_WORDS += ["system", "user", "assistant", "solve", "x+1=35.", "think", "step", "by", "."]
+
+
+def _chatml_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(CHATML_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _dapo_math_file(tmp_path) -> str:
+    """Rows shaped like dapo-math-17k's: `prompt` a message list, `label` the answer."""
+    rows = [
+        {"prompt": [{"role": "user", "content": "solve x+1=35."}], "label": "34"},
+        {
+            "prompt": [
+                {"role": "system", "content": "think step by step ."},
+                {"role": "user", "content": "solve x+1=35."},
+            ],
+            "label": "34",
+        },
+    ]
+    return _write_jsonl(tmp_path / "dapo-math-17k.jsonl", [json.dumps(r) for r in rows])
+
+
+def _words(tokenizer, ids):
+    return [tokenizer.convert_ids_to_tokens(i) for i in ids]
+
+
+def test_a_dapo_math_shaped_file_is_read_templated_and_rewarded(tmp_path):
+    from config.schema import DataConfig
+    from data.sources import load_train_and_eval
+    from rl.rewards import math_reward
+
+    data = DataConfig(prompt_data=_dapo_math_file(tmp_path), eval_data=None)
+    data.chat_template_kwargs = {"enable_thinking": False}
+    train, _ = load_train_and_eval(data, seed=0)
+    user_only, with_system = train
+    assert user_only.messages == ({"role": "user", "content": "solve x+1=35."},)
+    assert with_system.messages[0] == {"role": "system", "content": "think step by step ."}
+    assert user_only.text == with_system.text == "solve x+1=35."  # the reward's `prompt`
+    assert with_system.source == "dapo-math-17k.jsonl:2"
+
+    tokenizer = _chatml_tokenizer()
+    ids = encode_prompt(tokenizer, with_system.prompt, True, data.chat_template_kwargs)
+    expected = "<|im_start|> system think step by step . <|im_end|> <|im_start|> user solve"
+    expected += " x+1=35. <|im_end|> <|im_start|> assistant <think> </think>"
+    assert _words(tokenizer, ids) == expected.split(" ")
+    thinking = encode_prompt(tokenizer, user_only.prompt, True, {})  # no kwargs: no think block
+    assert _words(tokenizer, thinking)[-2:] == ["<|im_start|>", "assistant"]
+    assert "<unk>" not in _words(tokenizer, ids + thinking)
+
+    for record in train:
+        assert math_reward(prompt=record.text, response="x = \\boxed{34}", label=record.label) == 1
+        assert math_reward(prompt=record.text, response="\\boxed{35}", label=record.label) == 0
+
+
+def test_parquet_message_lists_are_read(tmp_path):
+    chat = [[{"role": "system", "content": "s"}, {"role": "user", "content": "1 2 ="}]]
+    path = str(tmp_path / "chat.parquet")
+    pq.write_table(pa.table({"prompt": chat, "label": ["1"]}), path)
+    (record,) = load_prompts(path, "prompt", "label")
+    assert record.messages == tuple(chat[0]) and record.text == "1 2 =" and record.label == "1"
+
+
+def test_message_lists_without_the_chat_template_are_refused_naming_the_field(tmp_path):
+    from config.schema import DataConfig
+    from data.sources import load_train_and_eval
+
+    data = DataConfig(prompt_data=_dapo_math_file(tmp_path), apply_chat_template=False)
+    with pytest.raises(UserError) as error:
+        load_train_and_eval(data, seed=0)
+    assert "data.apply_chat_template is false" in str(error.value)
+    assert "--apply-chat-template" in str(error.value)
+    # Nor does encoding join the messages by itself, with the template off or missing.
+    messages = [{"role": "user", "content": "what is two ?"}]
+    with pytest.raises(UserError, match=r"data\.apply_chat_template"):
+        encode_prompt(_tokenizer(CHAT_TEMPLATE), messages, apply_chat_template=False)
+    with pytest.raises(UserError, match="tokenizer has no chat template"):
+        encode_prompt(_tokenizer(None), messages, apply_chat_template=True)
+
+
+def test_template_kwargs_with_the_template_off_are_refused():
+    from config.schema import DataConfig
+    from data.sources import load_train_and_eval
+
+    data = DataConfig(apply_chat_template=False, chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(UserError, match=r"data\.chat_template_kwargs is set"):
+        load_train_and_eval(data, seed=0)
+
+
+def test_the_builtin_tokenizers_chat_template_renders_turns_as_the_model_reads_them():
+    from models.tiny import build_tokenizer
+    from tasks.digits import make_prompts
+
+    tokenizer = build_tokenizer()
+    conversation = [
+        {"role": "system", "content": "1 ="},
+        {"role": "user", "content": "7 2 9 4 ="},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "3 1 4 1 ="},
+    ]
+    rendered = tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "1 = <eos> 7 2 9 4 = 7 <eos> 3 1 4 1 ="
+    ids = encode_prompt(tokenizer, conversation, apply_chat_template=True)
+    assert tokenizer.decode(ids) == rendered and tokenizer.pad_token_id not in ids
+    # A plain prompt, and the same text as one user message, encode exactly as before the
+    # template existed, so the built-in task and its default job are unchanged.
+    for record in make_prompts(0)[1][:20]:
+        plain = list(tokenizer.encode(record.text))
+        as_message = [{"role": "user", "content": record.text}]
+        assert encode_prompt(tokenizer, record.text, apply_chat_template=True) == plain
+        assert encode_prompt(tokenizer, as_message, apply_chat_template=True) == plain
+
+
+def test_slimes_data_flags_set_the_data_keys():
+    import driver
+
+    config, _ = driver.parse_args(
+        [
+            *("--prompt-data", "/data/dapo-math-17k.jsonl", "--input-key", "question"),
+            *("--label-key", "answer", "--apply-chat-template", "--rollout-shuffle", "false"),
+            *("--apply-chat-template-kwargs", '{"enable_thinking":false}'),
+        ]
+    )
+    data = config.data
+    assert (data.prompt_data, data.input_key, data.label_key) == (
+        "/data/dapo-math-17k.jsonl",
+        "question",
+        "answer",
+    )
+    assert data.apply_chat_template is True and data.shuffle is False
+    assert data.chat_template_kwargs == {"enable_thinking": False}

@@ -140,7 +140,7 @@ def test_tiny_model_dtype():
 def test_tokenizer_round_trips_a_prompt():
     tokenizer = build_tokenizer()
     prompt = make_prompts(0)[0][0].text
-    ids = encode_prompt(tokenizer, prompt, apply_chat_template=True)  # no template: plain text
+    ids = encode_prompt(tokenizer, prompt, apply_chat_template=True)  # one user turn: its text
     assert len(ids) == NUM_DIGITS + 1  # one token per word, no special tokens added
     assert tokenizer.pad_token_id not in ids  # no word fell back to the unknown token
     assert tokenizer.decode(ids) == prompt
