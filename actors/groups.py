@@ -19,17 +19,17 @@ from actors.rollout_actor import (
     CONCURRENCY_GROUPS,
     PEER_CALLS,
     EngineNeedsWeights,
-    EvalResult,
     RolloutActor,
     RolloutResult,
 )
 from actors.train_actor import TrainActor
-from config.schema import SluiceConfig
+from config.schema import EvalConfig, SluiceConfig
 from data.prompts import PromptRecord
 from data.schema import RolloutBatchRef
 from inference.engine import GenerationAborted
 from inference.sglang.engine import EngineSite
 from placement.groups import Placement, Role
+from rl.evaluation import EvalCounts
 from training.backend import TrainStats
 from weights.manifest import Bucket
 
@@ -490,10 +490,10 @@ class RolloutGroup:
     def next_group_id(self, value: int) -> None:
         self._next_group_id = value
 
-    def evaluate(self, prompts: list[PromptRecord]) -> list[EvalResult]:
+    def evaluate(self, prompts: list[PromptRecord], settings: EvalConfig) -> list[EvalCounts]:
         engines = self._live_or_rejoined()
         shares = zip(engines, split_evenly(prompts, len(engines)), strict=True)
-        return self.collect([self._call(e, "evaluate", (s,)) for e, s in shares if s])
+        return self.collect([self._call(e, "evaluate", (s, settings)) for e, s in shares if s])
 
     def weight_versions(self) -> list[int]:
         return deadline.get([a.weight_version.remote() for a in self.actors])

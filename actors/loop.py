@@ -40,7 +40,9 @@ from placement.cluster import read_cluster_shape
 from placement.groups import create_placement
 from placement.multinode import apply_cpu_adam_rule, check_paths_on_nodes
 from placement.planner import plan_layout
+from rl.evaluation import EvalCounts, set_metrics
 from rl.grpo import batch_shift_scale
+from tracking.backends import make_backends
 from tracking.metrics import MetricsWriter, start_line, step_line
 from tracking.ray_metrics import RayMetrics
 from training.backend import TrainStats
@@ -79,7 +81,7 @@ class Driver:
                 flush=True,
             )
         start_from = inputs.start_from
-        self.eval_prompts = inputs.eval_prompts
+        self.eval_sets = inputs.eval_sets
         self.prompts = PromptStream(inputs.train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
         print(start_line(config), flush=True)
@@ -135,11 +137,13 @@ class Driver:
             self.placement.remove()  # frees the bundles and kills the actors already made
             raise
         # Nothing is written into the output folder before the first metrics (tracking/run_dir).
+        config_text = json.dumps(to_dict(config), indent=2)
         self.metrics = MetricsWriter(
             self.output_dir,
-            json.dumps(to_dict(config), indent=2),
+            config_text,
             replace=config.logging.overwrite and not inputs.resuming,
             resume_step=self.steps_done if inputs.resuming else None,
+            backends=make_backends(config.logging, self.output_dir, config_text),
         )
         self.ray_metrics = RayMetrics(run=str(self.output_dir))  # the dashboard's Metrics page
 
@@ -373,16 +377,26 @@ class Driver:
             self.rollouts.load(directory, next_step=self.steps_done + 1)
 
     def evaluate(self) -> dict[str, float] | None:
-        """Greedy accuracy on the held-out prompts (None when the run has none)."""
-        if not self.eval_prompts:
+        """Each held-out set's metrics (rl/evaluation.py), plus the first set's avg@k and mean
+        reward as eval/accuracy and eval/reward_mean (None when the run has no set).
+
+        What waits: it runs between steps, after the weight sync (it scores the new weights)
+        and before the next step's generation starts; an engine first ends a generation
+        restarted after the sync (rollout.partial abort). Each set is one `evaluate` call per
+        engine, and the next step waits for every set: the loop is held for the evaluation's
+        own generation time (k x prompts samples at eval's length), bounded by
+        timeouts.rollout_s like a step's generation."""
+        if not self.eval_sets:
             return None
+        k = self.config.eval.samples_per_prompt
+        metrics: dict[str, float] = {}
         with self._phase("rollout", self.steps_done):  # evaluation is generation too
-            results = self.engines.evaluate(self.eval_prompts)
-        prompts = sum(r.prompts for r in results)
-        metrics = {
-            "eval/accuracy": sum(r.correct for r in results) / prompts,
-            "eval/reward_mean": sum(r.reward_sum for r in results) / prompts,
-        }
+            for name, prompts in self.eval_sets.items():
+                counts = sum(self.engines.evaluate(prompts, self.config.eval), EvalCounts())
+                metrics |= set_metrics(name, k, counts)
+        first = next(iter(self.eval_sets))
+        metrics["eval/accuracy"] = metrics[f"eval/{first}/avg@{k}"]
+        metrics["eval/reward_mean"] = metrics[f"eval/{first}/reward_mean"]
         self.metrics.write(self.steps_done, metrics)
         self.ray_metrics.record(metrics)
         return metrics

@@ -169,7 +169,7 @@ NOT_ALIASED: dict[str, str] = {
     "--wandb-key": "slime's --wandb-key: an API key on the command line would be kept in "
     "config.json, W&B's run config and the job's logs: set WANDB_API_KEY in the job's "
     "environment (ray job submit --runtime-env-json "
-    "'{\"env_vars\": {\"WANDB_API_KEY\": ...}}') or run `wandb login`",
+    '\'{"env_vars": {"WANDB_API_KEY": ...}}\') or run `wandb login`',
     "--disable-wandb-random-suffix": "--disable-wandb-random-suffix: Sluice adds no random "
     "suffix: the W&B run is named after logging.output_dir's folder; drop the flag",
     "--wandb-always-use-train-step": "--wandb-always-use-train-step: Sluice charts every "
@@ -243,8 +243,7 @@ def _pairs(flag: str, words: list[str]) -> dict[str, str]:
     given twice (one of its values would be dropped)."""
     if len(words) % 2:
         raise UserError(
-            f"command line: {flag} takes NAME PATH pairs, got {len(words)} words: "
-            f"{' '.join(words)}"
+            f"command line: {flag} takes NAME PATH pairs, got {len(words)} words: {' '.join(words)}"
         )
     names = words[::2]
     if len(set(names)) < len(names):

@@ -171,3 +171,32 @@ def test_default_job_learns_the_task_from_chance(tmp_path):
     assert steps[-1]["memory/train_gpu_peak_gb"] == 0.0
     assert (out / "final_model" / "config.json").is_file()
     assert any((out / "tensorboard").iterdir())
+
+
+def test_named_eval_sets_report_avg_and_pass_at_k_separately(driver):
+    """The default evaluation (one set, one greedy answer per prompt) and two named sets
+    sampled k times with their own length, through the engines and the reward."""
+    default = driver.evaluate()
+    assert set(driver.eval_sets) == {"held_out"}
+    assert default["eval/accuracy"] == default["eval/held_out/avg@1"]
+    assert default["eval/held_out/avg@1"] == default["eval/held_out/pass@1"]  # one answer
+    assert driver.evaluate()["eval/held_out/avg@1"] == default["eval/held_out/avg@1"]  # greedy
+    saved_sets, saved_eval = driver.eval_sets, driver.config.eval
+    held_out = saved_sets["held_out"]
+    driver.eval_sets = {"first": held_out[:6], "second": held_out[6:10]}
+    driver.config.eval = dataclasses.replace(
+        saved_eval, samples_per_prompt=4, temperature=1.0, max_new_tokens=2
+    )
+    try:
+        metrics = driver.evaluate()
+    finally:
+        driver.eval_sets, driver.config.eval = saved_sets, saved_eval
+    for name in ("first", "second"):
+        avg, passed = metrics[f"eval/{name}/avg@4"], metrics[f"eval/{name}/pass@4"]
+        reward = metrics[f"eval/{name}/reward_mean"]
+        assert 0.0 <= avg <= passed <= 1.0
+        assert avg <= reward <= avg + 0.5 * (1 - avg)  # the task's rewards: 1, 0.5 or 0
+        assert 0 < metrics[f"eval/{name}/response_length"] <= 2  # eval's own length
+    assert metrics["eval/accuracy"] == metrics["eval/first/avg@4"]
+    written = json.loads((driver.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert written["eval/second/pass@4"] == metrics["eval/second/pass@4"]

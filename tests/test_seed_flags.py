@@ -221,6 +221,9 @@ def test_help_lists_every_alias_with_its_key():
             for value, key, key_value in alias.keyed_values:
                 assert f"{value}=--{key}{key_value}" in squashed
             continue
+        if alias.pairs:  # slime's --eval-prompt-data aime PATH [NAME PATH ...]
+            assert f"{flag} NAME VALUE [NAME VALUE ...] = --{alias.key}" in compact
+            continue
         assert f"{flag} {'[BOOL]' if alias.switch else 'VALUE'} = --{alias.key}" in compact
     assert "--rollout-batch-size" in compact
 
