@@ -82,6 +82,8 @@ class Driver:
             )
         start_from = inputs.start_from
         self.eval_sets = inputs.eval_sets
+        if notice := config.eval.replaced_default(config.data):
+            print(f"note: {notice}", flush=True)
         self.prompts = PromptStream(inputs.train, config.seed, config.data.shuffle)
         self.output_dir = Path(config.logging.output_dir)
         print(start_line(config), flush=True)

@@ -10,11 +10,17 @@ often not mounted where one plans) is reported as read at launch instead of refu
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from config.errors import UserError
-from config.schema import BUILTIN_MODEL, BUILTIN_TASK, SluiceConfig, config_json_readable
+from config.schema import (
+    BUILTIN_MODEL,
+    BUILTIN_TASK,
+    DataConfig,
+    SluiceConfig,
+    config_json_readable,
+)
 from data.prompts import PromptRecord
 from models.model_dir import check_checkpoint_dir
 
@@ -92,17 +98,22 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
         inputs.resuming = (inputs.start_from / LOOP_STATE_FILE).is_file()
     elif load:
         inputs.notes.append(f"checkpoint.load={load} is not found here; read at start-up")
+    if notice := config.eval.replaced_default(config.data):
+        inputs.notes.append(notice)
     missing = [p for p in _data_paths(config) if planning and not Path(p).exists()]
     if missing:
         inputs.notes.append(f"{', '.join(missing)} not found here; read at start-up")
     else:
         from data.sources import eval_sets, load_train_and_eval
 
-        inputs.train, inputs.eval_prompts = load_train_and_eval(config.data, config.seed)
-        inputs.eval_sets = eval_sets(config.data, config.eval, inputs.eval_prompts)
+        data = _data_to_read(config)
+        inputs.train, inputs.eval_prompts = load_train_and_eval(data, config.seed)
+        inputs.eval_sets = eval_sets(data, config.eval, inputs.eval_prompts)
         if model == BUILTIN_MODEL:
             held_out = [p for prompts in inputs.eval_sets.values() for p in prompts]
             _check_builtin_vocabulary(inputs.train + held_out)
+        elif Path(model).is_dir():
+            _check_chat_template(model, inputs)
     _check_folders(config, inputs, planning)
     return inputs
 
@@ -189,10 +200,32 @@ def checkpoint_to_load(path: str) -> Path:
     return directory
 
 
+def _data_to_read(config: SluiceConfig) -> DataConfig:
+    """data, less an eval_data that named eval sets replace (it is neither read nor needed)."""
+    if config.eval.replaced_default(config.data):
+        return replace(config.data, eval_data=None)
+    return config.data
+
+
 def _data_paths(config: SluiceConfig) -> list[str]:
-    data = config.data
+    data = _data_to_read(config)
     paths = [data.prompt_data, data.eval_data, *config.eval.prompt_data.values()]
     return [p for p in paths if p and p != BUILTIN_TASK]
+
+
+def _check_chat_template(model: str, inputs: RunInputs) -> None:
+    """Message-list prompts need the model's chat template; say so before Ray starts rather
+    than when the first rollout encodes them."""
+    from data.prompts import model_has_chat_template
+
+    held_out = [p for prompts in inputs.eval_sets.values() for p in prompts]
+    chat = next((r for r in inputs.train + held_out if r.messages), None)
+    if chat is not None and not model_has_chat_template(model):
+        raise UserError(
+            f"{chat.source}: the prompt is a chat message list but the tokenizer of "
+            f"{model} has no chat template (no chat_template in tokenizer_config.json, no "
+            f"chat_template.jinja); use a model with a chat template, or give plain-text prompts"
+        )
 
 
 def _check_builtin_vocabulary(prompts: list[PromptRecord]) -> None:

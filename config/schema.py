@@ -727,12 +727,16 @@ class EvalConfig:
                     f"eval.prompt_data: {name!r}: {path!r} needs a name without '/' and a "
                     f"path (--eval-prompt-data NAME PATH [NAME PATH ...])"
                 )
-        if self.prompt_data and data.eval_data is not None:
-            raise UserError(
-                f"data.eval_data={data.eval_data} and eval.prompt_data both name held-out "
-                f"prompts: give it as one named set instead (--eval-prompt-data held_out "
-                f"{data.eval_data} ...)"
-            )
+
+    def replaced_default(self, data: DataConfig) -> str | None:
+        """What to tell when named sets replace a data.eval_data that is set (a recipe's
+        AIME file, say, under slime's --eval-prompt-data): it is not evaluated."""
+        if not self.prompt_data or data.eval_data is None:
+            return None
+        return (
+            f"data.eval_data={data.eval_data} is not evaluated: eval.prompt_data names the "
+            f"sets ({', '.join(self.prompt_data)}); add it as one of them to keep it"
+        )
 
 
 @dataclass
@@ -740,7 +744,8 @@ class LoggingConfig:
     """Where results and metrics go."""
 
     output_dir: str = "outputs/tiny"
-    """Run directory: metrics.jsonl, TensorBoard events, final model, summary.json."""
+    """Run directory: metrics.jsonl, TensorBoard events (and W&B's, MLflow's files:
+    logging.backends), final model, summary.json."""
 
     eval_every: int = 10
     """Evaluate every N steps (0 = only before the first and after the last step)."""
@@ -754,7 +759,8 @@ class LoggingConfig:
 
     overwrite: bool = False
     """Replace the results of an earlier run in output_dir (its metrics.jsonl, summary.json,
-    config.json, tensorboard/, final_model/) once this run writes its first metrics. Without
+    config.json, tracking.json, tensorboard/, wandb/, mlruns/, final_model/) once this run
+    writes its first metrics. Without
     it a folder holding another run's results is refused, unless the run resumes from a
     checkpoint (--load), whose metrics then continue from the checkpoint's step."""
 

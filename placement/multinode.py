@@ -42,10 +42,12 @@ class RunPath:
 
 def read_paths(config: SluiceConfig) -> list[RunPath]:
     """Paths the actors read: model, prompt files, the checkpoint to resume from."""
+    named = config.eval.prompt_data  # named eval sets replace data.eval_data: it is not read
     candidates = [
         ("model.hf_checkpoint", config.model.hf_checkpoint),
         ("data.prompt_data", config.data.prompt_data),
-        ("data.eval_data", config.data.eval_data),
+        ("data.eval_data", None if named else config.data.eval_data),
+        *((f"eval.prompt_data.{name}", path) for name, path in named.items()),
         ("checkpoint.load", config.checkpoint.load),
     ]
     return [

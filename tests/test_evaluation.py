@@ -87,10 +87,6 @@ def test_slime_eval_array_without_temperature_samples_at_the_rollout_temperature
             ["--n-samples-per-eval-prompt", "4", "--eval-temperature", "0"],
             "4 identical greedy answers",
         ),
-        (
-            ["--eval-prompt-data", "a", "x.jsonl", "--data.eval_data", "y.jsonl"],
-            "give it as one named set",
-        ),
         (["--eval-prompt-data", "a/b", "x.jsonl"], "a name without '/'"),
     ],
 )
@@ -117,3 +113,27 @@ def test_named_sets_replace_the_default_set_and_are_cut_to_num_eval_prompts(tmp_
 def test_eval_check_names_the_field():
     with pytest.raises(UserError, match=r"eval\.top_p"):
         EvalConfig(top_p=1.5).check(DataConfig())
+
+
+def test_named_sets_over_a_recipes_eval_data_are_told_in_the_dry_run(capsys, tmp_path):
+    """slime's --eval-prompt-data over a recipe that sets data.eval_data: the recipe's file
+    is not evaluated, and the plan says so."""
+    held_out = tmp_path / "aime.jsonl"
+    held_out.write_text(json.dumps({"prompt": "1 2", "label": "3"}) + "\n")
+    argv = ["--dry-run", "--data.eval_data", str(held_out)]
+    assert driver.main([*argv, "--eval-prompt-data", "aime", str(held_out)]) == 0
+    assert f"data.eval_data={held_out} is not evaluated" in capsys.readouterr().out
+    # Neither read nor needed: a recipe's file that is not on this machine is no error.
+    gone = ["--dry-run", "--data.eval_data", str(tmp_path / "not_here.jsonl")]
+    assert driver.main([*gone, "--eval-prompt-data", "aime", str(held_out)]) == 0
+    assert "not_here.jsonl is not evaluated" in capsys.readouterr().out
+    assert driver.main(argv) == 0
+    assert "is not evaluated" not in capsys.readouterr().out
+
+
+def test_every_node_must_see_the_named_sets_not_the_replaced_eval_data():
+    from placement.multinode import read_paths
+
+    config = parse("--data.eval_data", "/data/aime.jsonl", "--eval-prompt-data", "m", "/d/m.jsonl")
+    keys = {p.key: p.path for p in read_paths(config)}
+    assert keys.get("eval.prompt_data.m") == "/d/m.jsonl" and "data.eval_data" not in keys
