@@ -127,7 +127,12 @@ class SglangEngine(InferenceEngine):
         self.url = self._start(self.resolved)
         self.weight_sessions = _has_weight_sessions(self.url)
         self.server_version = _server_version(self.url)
-        print(f"[sglang engine {engine_index}] sglang {self.server_version}", flush=True)
+        sessions = "with" if self.weight_sessions else "without"
+        print(
+            f"[sglang engine {engine_index}] sglang {self.server_version}, {sessions} "
+            f"weight-update sessions",
+            flush=True,
+        )
         routing = None
         if config.algorithm.routing_replay:
             from models.routing import replay_routing_shape
@@ -434,8 +439,17 @@ def _has_weight_sessions(url: str) -> bool:
     refuses an update outside one, sglang 0.5.17 (the GPU machine's) has no such route and
     takes updates as they come. A GET on the POST-only route answers 405 where it exists and
     404 where it does not, and changes nothing."""
-    reply = requests.get(url + bodies.BEGIN_WEIGHT_UPDATE, timeout=STARTUP_PROBE_TIMEOUT_S)
-    return reply.status_code != HTTPStatus.NOT_FOUND
+    probe = url + bodies.BEGIN_WEIGHT_UPDATE
+    try:
+        status = requests.get(probe, timeout=STARTUP_PROBE_TIMEOUT_S).status_code
+    except requests.RequestException as e:
+        raise EngineFailure(f"GET {probe} (which SGLang version?) failed: {e}") from e
+    if status not in (HTTPStatus.METHOD_NOT_ALLOWED, HTTPStatus.NOT_FOUND):
+        raise EngineFailure(
+            f"GET {probe} answered {status}, not 405 (sglang 0.5.23: sessions) or 404 (0.5.17: "
+            f"none); is something other than an SGLang server answering there?"
+        )
+    return status == HTTPStatus.METHOD_NOT_ALLOWED
 
 
 def _server_version(url: str) -> str:
