@@ -198,6 +198,12 @@ def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(value, inner[0], key, where)
+    if origin is list:
+        if isinstance(value, str):  # the command line's `a,b` (YAML's `[a, b]` is a list)
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: {key} should be a list, e.g. [a, b] or a,b")
+        return [coerce(item, args[0], key, where) for item in value]
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise UserError(f"{where}: {key} should be a mapping of names to values")

@@ -166,14 +166,13 @@ NOT_ALIASED: dict[str, str] = {
     "--num-epoch": "slime's --num-epoch counts passes over the prompt data; Sluice counts RL "
     "steps (--num-rollout, num_steps), and its train.epochs repeats each rollout batch's "
     "optimizer steps (verl's ppo_epochs): set num_steps instead",
-    "--wandb-key": "slime's --wandb-key: an API key on the command line would be kept in "
-    "config.json, W&B's run config and the job's logs: set WANDB_API_KEY in the job's "
-    "environment (ray job submit --runtime-env-json "
-    '\'{"env_vars": {"WANDB_API_KEY": ...}}\') or run `wandb login`',
-    "--disable-wandb-random-suffix": "--disable-wandb-random-suffix: Sluice adds no random "
-    "suffix: the W&B run is named after logging.output_dir's folder; drop the flag",
-    "--wandb-always-use-train-step": "--wandb-always-use-train-step: Sluice charts every "
-    "metric against its one step (the RL step, W&B's `step` axis); drop the flag",
+    "--wandb-key": "slime's --wandb-key would keep the API key in config.json, W&B's run "
+    "config and the job's logs: set WANDB_API_KEY in the job's environment (ray job submit "
+    '--runtime-env-json \'{"env_vars": {"WANDB_API_KEY": ...}}\') or run `wandb login`',
+    "--disable-wandb-random-suffix": "slime's --disable-wandb-random-suffix is already so "
+    "here (the W&B run is named after logging.output_dir's folder, no suffix): drop the flag",
+    "--wandb-always-use-train-step": "slime's --wandb-always-use-train-step is already so "
+    "here (every metric is charted against the RL step, W&B's `step` axis): drop the flag",
 }
 
 _DEST = "seed:"  # argparse dest prefix of an alias, so its value never mixes with a key's

@@ -1,13 +1,13 @@
-"""Per-step metrics: one JSONL line and TensorBoard scalars per step, written by the driver only."""
+"""Per-step metrics: one JSONL line per step, and its numbers to each of `logging.backends`
+(TensorBoard, W&B, MLflow: tracking/backends.py), written by the driver only."""
 
 import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torch.utils.tensorboard import SummaryWriter
-
 from config.schema import loss_settings_line
+from tracking.backends import Backend, TensorBoardBackend
 from tracking.run_dir import begin_run
 
 if TYPE_CHECKING:
@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class MetricsWriter:
-    """Appends `{"step": n, ...}` to `metrics.jsonl` and mirrors every number to TensorBoard.
+    """Appends `{"step": n, ...}` to `metrics.jsonl` and mirrors every finite number to each
+    backend (TensorBoard alone unless `backends` says otherwise).
 
     The folder is only touched at the first `write` (`tracking.run_dir`): then the previous
     run's files go (`replace`), or a resumed run's metrics are cut back to the checkpoint's
@@ -27,6 +28,7 @@ class MetricsWriter:
         config_text: str = "",
         replace: bool = False,
         resume_step: int | None = None,
+        backends: list[Backend] | None = None,
     ):
         self.output_dir = output_dir
         self.config_text = config_text
@@ -35,7 +37,7 @@ class MetricsWriter:
         self.started = False
         """Whether the run has written anything into its folder."""
         self.jsonl = None
-        self.tensorboard = None
+        self.backends = [TensorBoardBackend(output_dir)] if backends is None else backends
 
     def begin(self) -> None:
         """Take the folder for this run (done by the first `write`; idempotent)."""
@@ -46,48 +48,50 @@ class MetricsWriter:
         if self.config_text:
             (self.output_dir / "config.json").write_text(self.config_text)
         if self.resume_step is not None:
-            self._cut_to(self.resume_step)
-        else:
-            self._open()
-
-    def _open(self, purge_step: int | None = None) -> None:
+            self._cut_jsonl(self.resume_step)
         self.jsonl = (self.output_dir / "metrics.jsonl").open("a")
-        self.tensorboard = SummaryWriter(
-            log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step
-        )
+        for backend in self.backends:
+            backend.open(self.resume_step)
 
     def rewind(self, step: int) -> None:
         """Forget the steps after `step` (the run went back to a checkpoint and repeats them):
-        metrics.jsonl keeps its lines up to `step`, and TensorBoard discards later events."""
+        metrics.jsonl keeps its lines up to `step`, TensorBoard discards later events (W&B and
+        MLflow cannot: tracking/backends.py)."""
         if not self.started:  # nothing written yet: the same cut, at the first write
             self.resume_step = step
             return
-        self.close()
-        self._cut_to(step)
+        self.jsonl.close()
+        self._cut_jsonl(step)
+        self.jsonl = (self.output_dir / "metrics.jsonl").open("a")
+        for backend in self.backends:
+            backend.rewind(step)
 
-    def _cut_to(self, step: int) -> None:
+    def _cut_jsonl(self, step: int) -> None:
         path = self.output_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         staging = path.with_suffix(".jsonl.tmp")
         staging.write_text("".join(f"{line}\n" for line in kept))
         staging.replace(path)  # never a half-written metrics file
-        self._open(purge_step=step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.begin()
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                self.tensorboard.add_scalar(key, value, step)
-        self.tensorboard.flush()
+        scalars = {
+            key: value
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
+        for backend in self.backends:
+            backend.write(step, scalars)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-            self.tensorboard.close()
-            self.jsonl = self.tensorboard = None
+            self.jsonl = None
+            for backend in self.backends:
+                backend.close()
 
 
 def start_line(config: "SluiceConfig") -> str:

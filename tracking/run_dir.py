@@ -20,8 +20,8 @@ from config.errors import UserError
 RESULT_FILES = ("metrics.jsonl", "summary.json")
 """Files whose presence (non-empty) means the folder holds a run's results."""
 ERROR_LOG = "error.log"
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", ERROR_LOG)
-RUN_DIRS = ("tensorboard", "final_model", "stuck")
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "tracking.json", ERROR_LOG)
+RUN_DIRS = ("tensorboard", "wandb", "mlruns", "final_model", "stuck")
 
 
 def check_not_another_run(path: Path, overwrite: bool, resuming: bool) -> None:
