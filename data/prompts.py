@@ -295,6 +295,20 @@ def _untemplated_messages_message(apply_chat_template: bool) -> str:
     )
 
 
+def model_has_chat_template(model_dir: str) -> bool:
+    """Whether the Hugging Face model folder's tokenizer comes with a chat template: in
+    tokenizer_config.json, or in the chat_template.jinja / chat_template.json files that newer
+    transformers versions save it to."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
 def check_chat_settings(
     records: Sequence[PromptRecord], apply_chat_template: bool, template_kwargs: dict
 ) -> None:

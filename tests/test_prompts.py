@@ -434,3 +434,27 @@ def test_slimes_data_flags_set_the_data_keys():
     )
     assert data.apply_chat_template is True and data.shuffle is False
     assert data.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_preflight_refuses_message_lists_for_a_model_without_a_chat_template(tmp_path):
+    from actors.preflight import RunInputs, _check_chat_template
+    from data.prompts import model_has_chat_template
+    from models.tiny import build_tokenizer
+
+    model = tmp_path / "model"
+    build_tokenizer().save_pretrained(model)  # the tokenizer files of a model folder
+    chat = [{"role": "user", "content": "1 2 3 4 ="}]
+    inputs = RunInputs(train=[PromptRecord("1 2 3 4 =", "1", "chat.jsonl:1", tuple(chat))])
+    assert model_has_chat_template(str(model))
+    _check_chat_template(str(model), inputs)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (model / name).unlink(missing_ok=True)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert not model_has_chat_template(str(model))
+    _check_chat_template(str(model), RunInputs(train=[PromptRecord("1 2", "1", "t.jsonl:1")]))
+    with pytest.raises(UserError) as error:
+        _check_chat_template(str(model), inputs)
+    assert "chat.jsonl:1: the prompt is a chat message list" in str(error.value)
+    assert "has no chat template" in str(error.value)
