@@ -458,3 +458,20 @@ def test_preflight_refuses_message_lists_for_a_model_without_a_chat_template(tmp
         _check_chat_template(str(model), inputs)
     assert "chat.jsonl:1: the prompt is a chat message list" in str(error.value)
     assert "has no chat template" in str(error.value)
+
+
+def test_the_rollout_actor_encodes_message_lists_with_the_template_kwargs(tmp_path):
+    """What a rollout actor generates from: its `_encode` on the run's config and tokenizer."""
+    from types import SimpleNamespace
+
+    from actors.rollout_actor import RolloutActor
+    from config import load_config
+
+    config = load_config(None, {"data.chat_template_kwargs": "{enable_thinking: false}"})
+    chat = ({"role": "system", "content": "think step by step ."},)
+    chat += ({"role": "user", "content": "solve x+1=35."},)
+    records = [PromptRecord("solve x+1=35.", "34", "t.jsonl:1", chat)]
+    actor = SimpleNamespace(config=config, tokenizer=_chatml_tokenizer())
+    (ids,) = RolloutActor._encode(actor, records)
+    assert _words(actor.tokenizer, ids)[-3:] == ["assistant", "<think>", "</think>"]
+    assert _words(actor.tokenizer, ids)[:3] == ["<|im_start|>", "system", "think"]
