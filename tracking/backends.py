@@ -84,6 +84,8 @@ class WandbBackend:
         import wandb
 
         s = self.settings
+        folder = Path(s.wandb_dir or self.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)  # W&B falls back to a temp folder otherwise
         kept = _run_id(self.output_dir, "wandb", resume_step)
         run_id = s.wandb_run_id or kept or secrets.token_hex(4)  # W&B's ids: 8 characters
         self.run = wandb.init(
@@ -93,7 +95,7 @@ class WandbBackend:
             id=run_id,
             resume="allow",
             name=self.output_dir.resolve().name,
-            dir=s.wandb_dir or str(self.output_dir),
+            dir=str(folder),
             mode=s.wandb_mode or None,
             config=self.config,
             settings=wandb.Settings(base_url=s.wandb_host) if s.wandb_host else None,
