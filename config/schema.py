@@ -413,6 +413,14 @@ class TrainConfig:
                 f"{rollout_batch_size}: each rollout step is cut into whole mini-batches; use "
                 f"one of {divisors[-6:]} (or 0 for one step)"
             )
+        p = self.parallel
+        data_parallel = self.num_workers // max(1, p.tensor * p.pipeline * p.context)
+        if gbs and gbs < data_parallel:
+            raise UserError(
+                f"train.global_batch_size={gbs} is below the {data_parallel} data-parallel "
+                f"ranks: every mini-batch needs a sample on each rank; use at least "
+                f"{data_parallel}, or 0 for one step"
+            )
         _positive(self, "epochs", "train.")
         _positive(self, "recompute_num_layers", "train.")
         if self.recompute_granularity != "full" and (

@@ -15,7 +15,8 @@ from config import load_config
 from config.errors import UserError
 from tests.test_torch_backend import config, response_tokens, rollout_batch
 from training import torch_backend
-from training.mini_batches import contiguous_parts, mini_batch_count
+from training.batch import rows_of
+from training.mini_batches import contiguous_parts, mini_batch_count, plan_mini_batches
 from training.torch_backend import TorchBackend
 
 RECOMPUTE = {"algorithm.old_log_probs": "recompute", "train.lr": "0.05", "rollout.batch_size": "48"}
@@ -164,10 +165,27 @@ def test_a_short_step_takes_fewer_steps_none_larger_nothing_dropped():
     assert contiguous_parts(1, 3) == [[], [], [0]]
 
 
+def test_a_mini_batch_with_no_loss_token_takes_no_step():
+    """A mini-batch with nothing to learn from on any rank is skipped, not an Adam step on a
+    zero gradient (whose momentum would still move the weights). (One empty on every rank
+    needs global_batch_size below the data-parallel size, refused below.)"""
+    rows = rows_of([rollout_batch(0, 2)])
+    masks = [rows.loss_masks[0] * 0, rows.loss_masks[1]]
+    rows = dataclasses.replace(rows, loss_masks=masks)
+    train = dataclasses.replace(config().train, global_batch_size=1)
+    planned = plan_mini_batches(rows, 1.0, train, "token_mean", torch.device("cpu"))
+    assert [m.rows for m in planned] == [[1]]
+    assert planned[0].normalizer == float(masks[1].sum())
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"train.global_batch_size": "48"}, "train.global_batch_size=48 does not divide"),
+        (
+            {"train.global_batch_size": "2", "train.num_workers": "4"},
+            "train.global_batch_size=2 is below the 4 data-parallel ranks",
+        ),
         ({"train.global_batch_size": "-1"}, "train.global_batch_size=-1 must be >= 0"),
         ({"train.epochs": "0"}, "train.epochs=0 must be >= 1"),
     ],

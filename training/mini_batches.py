@@ -70,15 +70,22 @@ def plan_mini_batches(
     parts = contiguous_parts(len(rows), count)
     local = [_normalizer_count(rows, part, aggregation) for part in parts]
     normalizers = _all_reduced(local, device, group)
-    return [MiniBatch(part, n) for part, n in zip(parts, normalizers, strict=True)]
+    # A mini-batch with nothing to learn from on any rank (no rows, e.g. when a rank holds
+    # fewer rows than there are mini-batches, or no loss token) takes no optimizer step:
+    # Adam would still move the weights, and the normalizer would be 0. (None left: the step
+    # goes as one, as without global_batch_size.)
+    kept = [MiniBatch(part, n) for part, n in zip(parts, normalizers, strict=True) if n > 0]
+    return kept or everything
 
 
 def _normalizer_count(rows: Rows, part: list[int], aggregation: str) -> float:
-    """`rl.grpo.normalizer_count` of these rows, read from their loss masks."""
-    tokens = [float(np.sum(rows.loss_masks[i])) for i in part]
+    """The driver's step normalizer (actors/loop.py), for these rows only: their loss tokens
+    (`token_mean`) or their number (`sequence_mean`)."""
     if aggregation == "token_mean":
-        return sum(tokens)
-    return float(sum(t > 0 for t in tokens))
+        return float(sum(np.sum(rows.loss_masks[i]) for i in part))
+    if aggregation == "sequence_mean":
+        return float(len(part))
+    raise ValueError(f"unknown aggregation {aggregation!r}; use token_mean or sequence_mean")
 
 
 def _all_reduced(values: list[float], device: torch.device, group) -> list[float]:
