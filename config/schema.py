@@ -312,8 +312,10 @@ class TrainConfig:
     """Pack rows into one sequence of at most `max_tokens_per_micro_batch` tokens per
     micro-batch, without padding: each row keeps its own positions (from 0) and attends only
     to itself (variable-length attention: flash varlen on GPUs in bf16, exact per-row SDPA on
-    the CPU); with routing replay only real tokens are replayed. Off: rows are right-padded
-    to the longest of their micro-batch. slime: `--use-dynamic-batch-size`."""
+    the CPU); with routing replay only real tokens are replayed, except Megatron's remaining
+    padding (a sequence-parallel row's tail up to a multiple of the tensor size, and the
+    padding micro-batches of a rank with fewer; docs/megatron.md#packed-sequences). Off: rows
+    are right-padded to the longest of their micro-batch. slime: `--use-dynamic-batch-size`."""
 
     layer_spec: Literal["torch", "local"] = "torch"
     """Megatron: the expert and attention modules, without Transformer Engine. `torch`: all
@@ -949,7 +951,7 @@ class SluiceConfig:
             )
         if t.log_prob_chunk_tokens < -1:
             raise UserError(
-                f"train.log_prob_chunk_tokens={t.log_prob_chunk_tokens} must be >= 0 (0, or "
+                f"train.log_prob_chunk_tokens={t.log_prob_chunk_tokens} must be >= -1 (0, or "
                 f"slime's -1: a micro-batch's tokens in one chunk)"
             )
         if a.tis_cap < 1:

@@ -135,3 +135,9 @@ def test_slimes_recompute_flags_set_the_keys():
         "block",
         2,
     )
+
+
+def test_a_block_of_more_layers_than_the_model_has_is_refused():
+    overrides = {**FULL, "train.recompute_method": "block", "train.recompute_num_layers": "3"}
+    with pytest.raises(UserError, match="the model has 2 decoder layers"):
+        TorchBackend(load_config(None, overrides), torch.device("cpu"))

@@ -322,6 +322,12 @@ def checkpoint_layers(model: torch.nn.Module, train: TrainConfig) -> None:
     model.gradient_checkpointing_enable()
     if train.recompute_method == "block":
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if train.recompute_num_layers > len(layers):
+            raise UserError(
+                f"train.recompute_num_layers={train.recompute_num_layers} with "
+                f"train.recompute_method=block: the model has {len(layers)} decoder layers; "
+                f"use at most {len(layers)}"
+            )
         for layer in layers[train.recompute_num_layers :]:
             layer.gradient_checkpointing = False
 
