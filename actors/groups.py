@@ -250,6 +250,9 @@ class RolloutGroup:
         """Set by the driver: waits for every engine and syncs them (when none is live)."""
         self.urls: dict[int, str] = {}
         """The server URL of each serving engine the others were told of (`connect_peers`)."""
+        self.late_drops: list[ray.ObjectRef] = []
+        """`drop_peer` calls not answered within PEER_DROP_S, waited for before the next
+        `connect_peers`."""
 
     def live(self) -> list[int]:
         """The engines that take work: all but those that died and have not rejoined."""
@@ -260,6 +263,9 @@ class RolloutGroup:
 
         Its first call is where the driver waits for the engines to finish starting: the
         constructor only launches them, so the trainers can start while the engines load."""
+        if self.late_drops:  # (see _drop_peer) their answers, or their actors' deaths
+            ray.wait(self.late_drops, num_returns=len(self.late_drops), timeout=PEER_DROP_S)
+            self.late_drops = []
         answers = self._on_live("start-up", lambda a: a.url.remote())
         told = {e: url for e, url in answers.items() if url is not None}
         if not told:
@@ -377,7 +383,10 @@ class RolloutGroup:
         if not calls:
             return
         # Not deadline.get: a stuck engine's replacement calls this after its phase's bound.
-        ready, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=PEER_DROP_S)
+        ready, late = ray.wait(list(calls.values()), num_returns=len(calls), timeout=PEER_DROP_S)
+        # Ray does not order a call of the 'peers' group after one of the default group: a
+        # drop still out when `connect_peers` runs could land after it and undo a rejoin.
+        self.late_drops.extend(late)
         for e, ref in calls.items():
             if ref in ready:
                 try:
