@@ -158,7 +158,7 @@ def test_train_entropy_is_the_mean_entropy_of_the_loss_tokens_and_the_bonus_ente
     ("overrides", "message"),
     [
         ({"algorithm.entropy_coef": "-0.1"}, "algorithm.entropy_coef=-0.1 must be >= 0"),
-        ({"train.log_prob_chunk_tokens": "-2"}, "train.log_prob_chunk_tokens=-2 must be >= 0"),
+        ({"train.log_prob_chunk_tokens": "-2"}, "train.log_prob_chunk_tokens=-2 must be >= -1"),
     ],
 )
 def test_bad_values_are_refused_by_name(overrides, message):
