@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -60,8 +61,14 @@ def rollout(args, noise: float, batch_prompts: list[list[int]]):
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     completions = engine.generate(batch_prompts, params)
     del engine
+    return completions, scoring_batch(batch_prompts, completions)
+
+
+def scoring_batch(batch_prompts: list[list[int]], completions) -> "pa.RecordBatch":
+    """The Arrow batch a rollout actor would build of these completions (no rewards: only the
+    trainer's log-probs and routing are read from it)."""
     n = len(completions)
-    batch = build_rollout_batch(
+    return build_rollout_batch(
         {
             "prompt_ids": batch_prompts,
             "response_ids": [c.token_ids for c in completions],
@@ -76,7 +83,6 @@ def rollout(args, noise: float, batch_prompts: list[list[int]]):
             "routed_experts": [c.routed_experts for c in completions],
         }
     )
-    return completions, batch
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=("transformers", "mismatch"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from bench.bench_routing_replay import score, start_world
+    from bench.bench_routing_replay import start_world
 
     device = torch.device("cuda", 0)
     start_world(device)
@@ -199,33 +199,18 @@ def main() -> None:
             if "mismatch" not in args.skip:
                 asked = prompts(args.mismatch_prompts, seed=1)
                 completions = engine.generate(asked, SamplingParams(32, seed=2))
-                results["mismatch"] = mismatch(args, model_dir, asked, completions, score)
+                results["mismatch"] = mismatch(args, model_dir, asked, completions)
         finally:
             engine.shutdown()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
 
-def mismatch(args, model_dir, asked, completions, score) -> dict:
+def mismatch(args, model_dir, asked, completions) -> dict:
     """Trainer (torch backend, bf16) against SGLang's log-probs, without and with R3."""
-    from data.schema import build_rollout_batch
+    from bench.bench_routing_replay import score, scoring_batch
 
-    n = len(completions)
-    batch = build_rollout_batch(
-        {
-            "prompt_ids": asked,
-            "response_ids": [c.token_ids for c in completions],
-            "rollout_log_probs": [c.log_probs for c in completions],
-            "loss_mask": [[1] * len(c.token_ids) for c in completions],
-            "reward": [0.0] * n,
-            "advantage": [0.0] * n,
-            "group_id": list(range(n)),
-            "sample_index": [0] * n,
-            "weight_version": [0] * n,
-            "finish_reason": [c.finish_reason for c in completions],
-            "routed_experts": [c.routed_experts for c in completions],
-        }
-    )
+    batch = scoring_batch(asked, completions)
     args.device, args.dtype, args.backend = torch.device("cuda", 0), "bfloat16", "torch"
     args.model_dir, args.num_experts = model_dir, 128
     free = score(args, completions, batch, asked, replay=False)
