@@ -17,6 +17,7 @@ gpu_env() {
 # flashinfer's kernels, so SGLang is told not to pick them.
 gpu_env_sglang() {
   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
+  tar -xJf .gpu/testing.tar.xz -C /tmp/site || exit 1  # pytest + xdist, as uv.lock has them
   _gpu_exports
   export SGLANG_IS_FLASHINFER_AVAILABLE=false
 }

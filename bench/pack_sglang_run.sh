@@ -4,7 +4,7 @@
 # sglang 0.5.17 with the kernels and libraries its triton/pytorch backends load, sglang's pinned
 # transformers and tokenizers, math-verify (the built-in task's reward) and megatron-core
 # 0.19.2, unpacked into one site tree.
-#   usage, from the repository root:   bench/pack_sglang_run.sh
+#   usage, from the repository root:   bench/pack_sglang_run.sh [--testing-only]
 #   then carry .gpu and begin the device command with
 #     source bench/gpu_env.sh && gpu_env_sglang
 #   env: WHEELS=/tmp/sluice-gpu-wheels   where wheels are downloaded once and reused
@@ -32,6 +32,16 @@ root=$(git rev-parse --show-toplevel)
 cache=${WHEELS:-/tmp/sluice-gpu-wheels}
 out=$root/.gpu
 mkdir -p "$cache" "$out"
+
+# The machine is not known to have pytest-xdist, which pyproject's addopts (-n, --dist) need:
+# the test runner, at the versions uv.lock pins, goes in a small archive of its own
+# (.gpu/testing.tar.xz, about 1 MiB), taken from the project's own environment.
+site_packages=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+(cd "$site_packages" && tar -cf - --exclude=__pycache__ _pytest pytest py.py pluggy iniconfig \
+  xdist execnet pytest_timeout.py pytest-*.dist-info pytest_*.dist-info pluggy-*.dist-info \
+  iniconfig-*.dist-info execnet-*.dist-info) | xz -9 > "$out/testing.tar.xz"
+echo "$out/testing.tar.xz: $(du -k "$out/testing.tar.xz" | cut -f1) KiB"
+[ "${1:-}" = --testing-only ] && exit 0
 
 SGLANG=(
   sglang==0.5.17 sglang-kernel==0.4.5 flashinfer-python==0.6.15.post1 apache-tvm-ffi==0.1.11

@@ -3,12 +3,13 @@
 #   usage, from the repository root:
 #     bench/pack_sglang_run.sh                  # -> .gpu/site.tar.xz (ray + sglang 0.5.17 + ...)
 #     then on the GPU machine, carrying .gpu:
-#     OUT=/some/dir bench/run_gpu_sglang.sh [tests contract bench]   (default: all, in order)
+#     OUT=/some/dir bench/run_gpu_sglang.sh [tests contract packing bench]   (default: all)
 # tests: tests/test_sglang_gpu.py (the server, bit-exact colocated updates, the loop learning
 # with and without routing replay, abort). contract: the SGLang contract tests (`-m sglang`,
 # written against sglang 0.5.23) run against the server's own sglang 0.5.17.
 # bench: bench/bench_sglang.py (tokens/s against the transformers engine, colocated sync time,
 # log-prob mismatch with and without routing replay) on the topology model.
+# packing: tests/test_packing_gpu.py (issue 30's varlen attention on the card).
 # Writes into $OUT: env.txt, tests.log, contract.log, bench.log, bench_sglang.json.
 set -uo pipefail
 OUT=${OUT:?set OUT to an output folder}
@@ -33,10 +34,14 @@ run_contract() {
     --continue-on-collection-errors \
     tests/test_sglang_requests.py tests/test_sglang_launch.py tests/test_sglang_engine.py
 }
+run_packing() {  # issue 30's varlen attention against the padded path, on the card (no Ray)
+  step packing "${PACKING_LIMIT:-90}" python3 -m pytest -p no:cacheprovider -n 0 -q -rs \
+    tests/test_packing_gpu.py
+}
 run_bench() {
   step bench "${BENCH_LIMIT:-400}" python3 -m bench.bench_sglang --out "$OUT/bench_sglang.json"
 }
 
-for name in "${@:-tests contract bench}"; do
+for name in "${@:-tests contract packing bench}"; do
   for one in $name; do "run_$one"; done
 done
