@@ -1,6 +1,7 @@
 """The documentation cannot rot: README.md and docs/*.md are checked against the code.
 
-- docs/configuration.md is what `tools/config_reference.py` generates from `config/schema.py`.
+- docs/configuration.md is what `tools/config_reference.py` generates from `config/schema.py`,
+  and docs/architecture.svg (the README's picture) what `tools/architecture_diagram.py` draws.
 - Every command of a fenced shell block (bash, sh, shell, console) that only plans or
   describes (`--dry-run`, `--help`) is run from the repository root and must exit 0. Commands
   that train, or need a cluster, a GPU or files the reader supplies, are not run; a command
@@ -137,6 +138,16 @@ def test_the_configuration_reference_is_current():
     assert page.read_text(encoding="utf-8") == render(), (
         f"docs/configuration.md is out of date with config/schema.py; run `{REGENERATE}`"
     )
+
+
+def test_the_architecture_picture_is_its_sources_output():
+    from tools import architecture_diagram
+
+    picture = architecture_diagram.OUTPUT
+    assert picture.read_text(encoding="utf-8") == architecture_diagram.render(), (
+        "docs/architecture.svg is out of date; run `uv run python -m tools.architecture_diagram`"
+    )
+    assert "](docs/architecture.svg)" in (REPO / "README.md").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
