@@ -30,14 +30,16 @@ if not os.environ.get("RAY_ADDRESS"):
 
 from config import SluiceConfig, UserError
 from config.loader import describe_keys, load_config, to_dict, unknown_key_message
-from config.schema import loss_settings_line
+from config.schema import BUILTIN_MODEL, loss_settings_line
 from config.seed_flags import (
     add_seed_flags,
     alias_names,
     given_aliases,
+    given_script_flags,
     merge_aliases,
     unaliased_flag_message,
 )
+from config.slime_script import check_model_flags, check_restated, derived_overrides
 from inference.sglang.flags import split_cli_flags
 from placement.cluster import synthetic_cluster
 from placement.planner import ClusterShape, plan_layout
@@ -89,13 +91,30 @@ def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
     if unknown:
         raise UserError(unknown_flag_message(unknown))
     keyed = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
+    restated, model_flags, derived = given_script_flags(args)
+    args.notes = check_restated(restated)
     overrides = merge_aliases(keyed, given_aliases(args))
+    overrides |= derived_overrides(derived, overrides, args.config)
     config = load_config(args.config, overrides)
     if sglang_flags:  # on top of the recipe's server_args, flag by flag
         server_args = config.rollout.sglang.server_args
         config.rollout.sglang.server_args = {**server_args, **sglang_flags}
         config.validate()
+    args.notes += check_model_flags(config.model, model_flags)
     return config, args
+
+
+def tiny_recipe_notice(config: SluiceConfig, recipe: str) -> str | None:
+    """What to tell someone who brings a model but no recipe: the built-in recipe's settings,
+    made for a random tiny model, would otherwise apply to theirs unnoticed."""
+    if Path(recipe).resolve() != DEFAULT_RECIPE or config.model.hf_checkpoint == BUILTIN_MODEL:
+        return None
+    return (
+        f"model.hf_checkpoint={config.model.hf_checkpoint} runs with the built-in tiny recipe's "
+        f"settings (rollout.max_new_tokens {config.rollout.max_new_tokens}, rollout.reward "
+        f"{config.rollout.reward}, logging.output_dir {config.logging.output_dir}); for a real "
+        "model start from --config recipes/your-model.yaml"
+    )
 
 
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -190,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config, args = parse_args(sys.argv[1:] if argv is None else argv)
+        for note in args.notes:  # slime flags accepted without a key of their own
+            print(f"sluice: note: {note}", file=sys.stderr, flush=True)
+        if notice := tiny_recipe_notice(config, args.config):
+            print(f"sluice: note: {notice}", file=sys.stderr, flush=True)
         if args.dry_run:
             dry_run(config, args.cluster)
             return 0

@@ -40,7 +40,7 @@ from inference import check_engine_config
 from inference.sglang.flags import CLI_PREFIX, as_argv
 from inference.sglang.launch import read_num_experts, resolve_server_args, server_launches
 from models.fp8_checkpoint import rollout_fp8_format
-from models.reference import qwen3_30b_a3b_config
+from models.reference import qwen3_8b_config, qwen3_30b_a3b_config
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.planner import plan_layout
 from rl.rewards import load_reward_fn
@@ -142,9 +142,15 @@ def shared_fs(tmp_path_factory) -> Path:
     converted = models / "Qwen3-30B-A3B_torch_dist"
     converted.mkdir()
     (converted / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    for name in ("dapo-math-17k/dapo-math-17k.jsonl", "aime-2024/aime-2024.jsonl"):
+    qwen3_8b_config().save_pretrained(models / "Qwen3-8B")  # recipes/your-model.yaml
+    for name in (
+        "dapo-math-17k/dapo-math-17k.jsonl",
+        "aime-2024/aime-2024.jsonl",
+        "train.jsonl",
+        "test.jsonl",
+    ):
         path = root / "data" / name
-        path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in MATH_ROWS))
     return root
 

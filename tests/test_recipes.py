@@ -146,3 +146,20 @@ def test_tokenizer_round_trips_a_prompt():
     assert tokenizer.decode(ids) == prompt
     assert [VOCAB[i] for i in ids] == prompt.split()
     assert tokenizer.decode([*ids, tokenizer.eos_token_id], skip_special_tokens=True) == prompt
+
+
+def test_a_model_without_a_recipe_is_told_the_tiny_recipes_settings_apply(tmp_path, capsys):
+    """`--model.hf_checkpoint` alone keeps recipes/tiny.yaml's 2 new tokens and digits reward:
+    the driver says so and names the recipe for a real model; the built-in model is not told."""
+    import driver
+    from models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", 1234)
+    out = ["--logging.output_dir", str(tmp_path / "out")]
+    assert driver.main(["--model.hf_checkpoint", str(model), "--dry-run", *out]) == 0
+    notice = capsys.readouterr().err
+    assert f"model.hf_checkpoint={model} runs with the built-in tiny recipe's settings" in notice
+    assert "rollout.max_new_tokens 2" in notice and "--config recipes/your-model.yaml" in notice
+    assert driver.main(["--dry-run", *out]) == 0
+    assert "tiny recipe" not in capsys.readouterr().err
+    assert (REPO / "recipes" / "your-model.yaml").is_file()
