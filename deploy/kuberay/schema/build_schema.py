@@ -2,22 +2,25 @@
 manifests of deploy/kuberay/, strict like a KubeRay CRD under `kubectl apply`'s strict field
 validation (an unknown or misspelled field is an error).
 
-Why not KubeRay's CRD files themselves: no package of the registries this project can reach
-ships them (neither the `ray` wheel nor any `kuberay` client on PyPI), and each CRD is over a
-megabyte of YAML, mostly the Kubernetes pod template it embeds. The schema is built the way
-the CRD is generated (controller-gen: KubeRay's Go API types around the Kubernetes core types
-they embed) from two sources:
+Why not KubeRay's CRD files themselves: no package this project can install ships them (not
+the `ray` wheel; no KubeRay package on PyPI), and they are large (700 kB of YAML for the
+RayCluster CRD even in an early release), mostly the Kubernetes pod template they embed. The
+schema is built the way the CRDs are generated (controller-gen: KubeRay's Go API types around
+the Kubernetes core types they embed), from two sources:
 
 - KubeRay's own fields: `KUBERAY_DEFS` below, written field by field from KubeRay's Go API
-  types, `ray-operator/apis/ray/v1/raycluster_types.go` and `rayjob_types.go` (KubeRay 1.4
-  era; Apache-2.0): the same JSON names, types, enums and required fields (a field without
-  `omitempty` or `+optional`). Fields a later KubeRay adds are refused until added here.
+  types (Apache-2.0), `ray-operator/apis/ray/v1/raycluster_types.go` at commit 3275ee09 and
+  `rayjob_types.go` at commit 0057210e of ray-project/kuberay (recent ones; which release
+  each is in was not checked): the same JSON names, types, enums and required fields (a
+  field without `omitempty` or `+optional`). KubeRay's defaults and CEL rules are not
+  checked; fields a later KubeRay adds are refused until added here.
 - The Kubernetes core types they embed (PodTemplateSpec, Service, ResourceRequirements,
   EnvVar, ...): Kubernetes v1.33's OpenAPI schema as converted to strict JSON Schema by the
-  `kubernetes-validate` package (1.37.0, Apache-2.0, `v1.33.0-local-strict/_definitions.json`),
-  only the definitions these reach (and PersistentVolumeClaim and Pod, for storage.yaml), with every
-  `description` removed: 100 kB instead of 1.5 MB for all 707 definitions, and nothing that
-  validates is removed.
+  `kubernetes-validate` package (1.37.0, Apache-2.0, `v1.33.0-local-strict/_definitions.json`;
+  IntOrString and Quantity are its `oneOf` of string and number), only the definitions these
+  reach (and PersistentVolumeClaim and Pod, for storage.yaml), with every `description`
+  removed: 100 kB instead of 1.5 MB for all 707 definitions, and nothing that validates is
+  removed.
 
 Regenerate (needs the package, which the project does not depend on):
     uv run --with kubernetes-validate==1.37.0 python deploy/kuberay/schema/build_schema.py
