@@ -3,11 +3,11 @@
 One torchrun world measures, in this order:
 1. the matrix rate of each card: a bf16 GEMM of 8192^3 timed with CUDA events (on a machine
    without CUDA, an fp32 GEMM of 512^3), in TFLOP/s;
-2. for each parallel layout (`tp2-sp`, `ep2`, `dp2-cpuadam`, ...): a fresh `MegatronBackend`
-   over the same random-weight checkpoint (written once by rank 0), warm-up steps, then timed
-   optimizer steps of one fixed synthetic batch (64 rows x 1024 tokens, responses about half
-   of each row, `train.max_tokens_per_micro_batch` 16384), giving seconds per step, tokens/s,
-   MFU, peak GPU memory and host RSS per rank;
+2. for each parallel layout (`tp2-sp`, `ep2`, `dp2-cpuadam`, `tp1-ep1-pack-rcfull`, ...): a
+   fresh `MegatronBackend` over the same random-weight checkpoint (written once by rank 0),
+   warm-up steps, then timed optimizer steps of one fixed synthetic batch (by default 64 rows x
+   1024 tokens, responses about half of each row, `train.max_tokens_per_micro_batch` 16384),
+   giving seconds per step, tokens/s, MFU, peak GPU memory and host RSS per rank;
 3. the weight export of that layout: iterating `backend.weight_stream()` to the end (the
    gathers alone); the same export packed into the sync's 64 MiB buckets
    (`weights.sync.packed_buckets`) against one device-to-device copy of as many bytes
@@ -15,7 +15,27 @@ One torchrun world measures, in this order:
    `WeightSender` from rank 0 to rank 1 (what a weight sync to one engine costs), and, as the
    floor, one raw broadcast of the same number of bytes as a single tensor between the same
    two ranks. `sync/raw` and `export/raw` are time ratios against that floor (1.0 = as fast
-   as raw).
+   as raw);
+4. with `--logprob-memory`: the memory-safe log-probs (`training.token_stats`) of one row of
+   the longest length (`--max-len`) against the full vocabulary of Qwen3 (151,936; `--tiny`:
+   the toy's), forward and backward from bf16 hidden states of the model's width (fp32 on the
+   CPU), chunked (`train.log_prob_chunk_tokens`' default, 1024) and unchunked (0: one chunk,
+   the whole [tokens, vocabulary] fp32 logits at once): peak GPU memory above the inputs,
+   seconds, and the largest difference between the two's log-probs.
+
+Layout parts: tpN, ppN, epN, dpN (a check of the data-parallel size), sp (sequence
+parallelism), cpuadam (CPU Adam), local (megatron-core's local spec), pack
+(`train.pack_sequences`: rows packed without padding), rcfull / rcfullN (full activation
+recompute, uniform, N layers a chunk, 1 by default: slime's `--recompute-granularity full
+--recompute-method uniform --recompute-num-layers 1`), rcblockN (full, block, the first N
+layers), rcsel (selective recompute, core attention).
+
+Row lengths (`--lengths`): `fixed`, every row `--seq` tokens; or `longtail`, RL's long-tailed
+response lengths: a seeded lognormal draw (sigma 1) clipped to [`--min-len`, `--max-len`], the
+longest row set to `--max-len`, its location chosen (by bisection) so the clipped lengths
+average `--mean-len` (defaults 256 rows, mean 2048, at most 8192, at least 64 tokens). The
+profile is the same in every run of the same arguments; its mean, percentiles and maximum are
+printed and written to the JSON.
 
 Each timing is the slowest rank's, taken after an all-reduce that lines the ranks up; step and
 export timings are medians over the timed repetitions. Each rank gets its share of the host's
@@ -23,21 +43,37 @@ cores as torch threads (torchrun sets one), which CPU Adam runs on. A layout tha
 invalid layout, out of memory) is recorded with its error and the next one runs; a failure on
 one rank inside a collective can still hang the others until the process-group timeout.
 
-Model FLOPs per token (forward + backward), the usual 6N count plus attention:
-    6 x N_active + 12 x L x (heads x head_dim) x S
-N_active is the matrix weights one token goes through: every 2-D checkpoint tensor except the
-input embedding (the output layer is counted), expert weights scaled by top_k / num_experts.
-L is the number of layers and S the row length (prompt + response); the attention term counts
-QK^T and AV without halving for the causal mask. Tokens are all tokens of the step's rows.
-MFU = tokens/s x FLOPs per token / world size / the measured matrix rate (mean over ranks).
+Model FLOPs of a step (forward + backward), the usual 6N count plus attention, summed over
+the step's rows r of S_r tokens (prompt + response) each:
+    sum_r S_r x (6 x N_active + 12 x L x (heads x head_dim) x S_r)
+so with varied lengths each row's attention term counts its own length (what packing
+computes), never the padded width. N_active is the matrix weights one token goes through:
+every 2-D checkpoint tensor except the input embedding (the output layer is counted), expert
+weights scaled by top_k / num_experts. L is the number of layers; the attention term counts
+QK^T and AV without halving for the causal mask. Only the rows' real tokens count: `tok/s`
+and MFU are of real tokens, `computed tok/s` counts what the model ran on (padding to each
+micro-batch's longest row included; packed, each row less its last token, which predicts
+nothing). MFU = step FLOPs / step seconds / world size / the measured matrix rate (mean over
+ranks). `act_GiB`: the steps' peak GPU memory less what was allocated before them (weights,
+gradients, optimizer state), i.e. activations and temporaries.
 
 Run on GPUs (NCCL; world size = number of processes; layouts default to tpW-sp, epW,
 dpW-cpuadam for W processes):
     torchrun --nproc-per-node 2 bench/bench_megatron.py --out DIR \
         [--layouts tp2-sp,ep2,dp2-cpuadam] [--steps N]
+Issue 30's long rows on one GPU (padded against packed on the long-tailed profile, recompute,
+log-prob memory, then CPU Adam at 64 and 512 rows of 1024 tokens), from the repository root of
+the GPU machine carrying .gpu (bench/pack_sglang_run.sh), in one command:
+    OUT=DIR bench/run_gpu_sglang.sh long
+which runs, in the SGLang bundle's environment (`gpu_env_sglang`: megatron-core included):
+    python3 -m torch.distributed.run --standalone --nproc-per-node 1 bench/bench_megatron.py \
+        --model topology --layers 2 --lengths longtail --rows 256 --logprob-memory \
+        --layouts tp1-ep1,tp1-ep1-pack,tp1-ep1-pack-rcfull,tp1-ep1-pack-rcsel --out DIR/long
+and `--layouts tp1-ep1,tp1-ep1-cpuadam --rows 64` and `--rows 512` (`--micro-tokens 32768`).
 Smoke test without a GPU (gloo, toy model, float32; CPU Adam layouts run in bf16):
     PYTHONPATH=tests/megatron/site:. python -m torch.distributed.run --nproc-per-node 2 \
-        bench/bench_megatron.py --out /tmp/out --tiny
+        bench/bench_megatron.py --out /tmp/out --tiny [--lengths longtail --logprob-memory \
+        --layouts dp2,dp2-pack-rcfull,dp2-rcsel]
 Writes DIR/megatron_bench.json on rank 0 (rewritten after every layout) and prints a table.
 """
 
@@ -63,17 +99,25 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.schema import ParallelConfig, SluiceConfig
+from config.schema import ParallelConfig, SluiceConfig, TrainConfig
 from data.schema import build_rollout_batch
 from models.checkpoint_format import checkpoint_tensors
 from models.safetensors_io import write_sharded
 from training.backend import TrainStats
+from training.batch import pack_by_token_budget, rows_of, split_by_token_budget
 from weights.manifest import plan_buckets
 from weights.runs import TensorRun
 
 SEED = 7
 GIB = 1 << 30
-LAYOUT_PARTS = "tpN, ppN, epN, dpN (a check: N = world / (tp x pp)), sp, cpuadam, local"
+LAYOUT_PARTS = (
+    "tpN, ppN, epN, dpN (a check: N = world / (tp x pp)), sp, cpuadam, local, pack, "
+    "rcfull[N], rcblockN, rcsel"
+)
+LENGTH_SIGMA = 1.0
+"""Spread of the long-tailed profile's lognormal draw (of log-lengths)."""
+QWEN3_VOCAB = 151936
+"""Qwen3's vocabulary, of the log-prob memory measurement (the topology model's is cut)."""
 MARKER = "bench_config.json"  # config of the random checkpoint, to reuse it when unchanged
 
 
@@ -85,7 +129,11 @@ class Sizes:
     rows: int
     """Rollout rows per optimizer step, all data-parallel ranks together."""
     seq: int
-    """Tokens per row, prompt + response."""
+    """Tokens per row, prompt + response, with fixed lengths; the mean length otherwise."""
+    lengths: tuple[int, ...]
+    """Each row's tokens, prompt + response (`row_lengths`)."""
+    profile: str
+    """`fixed` or `longtail` (`--lengths`)."""
     micro_tokens: int
     """`train.max_tokens_per_micro_batch`."""
     warmup: int
@@ -100,10 +148,18 @@ def resolve_sizes(args: argparse.Namespace, on_gpu: bool) -> Sizes:
     tiny = args.tiny
     model = "tiny" if tiny else args.model if args.model == "1b" else f"topo{args.layers}"
     default_dir = f"/tmp/sluice_bench_qwen3moe_{model}"
+    longtail = args.lengths == "longtail"
+    rows = args.rows or (16 if tiny else 256) if longtail else args.rows or (8 if tiny else 64)
+    if longtail:
+        lengths = long_tail_lengths(rows, args.mean_len, args.max_len, args.min_len)
+    else:
+        lengths = (args.seq or (64 if tiny else 1024),) * rows
     return Sizes(
         tiny=tiny,
-        rows=args.rows or (8 if tiny else 64),
-        seq=args.seq or (64 if tiny else 1024),
+        rows=rows,
+        seq=round(float(np.mean(lengths))),
+        lengths=lengths,
+        profile=args.lengths,
         micro_tokens=args.micro_tokens or (256 if tiny else 16384),
         warmup=args.warmup if args.warmup is not None else (1 if tiny else 2),
         steps=args.steps or (2 if tiny else 5),
@@ -112,6 +168,36 @@ def resolve_sizes(args: argparse.Namespace, on_gpu: bool) -> Sizes:
         matrix_n=8192 if on_gpu else 512,
         model_dir=Path(args.model_dir or default_dir),
     )
+
+
+def long_tail_lengths(rows: int, mean: int, longest: int, shortest: int) -> tuple[int, ...]:
+    """`rows` lengths in [shortest, longest] averaging about `mean`: exp(mu + sigma z) of
+    seeded standard normals z, clipped, the longest draw set to `longest` (so the profile
+    always holds a row of the maximum length), mu found by bisection (the clipped mean grows
+    with mu)."""
+    z = np.random.default_rng(SEED).standard_normal(rows)
+    top = int(np.argmax(z))
+
+    def draw(mu: float) -> np.ndarray:
+        lengths = np.clip(np.rint(np.exp(mu + LENGTH_SIGMA * z)), shortest, longest)
+        lengths[top] = longest
+        return lengths
+
+    low, high = np.log(shortest) - 4 * LENGTH_SIGMA, np.log(longest) + 4 * LENGTH_SIGMA
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if draw(mid).mean() < mean else (low, mid)
+    return tuple(int(n) for n in draw((low + high) / 2))
+
+
+def length_summary(lengths: tuple[int, ...]) -> dict[str, float]:
+    """The profile's size and shape: rows, total tokens, mean, percentiles, extremes."""
+    a = np.asarray(lengths)
+    summary = {"rows": len(a), "tokens": int(a.sum()), "mean": float(a.mean())}
+    summary |= {"min": int(a.min()), "max": int(a.max())}
+    for q in (50, 90, 99):
+        summary[f"p{q}"] = float(np.percentile(a, q))
+    return summary
 
 
 def model_config(tiny: bool, model: str = "1b", layers: int = 8) -> Any:
@@ -141,7 +227,17 @@ class ModelFacts:
     total_params: int
     active_params: float
     """Matrix weights one token goes through (see the module docstring)."""
-    flops_per_token: float
+    attention_flops: float
+    """12 x L x heads x head_dim: a token's attention FLOPs per token of its row."""
+
+    def flops_per_token(self, seq: float) -> float:
+        """Forward + backward FLOPs of one token of a row of `seq` tokens."""
+        return 6 * self.active_params + self.attention_flops * seq
+
+    def step_flops(self, lengths: tuple[int, ...]) -> float:
+        """Of rows of these lengths, each row's attention at its own length."""
+        tokens = np.asarray(lengths, dtype=np.float64)
+        return float(6 * self.active_params * tokens.sum() + self.attention_flops * tokens @ tokens)
 
 
 def checkpoint_shapes(hf_config: Any) -> list[tuple[str, torch.Size]]:
@@ -153,7 +249,7 @@ def checkpoint_shapes(hf_config: Any) -> list[tuple[str, torch.Size]]:
     return [(name, tensor.shape) for name, tensor in checkpoint_tensors(model)]
 
 
-def model_facts(hf_config: Any, shapes: list[tuple[str, torch.Size]], seq: int) -> ModelFacts:
+def model_facts(hf_config: Any, shapes: list[tuple[str, torch.Size]]) -> ModelFacts:
     c = hf_config
     expert_share = c.num_experts_per_tok / c.num_experts
     total, active = 0, 0.0
@@ -162,8 +258,8 @@ def model_facts(hf_config: Any, shapes: list[tuple[str, torch.Size]], seq: int) 
         total += numel
         if len(shape) == 2 and "embed_tokens" not in name:
             active += numel * (expert_share if ".experts." in name else 1.0)
-    attention = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq
-    return ModelFacts(total, active, 6 * active + attention)
+    attention = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+    return ModelFacts(total, active, float(attention))
 
 
 def write_checkpoint(hf_config: Any, shapes, directory: Path, device: torch.device) -> bool:
@@ -193,13 +289,16 @@ def write_checkpoint(hf_config: Any, shapes, directory: Path, device: torch.devi
 
 
 def rollout_batches(sizes: Sizes, vocab_size: int) -> list[pa.RecordBatch]:
-    """`sizes.rows` rows of exactly `sizes.seq` tokens, the response 3/8 to 5/8 of each."""
+    """`sizes.rows` rows of `sizes.lengths` tokens, the response 3/8 to 5/8 of each."""
     rng = np.random.default_rng(SEED)
     names = ("prompt_ids", "response_ids", "rollout_log_probs", "loss_mask")
     columns: dict[str, list] = {k: [] for k in names}
-    for prompt_len in rng.integers(sizes.seq * 3 // 8, sizes.seq * 5 // 8 + 1, sizes.rows):
-        ids = rng.integers(0, vocab_size, sizes.seq)
-        response_len = sizes.seq - int(prompt_len)
+    lengths = np.asarray(sizes.lengths)
+    # one draw of every prompt length first: fixed-length batches as before this option
+    prompt_lens = rng.integers(lengths * 3 // 8, lengths * 5 // 8 + 1)
+    for length, prompt_len in zip(lengths.tolist(), prompt_lens.tolist(), strict=True):
+        ids = rng.integers(0, vocab_size, length)
+        response_len = length - prompt_len
         columns["prompt_ids"].append(ids[:prompt_len].tolist())
         columns["response_ids"].append(ids[prompt_len:].tolist())
         columns["rollout_log_probs"].append((-rng.random(response_len) * 3).tolist())
@@ -217,6 +316,8 @@ def rollout_batches(sizes: Sizes, vocab_size: int) -> list[pa.RecordBatch]:
 
 # Layouts.
 
+NO_RECOMPUTE = ("off", "uniform", 1)
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -225,12 +326,17 @@ class Layout:
     cpu_adam: bool = False
     layer_spec: str = "torch"
     """`local`: megatron-core's local spec (SequentialMLP, unfused attention), for comparison."""
+    pack: bool = False
+    """`train.pack_sequences`."""
+    recompute: tuple[str, str, int] = NO_RECOMPUTE
+    """`train.recompute_granularity`, `recompute_method`, `recompute_num_layers`."""
 
 
 def parse_layout(name: str, world: int) -> Layout:
-    """`tp2-sp`, `ep2`, `dp2-cpuadam`, `ep1-local`, ...; a wrong part or data-parallel size is
-    an error."""
-    p, cpu_adam, dp, layer_spec = ParallelConfig(), False, None, "torch"
+    """`tp2-sp`, `ep2`, `dp2-cpuadam`, `ep1-local`, `tp1-pack-rcfull`, ...; a wrong part or
+    data-parallel size is an error."""
+    p, cpu_adam, dp, layer_spec, pack = ParallelConfig(), False, None, "torch", False
+    recompute = NO_RECOMPUTE
     sizes = {"tp": "tensor", "pp": "pipeline", "ep": "expert"}
     for part in name.split("-"):
         kind = part.rstrip("0123456789")
@@ -245,13 +351,21 @@ def parse_layout(name: str, world: int) -> Layout:
             cpu_adam = True
         elif part == "local":
             layer_spec = "local"
+        elif part == "pack":
+            pack = True
+        elif kind == "rcfull":
+            recompute = ("full", "uniform", int(number or 1))
+        elif kind == "rcblock" and number:
+            recompute = ("full", "block", int(number))
+        elif part == "rcsel":
+            recompute = ("selective", "uniform", 1)
         else:
             raise ValueError(f"layout {name!r}: unknown part {part!r}; parts: {LAYOUT_PARTS}")
     if dp is not None and dp * p.tensor * p.pipeline != world:
         raise ValueError(
             f"layout {name!r}: dp{dp} x tp{p.tensor} x pp{p.pipeline} != world size {world}"
         )
-    return Layout(name, p, cpu_adam, layer_spec)
+    return Layout(name, p, cpu_adam, layer_spec, pack, recompute)
 
 
 def default_layouts(world: int) -> list[str]:
@@ -271,6 +385,8 @@ def sluice_config(layout: Layout, world: int, sizes: Sizes, on_gpu: bool) -> Slu
     t.max_tokens_per_micro_batch = sizes.micro_tokens
     t.parallel = layout.parallel
     t.layer_spec = layout.layer_spec
+    t.pack_sequences = layout.pack
+    t.recompute_granularity, t.recompute_method, t.recompute_num_layers = layout.recompute
     if layout.cpu_adam:
         t.optimizer_cpu_offload = True
         t.overlap_cpu_optimizer_d2h_h2d = True
@@ -382,28 +498,78 @@ def step_inputs(backend, batches) -> tuple[list, float]:
     return share, normalizer
 
 
+def computed_tokens(backend, batches, max_tokens: int) -> int:
+    """Tokens the model runs on in a step, every data-parallel rank's micro-batches together:
+    padded, each micro-batch's rows x its longest row; packed, each row but its last token
+    (`training.batch`'s planning, as the backend's; without the padding micro-batches a rank
+    with fewer runs, and sequence parallelism's rounding)."""
+    pack = backend.config.train.pack_sequences
+    total = 0
+    for rank in range(backend.data_parallel_size):
+        rows = rows_of(batches[rank :: backend.data_parallel_size])
+        if pack:
+            plan = pack_by_token_budget(rows, max_tokens)
+            total += sum(rows.length(i) - 1 for group in plan for i in group)
+        else:
+            plan = split_by_token_budget(rows, max_tokens)
+            total += sum(len(group) * max(rows.length(i) for i in group) for group in plan)
+    return total
+
+
 def measure_steps(backend, sizes: Sizes, batches, device, facts: ModelFacts) -> dict[str, Any]:
     share, normalizer = step_inputs(backend, batches)
     step = partial(backend.train, share, normalizer)
     seconds, losses = [], []
+    memory: dict[str, Any] = {}
     for index in range(sizes.warmup + sizes.steps):
+        if index == sizes.warmup:
+            memory = step_memory_start(device)
         elapsed, stats = timed(device, step)
         losses.append(TrainStats.reduce(gathered(stats))["train/loss"])
         if index >= sizes.warmup:
             seconds.append(elapsed)
     step_s = statistics.median(seconds)
-    tokens = sizes.rows * sizes.seq
+    tokens = sum(sizes.lengths)
+    computed = computed_tokens(backend, batches, sizes.micro_tokens)
     return {
         "step_s": step_s,
         "step_s_all": seconds,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step_s,
-        "model_tflops_per_gpu": tokens
-        * facts.flops_per_token
+        "computed_tokens_per_step": computed,
+        "computed_tokens_per_s": computed / step_s,
+        "model_tflops_per_gpu": facts.step_flops(sizes.lengths)
         / step_s
         / 1e12
         / dist.get_world_size(),
         "losses": losses,
+    } | step_memory_end(device, memory)
+
+
+def step_memory_start(device) -> dict[str, int]:
+    """Before the timed steps (GPU): the peak so far (the build's and warm-up's) and what is
+    allocated now (weights, gradients, optimizer state); the peak is then reset, so that
+    `max_memory_allocated` reads the timed steps' own."""
+    if device.type != "cuda":
+        return {}
+    before = {"peak": torch.cuda.max_memory_allocated(device)}
+    before["static"] = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return before
+
+
+def step_memory_end(device, before: dict[str, int]) -> dict[str, Any]:
+    """Per rank, GiB: the build's and warm-up's peak, the timed steps' peak, what was
+    allocated before them, and the steps' peak above that (`act_GiB`: activations and
+    temporaries)."""
+    if device.type != "cuda" or not before:
+        return {}
+    peak = torch.cuda.max_memory_allocated(device)
+    return {
+        "warmup_peak_GiB": gathered(before["peak"] / GIB),
+        "step_peak_GiB": gathered(peak / GIB),
+        "static_GiB": gathered(before["static"] / GIB),
+        "act_GiB": gathered((peak - before["static"]) / GIB),
     }
 
 
@@ -528,8 +694,10 @@ def run_layout(
         if profile_dir is not None:
             path = profile_dir / f"profile_{layout.name}.txt"
             profile_step(backend, sizes, batches, device, path)
-        if device.type == "cuda":
-            result["peak_gpu_GiB"] = gathered(torch.cuda.max_memory_allocated(device) / GIB)
+        if device.type == "cuda":  # the steps' peak was reset: the larger of it and before
+            peak = torch.cuda.max_memory_allocated(device) / GIB
+            before = result.get("warmup_peak_GiB", [0.0] * world)[dist.get_rank()]
+            result["peak_gpu_GiB"] = gathered(max(peak, before))
         host = gathered(host_memory_gib())
         result["host_rss_GiB"] = [h["rss"] for h in host]
         result["host_peak_GiB"] = [h["peak"] for h in host]
@@ -547,6 +715,52 @@ def run_layout(
     return result
 
 
+# Log-prob memory.
+
+
+def measure_log_prob_memory(
+    device, tokens: int, hidden_size: int, vocab: int, chunks: tuple[int, ...]
+) -> dict[str, Any]:
+    """`training.token_stats` forward and backward (the sum of the log-probs) of one row of
+    `tokens` tokens against a `vocab` output layer, at each chunk size (0: unchunked): peak
+    GPU memory above the inputs (GiB; the pass's gradients included), seconds, and the
+    largest log-prob difference against the first chunk size's."""
+    from training.token_stats import token_stats
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device).manual_seed(SEED)
+    hidden = torch.randn(tokens, hidden_size, generator=generator, device=device, dtype=dtype)
+    weight = torch.randn(vocab, hidden_size, generator=generator, device=device, dtype=dtype)
+    weight = (weight * 0.02).requires_grad_()
+    hidden.requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
+    out: dict[str, Any] = {"tokens": tokens, "hidden": hidden_size, "vocab": vocab}
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    first = None
+    for chunk in chunks:
+        hidden.grad = weight.grad = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+        def forward_backward(chunk=chunk):
+            log_probs, _ = token_stats(hidden, weight, targets, 1.0, chunk)
+            log_probs.sum().backward()
+            return log_probs.detach()
+
+        seconds, log_probs = timed(device, forward_backward)
+        entry: dict[str, Any] = {"seconds": seconds}
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
+            entry["peak_GiB"] = max(gathered(peak / GIB))
+        first = log_probs if first is None else first
+        entry["max_abs_diff"] = (log_probs.float() - first.float()).abs().max().item()
+        out[f"chunk_{chunk}"] = entry
+    return out
+
+
 # Report.
 
 
@@ -554,9 +768,12 @@ def table_row(name: str, r: dict[str, Any], matrix_flops: float) -> dict[str, An
     row: dict[str, Any] = {"layout": name, "dtype": r.get("dtype", "")}
     if "step_s" in r:
         row |= {"step_s": r["step_s"], "tok/s": r["tokens_per_s"]}
+        row["computed tok/s"] = r["computed_tokens_per_s"]
         row["MFU"] = r["model_tflops_per_gpu"] * 1e12 / matrix_flops
     if "peak_gpu_GiB" in r:
         row["gpu_GiB"] = max(r["peak_gpu_GiB"])
+    if "act_GiB" in r:
+        row["act_GiB"] = max(r["act_GiB"])
     if "host_rss_GiB" in r:
         row["rss_GiB"] = max(r["host_rss_GiB"])
     for key in (
@@ -588,6 +805,10 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _brief(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+
+
 # Main.
 
 
@@ -597,8 +818,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layouts", help="comma-separated; default tpW-sp,epW,dpW-cpuadam")
     parser.add_argument("--steps", type=int, help="timed steps (default 5; --tiny 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; --tiny 1)")
-    parser.add_argument("--rows", type=int, help="rows per step (default 64)")
-    parser.add_argument("--seq", type=int, help="tokens per row (default 1024)")
+    parser.add_argument("--rows", type=int, help="rows per step (default 64; longtail 256)")
+    parser.add_argument("--seq", type=int, help="tokens per row, fixed lengths (default 1024)")
+    parser.add_argument(
+        "--lengths",
+        choices=("fixed", "longtail"),
+        default="fixed",
+        help="row lengths: all --seq, or long-tailed (lognormal, see the module docstring)",
+    )
+    parser.add_argument("--mean-len", type=int, help="longtail: mean tokens a row (2048)")
+    parser.add_argument("--max-len", type=int, help="longtail: the longest row (8192)")
+    parser.add_argument("--min-len", type=int, help="longtail: the shortest row (64)")
+    parser.add_argument(
+        "--logprob-memory",
+        action="store_true",
+        help="also measure chunked against unchunked log-prob memory at one longest row",
+    )
     parser.add_argument("--micro-tokens", type=int, help="max tokens per micro-batch (16384)")
     parser.add_argument("--export-repeats", type=int, help="timed exports (default 2)")
     parser.add_argument("--bucket-mb", type=int, default=64, help="broadcast bucket, MiB")
@@ -617,6 +852,21 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated layouts to profile one step of (writes profile_LAYOUT.txt)",
     )
     args = parser.parse_args()
+    longtail_only = [k for k in ("mean_len", "max_len", "min_len") if getattr(args, k) is not None]
+    if args.lengths == "fixed" and longtail_only:
+        given = ", ".join("--" + k.replace("_", "-") for k in longtail_only)
+        parser.error(f"{given}: only with --lengths longtail")
+    if args.lengths == "longtail" and args.seq is not None:
+        parser.error("--seq: only with --lengths fixed (longtail: --mean-len, --max-len)")
+    length_defaults = (32, 128, 4) if args.tiny else (2048, 8192, 64)
+    for key, default in zip(("mean_len", "max_len", "min_len"), length_defaults, strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if not 4 <= args.min_len < args.mean_len < args.max_len:
+        parser.error(
+            f"--min-len {args.min_len}, --mean-len {args.mean_len}, --max-len {args.max_len}: "
+            f"need 4 <= min < mean < max"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     names = args.layouts.split(",") if args.layouts else default_layouts(world)
     try:
@@ -652,7 +902,7 @@ def main() -> None:
 
     hf_config = model_config(sizes.tiny, args.model, args.layers)
     shapes = checkpoint_shapes(hf_config)
-    facts = model_facts(hf_config, shapes, sizes.seq)
+    facts = model_facts(hf_config, shapes)
     start = time.perf_counter()
     wrote = write_checkpoint(hf_config, shapes, sizes.model_dir, device) if rank == 0 else None
     dist.all_reduce(torch.zeros(1, device=device))  # the checkpoint is complete
@@ -660,7 +910,7 @@ def main() -> None:
         f"checkpoint {sizes.model_dir}: {'written' if wrote else 'reused'} in "
         f"{time.perf_counter() - start:.1f} s; {facts.total_params / 1e6:.1f}M params, "
         f"{facts.active_params / 1e6:.1f}M active (matrix weights), "
-        f"{facts.flops_per_token / 1e6:.1f} MFLOP/token",
+        f"{facts.flops_per_token(sizes.seq) / 1e6:.1f} MFLOP/token at {sizes.seq} tokens a row",
         flush=True,
     )
 
@@ -684,12 +934,20 @@ def main() -> None:
             "config": {k: getattr(hf_config, k) for k in _SHAPE_KEYS},
             "total_params": facts.total_params,
             "active_params": facts.active_params,
-            "flops_per_token": facts.flops_per_token,
+            "flops_per_token": facts.flops_per_token(sizes.seq),
+            "attention_flops_per_token_per_position": facts.attention_flops,
         },
-        "batch": {"rows": sizes.rows, "seq": sizes.seq, "micro_tokens": sizes.micro_tokens},
+        "batch": {
+            "rows": sizes.rows,
+            "seq": sizes.seq,
+            "micro_tokens": sizes.micro_tokens,
+            "lengths": sizes.profile,
+            "length_summary": length_summary(sizes.lengths),
+        },
         "steps": {"warmup": sizes.warmup, "timed": sizes.steps},
         "layouts": {},
     }
+    say(f"row lengths ({sizes.profile}): {_brief(report['batch']['length_summary'])}")
     out = Path(args.out) / "megatron_bench.json"
     batches = rollout_batches(sizes, hf_config.vocab_size)
     rows = []
@@ -703,7 +961,20 @@ def main() -> None:
             out.write_text(json.dumps(report, indent=1) + "\n")
         brief = {k: _fmt(v) for k, v in rows[-1].items() if k != "layout"}
         say(f"{layout.name}: {brief}", flush=True)
-    say(f"\nmegatron backend, {world} x {name}, {sizes.rows} rows x {sizes.seq} tokens a step")
+    if args.logprob_memory:
+        vocab = hf_config.vocab_size if sizes.tiny else QWEN3_VOCAB
+        chunks = (TrainConfig().log_prob_chunk_tokens if not sizes.tiny else 16, 0)
+        memory = measure_log_prob_memory(
+            device, max(sizes.lengths), hf_config.hidden_size, vocab, chunks
+        )
+        report["log_prob_memory"] = memory
+        if rank == 0:
+            out.write_text(json.dumps(report, indent=1) + "\n")
+        say(f"log-prob memory (0: unchunked): {memory}", flush=True)
+    shape = f"{sizes.rows} rows x {sizes.seq} tokens"
+    if sizes.profile == "longtail":
+        shape = f"{sizes.rows} rows, {sum(sizes.lengths)} tokens (mean {sizes.seq})"
+    say(f"\nmegatron backend, {world} x {name}, {shape} a step")
     if rank == 0:
         print_table(rows)
         for layout_name, result in report["layouts"].items():

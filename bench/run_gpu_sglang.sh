@@ -3,14 +3,20 @@
 #   usage, from the repository root:
 #     bench/pack_sglang_run.sh                  # -> .gpu/site.tar.xz (ray + sglang 0.5.17 + ...)
 #     then on the GPU machine, carrying .gpu:
-#     OUT=/some/dir bench/run_gpu_sglang.sh [tests contract packing bench]   (default: all)
+#     OUT=/some/dir bench/run_gpu_sglang.sh [tests contract packing bench long]
+#     (default: tests contract packing bench)
 # tests: tests/test_sglang_gpu.py (the server, bit-exact colocated updates, the loop learning
 # with and without routing replay, abort). contract: the SGLang contract tests (`-m sglang`,
 # written against sglang 0.5.23) run against the server's own sglang 0.5.17.
 # bench: bench/bench_sglang.py (tokens/s against the transformers engine, colocated sync time,
 # log-prob mismatch with and without routing replay) on the topology model.
 # packing: tests/test_packing_gpu.py (issue 30's varlen attention on the card).
-# Writes into $OUT: env.txt, tests.log, contract.log, bench.log, bench_sglang.json.
+# long: bench/bench_megatron.py on the topology model at 2 layers (issue 30, about 4 minutes):
+# 256 long-tailed rows (mean 2048, at most 8192 tokens) padded against packed and packed with
+# full / selective recompute, log-prob memory chunked against unchunked at one 8192-token row
+# and Qwen3's vocabulary; then Adam on the GPU against CPU Adam at 64 and 512 rows of 1024.
+# Writes into $OUT: env.txt, tests.log, contract.log, bench.log, bench_sglang.json, long.log,
+# long/, cpuadam_64/ and cpuadam_512/ (megatron_bench.json each).
 set -uo pipefail
 OUT=${OUT:?set OUT to an output folder}
 source bench/gpu_env.sh && gpu_env_sglang
@@ -40,6 +46,17 @@ run_packing() {  # issue 30's varlen attention against the padded path, on the c
 }
 run_bench() {
   step bench "${BENCH_LIMIT:-400}" python3 -m bench.bench_sglang --out "$OUT/bench_sglang.json"
+}
+
+run_long() {
+  local bench=(python3 -m torch.distributed.run --standalone --nproc-per-node 1
+    bench/bench_megatron.py --model topology --layers 2 --warmup 2 --steps 3)
+  step long "${LONG_LIMIT:-240}" "${bench[@]}" --lengths longtail --rows 256 --logprob-memory \
+    --layouts tp1-ep1,tp1-ep1-pack,tp1-ep1-pack-rcfull,tp1-ep1-pack-rcsel --out "$OUT/long"
+  for rows in 64 512; do
+    step long "${CPUADAM_LIMIT:-120}" "${bench[@]}" --rows "$rows" --micro-tokens 32768 \
+      --layouts tp1-ep1,tp1-ep1-cpuadam --out "$OUT/cpuadam_$rows"
+  done
 }
 
 for name in "${@:-tests contract packing bench}"; do
