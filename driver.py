@@ -40,7 +40,7 @@ from config.seed_flags import (
     unaliased_flag_message,
 )
 from config.slime_script import check_model_flags, check_restated, derived_overrides
-from inference.sglang.flags import split_cli_flags
+from inference.sglang.flags import over_recipe, split_cli_flags
 from placement.cluster import synthetic_cluster
 from placement.planner import ClusterShape, plan_layout
 
@@ -98,7 +98,7 @@ def parse_args(argv: list[str]) -> tuple[SluiceConfig, argparse.Namespace]:
     config = load_config(args.config, overrides)
     if sglang_flags:  # on top of the recipe's server_args, flag by flag
         server_args = config.rollout.sglang.server_args
-        config.rollout.sglang.server_args = {**server_args, **sglang_flags}
+        config.rollout.sglang.server_args = over_recipe(server_args, sglang_flags)
         config.validate()
     args.notes += check_model_flags(config.model, model_flags)
     return config, args

@@ -15,6 +15,7 @@ from typing import Any
 
 from config.errors import UserError
 from config.loader import typed_value
+from config.slime_script import DERIVED, MODEL_FLAGS, MODEL_SWITCHES, RESTATED
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,14 @@ class SeedFlag:
     """The flag takes NAME VALUE pairs (slime's `--eval-prompt-data aime PATH ...`), read as
     one mapping {NAME: VALUE}."""
 
+    implies: tuple[tuple[str, str, str], ...] = ()
+    """(flag value, key, key value): what else the flag means in slime, set unless that key is
+    on the command line too: `--use-tis` also makes the PPO ratio's denominator the trainer's
+    recomputed log-probs, since slime always recomputes them."""
+
+    instead: str = ""
+    """For a flag with keyed_values: what to give for a value Sluice lacks."""
+
     def key_for(self, raw: str) -> str:
         """The key that what the user gave the flag sets."""
         if not self.keyed_values:
@@ -48,7 +57,10 @@ class SeedFlag:
             if raw.lower() == value:
                 return key
         known = ", ".join(value for value, _, _ in self.keyed_values)
-        raise UserError(f"command line: {raw!r} is not one of the values Sluice has: {known}")
+        instead = f"; {self.instead}" if self.instead else ""
+        raise UserError(
+            f"command line: {raw!r} is not one of the values Sluice has: {known}{instead}"
+        )
 
     def key_value(self, raw: str) -> str:
         """The value for the key of what the user gave the flag."""
@@ -106,7 +118,29 @@ SEED_FLAGS: dict[str, SeedFlag] = {
     "--n-samples-per-prompt": SeedFlag("rollout.samples_per_prompt"),
     "--rollout-max-response-len": SeedFlag("rollout.max_new_tokens"),
     "--rollout-temperature": SeedFlag("rollout.temperature"),
-    "--use-tis": SeedFlag("algorithm.tis", switch=True, values=(("true", "on"), ("false", "off"))),
+    "--use-tis": SeedFlag(
+        "algorithm.tis",
+        switch=True,
+        values=(("true", "on"), ("false", "off")),
+        implies=(("true", "algorithm.old_log_probs", "recompute"),),
+    ),
+    "--tis-level": SeedFlag("algorithm.tis_level"),
+    "--eps-clip": SeedFlag("algorithm.clip_low"),
+    "--eps-clip-high": SeedFlag("algorithm.clip_high"),
+    # slime's `kl` is the plain log-ratio, our k1.
+    "--kl-loss-type": SeedFlag("algorithm.kl_type", values=(("kl", "k1"),)),
+    "--rm-type": SeedFlag(
+        "rollout.reward",
+        keyed_values=(
+            ("math", "rollout.reward", "rl.rewards:math_reward"),
+            ("deepscaler", "rollout.reward", "rl.rewards:deepscaler_reward"),
+        ),
+        instead="give your reward function as --rollout.reward module:function",
+    ),
+    "--colocate": SeedFlag("placement.colocate", switch=True),
+    "--bf16": SeedFlag(
+        "model.dtype", switch=True, values=(("true", "bfloat16"), ("false", "float32"))
+    ),
     "--tis-clip": SeedFlag("algorithm.tis_cap"),
     "--tis-clip-low": SeedFlag("algorithm.tis_floor"),
     "--entropy-coef": SeedFlag("algorithm.entropy_coef"),
@@ -159,8 +193,19 @@ SEED_FLAGS: dict[str, SeedFlag] = {
 # slime flags with a look-alike key of a different meaning: an alias would quietly change the
 # run, so the command line refuses them with the conversion instead.
 NOT_ALIASED: dict[str, str] = {
-    "--rollout-batch-size": "slime's --rollout-batch-size counts prompts per step, ours counts "
-    "samples: pass --rollout.batch_size PROMPTS x rollout.samples_per_prompt instead",
+    "--micro-batch-size": "slime's --micro-batch-size counts samples per forward; Sluice sizes "
+    "micro-batches by tokens: give --max-tokens-per-gpu (train.max_tokens_per_micro_batch)",
+    "--moe-enable-deepep": "slime's --moe-enable-deepep: DeepEP is not supported, the "
+    "Megatron backend sends tokens to their experts with all-to-all: drop the flag (and "
+    "--moe-token-dispatcher-type flex)",
+    "--fp8-format": "slime's --fp8-format: Sluice trains in bf16 (model.dtype) and serves FP8 "
+    "rollouts only: give an FP8 checkpoint as --hf-checkpoint (docs/fp8.md) and drop "
+    "--fp8-format and --fp8-recipe",
+    "--fp8-recipe": "slime's --fp8-recipe: Sluice trains in bf16 (model.dtype) and serves FP8 "
+    "rollouts only: give an FP8 checkpoint as --hf-checkpoint (docs/fp8.md) and drop "
+    "--fp8-format and --fp8-recipe",
+    "--use-slime-router": "slime's --use-slime-router: Sluice's rollout actors spread "
+    "their requests over the engines' servers themselves (no router process): drop the flag",
     "--num-steps-per-rollout": "slime's --num-steps-per-rollout N is --global-batch-size "
     "(rollout.batch_size / N) here: pass that instead",
     "--num-epoch": "slime's --num-epoch counts passes over the prompt data; Sluice counts RL "
@@ -176,6 +221,8 @@ NOT_ALIASED: dict[str, str] = {
 }
 
 _DEST = "seed:"  # argparse dest prefix of an alias, so its value never mixes with a key's
+# ... and of the flags of config.slime_script, one prefix per kind
+_RESTATED, _MODEL, _DERIVED = "restated:", "model:", "derived:"
 _SWITCH_ON = "true"  # what a bare switch means; read by the key's own type like any value
 
 
@@ -207,6 +254,58 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=choices)
         else:
             group.add_argument(flag, dest=_DEST + flag, metavar="VALUE", help=f"= --{alias.key}")
+    _add_script_flags(parser)
+
+
+def _add_script_flags(parser: argparse.ArgumentParser) -> None:
+    """slime's flags that are no alias of one key (config.slime_script), each in its section."""
+    sections = [
+        (
+            "slime flags for what Sluice always does",
+            "accepted with the value that says so, refused with any other",
+            _RESTATED,
+            {f: (r.switch, r.does) for f, r in RESTATED.items()},
+        ),
+        (
+            "slime's model architecture flags (MODEL_ARGS)",
+            "Sluice reads the architecture from the checkpoint's config.json; each flag given "
+            "is compared with it, and a disagreement is an error",
+            _MODEL,
+            {f: (f in MODEL_SWITCHES, f"= config.json's {hf}") for f, hf in MODEL_FLAGS.items()},
+        ),
+        (
+            "slime flags with computed keys",
+            "each sets a key from its value and other settings",
+            _DERIVED,
+            {f: (switch, doc.replace("`", "")) for f, (switch, doc) in DERIVED.items()},
+        ),
+    ]
+    for title, description, prefix, flags in sections:
+        group = parser.add_argument_group(title, description)
+        for flag, (switch, help_text) in flags.items():
+            if switch:
+                group.add_argument(
+                    flag,
+                    dest=prefix + flag,
+                    nargs="?",
+                    const=_SWITCH_ON,
+                    metavar="BOOL",
+                    help=help_text,
+                )
+            else:
+                group.add_argument(flag, dest=prefix + flag, metavar="VALUE", help=help_text)
+
+
+def given_script_flags(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """({flag: raw} of the RESTATED, MODEL and DERIVED flags on the command line)."""
+    return tuple(
+        {
+            dest.removeprefix(prefix): raw
+            for dest, raw in vars(args).items()
+            if dest.startswith(prefix) and raw is not None
+        }
+        for prefix in (_RESTATED, _MODEL, _DERIVED)
+    )
 
 
 def given_aliases(args: argparse.Namespace) -> dict[str, str]:
@@ -234,6 +333,9 @@ def merge_aliases(keyed: dict[str, Any], aliased: dict[str, str]) -> dict[str, A
                 f"to different values; give only one of them"
             )
         merged[key] = value
+        for when, implied, implied_value in SEED_FLAGS[flag].implies:
+            if raw.lower() == when and implied not in keyed:
+                merged[implied] = typed_value(implied, implied_value)
     return merged
 
 
@@ -262,5 +364,6 @@ def unaliased_flag_message(flag: str) -> str | None:
 
 
 def alias_names() -> list[str]:
-    """Every alias without its dashes, for the nearest-name search of an unknown flag."""
-    return [flag.removeprefix("--") for flag in SEED_FLAGS]
+    """Every slime flag without its dashes, for the nearest-name search of an unknown flag."""
+    flags = [*SEED_FLAGS, *RESTATED, *MODEL_FLAGS, *DERIVED]
+    return [flag.removeprefix("--") for flag in flags]

@@ -176,6 +176,20 @@ def math_reward(prompt: str, response: str, label: str) -> float:
     return _with_deadline(lambda: _math_equal(response, label, None), MATH_TIMEOUT_S, 0.0)
 
 
+def deepscaler_reward(prompt: str, response: str, label: str) -> float:
+    """slime's `--rm-type deepscaler`: `math_reward` of the answer after the model's thinking.
+
+    Only what follows the first `</think>` (or `###Response`) is graded, and it must hold a
+    \\boxed{} answer; a response that never closes its thinking (cut off at the length limit)
+    scores 0.0, as in DeepScaleR, rather than being graded on a number in its reasoning.
+    """
+    for marker in ("</think>", "###Response"):
+        if marker in response:
+            answer = response.split(marker, 1)[1]
+            return math_reward(prompt, answer, label) if "\\boxed" in answer else 0.0
+    return 0.0
+
+
 def _math_equal(response: str, label: str, timeout_s: int | None) -> float:
     gold = _parse_label(label, timeout_s)
     if not gold:

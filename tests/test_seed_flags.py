@@ -206,9 +206,11 @@ def test_a_mistyped_flag_suggests_the_nearest_alias(capsys):
     assert "did you mean --tensor-model-parallel-size" in line
 
 
-def test_slime_rollout_batch_size_is_refused_with_the_conversion(capsys):
-    line = cli_error(capsys, "--rollout-batch-size", "32")
-    assert "--rollout-batch-size" in line and "--rollout.batch_size" in line
+def test_slime_rollout_batch_size_counts_prompts():
+    # slime counts prompts per step, rollout.batch_size samples: 32 x the tiny recipe's 8.
+    assert parse("--rollout-batch-size", "32").rollout.batch_size == 256
+    config = parse("--rollout-batch-size", "8", "--n-samples-per-prompt", "4")
+    assert config.rollout.batch_size == 32
 
 
 def test_help_lists_every_alias_with_its_key():
@@ -237,7 +239,9 @@ def test_every_alias_names_a_key_and_no_alias_shadows_one():
         assert flag not in flags_of_keys, flag
         # A switch sets a boolean key, or maps true/false onto the key's own values; a flag
         # whose values name what they set takes a value.
-        switch = (alias.key in bools and not alias.keyed_values) or bool(alias.values)
+        switch = (alias.key in bools and not alias.keyed_values) or any(
+            value in ("true", "false") for value, _ in alias.values
+        )
         assert alias.switch == switch, flag
     assert not set(NOT_ALIASED) & set(SEED_FLAGS)
 

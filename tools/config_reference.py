@@ -22,6 +22,7 @@ import yaml
 from config.loader import describe_keys, field_docs
 from config.schema import SluiceConfig
 from config.seed_flags import NOT_ALIASED, SEED_FLAGS, SeedFlag
+from config.slime_script import DERIVED, MODEL_FLAGS, RESTATED
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAGE = REPO_ROOT / "docs" / "configuration.md"
@@ -60,6 +61,31 @@ sets the loss or the advantage its value names); `driver.py --help` lists them u
 "Megatron / slime flag names". Switches take no value (or `true`/`false`). A flag and its
 dotted key given with different values is an error, not a silent choice. slime's `--seed` is
 our top-level key `seed`, the same flag.
+
+slime's own `scripts/run-qwen3-30B-A3B.sh` passes as it is (its MODEL_ARGS, CKPT_ARGS,
+ROLLOUT_ARGS, EVAL_ARGS, PERF_ARGS, GRPO_ARGS, OPTIMIZER_ARGS, WANDB_ARGS, SGLANG_ARGS,
+MISC_ARGS and `--actor-num-nodes 1 --actor-num-gpus-per-node 8 --colocate`) on top of
+`--config recipes/qwen3-30b-a3b-8gpu.yaml`, which supplies what slime's flags do not say (the
+Megatron backend, SGLang, bf16, where outputs go); only `--wandb-key` is refused, on purpose.
+`tests/test_slime_script.py` holds the script and runs it through `driver.py --dry-run
+--cluster 1x8`, with the seed's FP8 and 24-GPU variants. Every flag of that script is in one of
+the tables below: an alias of one key; a flag whose key is computed; a flag for what Sluice
+always does; a model architecture flag, checked against the checkpoint; or refused, with what
+to give instead.
+"""
+
+RESTATED_INTRO = """\
+Flags for what Sluice always does, one way: accepted with the value that says so (the run's
+first lines name them: `sluice: note: slime flags that restate what Sluice always does: ...`),
+refused with any other value, since that setting cannot be changed here.
+"""
+
+MODEL_INTRO = """\
+slime's MODEL_ARGS (Megatron-LM's architecture flags) are not settings here: Sluice builds the
+model from the checkpoint's config.json (`--hf-checkpoint`). Each one given is compared with
+that file where it is readable (the dry run's machine, and always where the run starts), and
+one that disagrees is an error naming it, since a script written for another model would
+otherwise train this one silently. `--moe-grouped-gemm` is an alias (above).
 """
 
 
@@ -83,8 +109,25 @@ def render() -> str:
     lines += ["## Megatron / slime flag names", "", SLIME_INTRO]
     lines += ["| flag | sets |", "| --- | --- |"]
     lines += [f"| `{flag}` | {cell(alias_meaning(alias))} |" for flag, alias in SEED_FLAGS.items()]
-    lines += ["", "Not aliased, because the look-alike key means something else:", ""]
-    lines += [f"- `{flag}`: {reason}." for flag, reason in NOT_ALIASED.items()]
+    lines.append(
+        "| `--sglang-FLAG` | `--rollout.sglang.server_args` (any sglang.launch_server flag; the "
+        "seed's older names translated, see [the SGLang engine](sglang.md)) |"
+    )
+    lines += ["", "### slime flags whose key is computed", ""]
+    lines += ["| flag | sets |", "| --- | --- |"]
+    lines += [f"| `{flag}` | {cell(doc)} |" for flag, (_, doc) in DERIVED.items()]
+    lines += ["", "### slime flags for what Sluice always does", "", RESTATED_INTRO]
+    lines += ["| flag | accepted | what Sluice does |", "| --- | --- | --- |"]
+    lines += [
+        f"| `{flag}` | {', '.join(f'`{v}`' for v in r.accepts)} | {cell(r.does)} |"
+        for flag, r in RESTATED.items()
+    ]
+    lines += ["", "### slime's model architecture flags (MODEL_ARGS)", "", MODEL_INTRO]
+    lines += ["| flag | compared with config.json's |", "| --- | --- |"]
+    lines += [f"| `{flag}` | {cell(field)} |" for flag, field in MODEL_FLAGS.items()]
+    lines += ["", "### slime flags refused", ""]
+    lines += ["| flag | refused: why, and what to give instead |", "| --- | --- |"]
+    lines += [f"| `{flag}` | {cell(reason)} |" for flag, reason in NOT_ALIASED.items()]
     return "\n".join(lines) + "\n"
 
 

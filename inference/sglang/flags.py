@@ -40,6 +40,27 @@ class ServerFlag:
 LEGACY_FLAGS: dict[str, str] = {"enable-ep-moe": "switch", "cuda-graph-bs": "many"}
 
 
+# The seed's spellings and the 0.5.23 flags they become (`launch._translate_seed_flags`).
+SEED_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "enable-ep-moe": ("ep-size",),
+    "cuda-graph-bs": ("cuda-graph-bs-decode",),
+    "enable-dp-attention": ("attn-dp-size",),
+    "dp-size": ("attn-dp-size",),
+}
+
+
+def over_recipe(recipe: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The command line's server flags on top of a recipe's server_args: a flag replaces the
+    recipe's entry under either spelling (a seed array's --sglang-cuda-graph-bs replaces the
+    recipe's cuda-graph-bs-decode), so that pasting the seed's array never reads as giving one
+    setting twice."""
+    replaced = set(given)
+    for name in given:
+        replaced.update(SEED_SPELLINGS.get(name, ()))
+        replaced.update(old for old, new in SEED_SPELLINGS.items() if name in new)
+    return {**{k: v for k, v in recipe.items() if k not in replaced}, **given}
+
+
 @functools.cache
 def server_flags() -> dict[str, ServerFlag]:
     """Every flag by each of its spellings (canonical name and aliases)."""
