@@ -206,14 +206,16 @@ def derived_overrides(
     dotted key given too."""
     derived: dict[str, tuple[str, Any]] = {}  # key -> (flags, value)
     if "--rollout-batch-size" in given:
-        prompts = int(typed_value("rollout.batch_size", given["--rollout-batch-size"]))
+        prompts = _count("--rollout-batch-size", given["--rollout-batch-size"])
         samples = overrides.get("rollout.samples_per_prompt") or _recipe_value(
             recipe, "rollout", "samples_per_prompt", RolloutConfig.samples_per_prompt
         )
         derived["rollout.batch_size"] = ("--rollout-batch-size", prompts * int(samples))
     if {"--actor-num-nodes", "--actor-num-gpus-per-node"} & set(given):
-        nodes = int(given.get("--actor-num-nodes", ACTOR_NODES))
-        gpus = int(given.get("--actor-num-gpus-per-node", ACTOR_GPUS_PER_NODE))
+        nodes = _count("--actor-num-nodes", given.get("--actor-num-nodes", ACTOR_NODES))
+        gpus = _count(
+            "--actor-num-gpus-per-node", given.get("--actor-num-gpus-per-node", ACTOR_GPUS_PER_NODE)
+        )
         derived["train.num_workers"] = (
             "--actor-num-nodes x --actor-num-gpus-per-node",
             nodes * gpus,
@@ -234,12 +236,24 @@ def derived_overrides(
     return out
 
 
+def _count(flag: str, raw: Any) -> int:
+    """A whole number of prompts, nodes or GPUs; UserError naming the flag otherwise."""
+    try:
+        count = int(str(raw))
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UserError(f"command line: {flag} {raw} should be a whole number >= 1")
+    return count
+
+
 def _kl_coef(given: dict[str, str]) -> tuple[str, float] | None:
     """algorithm.kl_coef from slime's --use-kl-loss / --kl-loss-coef: slime adds the KL loss
     only with --use-kl-loss, weighted by --kl-loss-coef (default 0)."""
     use = given.get("--use-kl-loss")
     on = use is not None and _on("--use-kl-loss", use)
-    coef = float(typed_value("algorithm.kl_coef", given.get("--kl-loss-coef", "0")))
+    raw = given.get("--kl-loss-coef", "0")
+    coef = float(typed_value("algorithm.kl_coef", raw, where="command line --kl-loss-coef"))
     if not on and coef:
         raise UserError(
             f"command line: --kl-loss-coef {given['--kl-loss-coef']} without --use-kl-loss adds "

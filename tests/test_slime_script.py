@@ -313,6 +313,7 @@ def test_a_model_switch_the_checkpoint_lacks_is_refused_by_name(root, capsys):
         (["--kl-loss-coef", "0.01"], "--kl-loss-coef 0.01 without --use-kl-loss"),
         (["--rm-type", "dapo"], "'dapo' is not one of the values Sluice has: math, deepscaler"),
         (["--rollout-batch-size", "8", "--rollout.batch_size", "32"], "--rollout-batch-size"),
+        (["--actor-num-nodes", "two"], "--actor-num-nodes two should be a whole number"),
     ],
 )
 def test_a_value_sluice_cannot_honour_is_refused_by_name(capsys, argv, named):
