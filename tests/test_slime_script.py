@@ -359,3 +359,9 @@ def test_rm_type_deepscaler_grades_the_boxed_answer_after_the_thinking(response,
     assert deepscaler_reward(prompt="What is 7 * 6?", response=response, label="42") == reward
     # math_reward (--rm-type math) reads the last number anywhere, thinking included.
     assert math_reward(prompt="", response="<think>7 * 6 = 42", label="42") == 1.0
+
+
+@pytest.mark.parametrize("flag", sorted(NOT_ALIASED))
+def test_every_refused_flag_fails_with_one_line_naming_it(capsys, flag):
+    line = cli_error(capsys, [flag, "1"])
+    assert f"slime's {flag}" in line, line
