@@ -211,16 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         config, args = parse_args(sys.argv[1:] if argv is None else argv)
         for note in args.notes:  # slime flags accepted without a key of their own
             print(f"sluice: note: {note}", file=sys.stderr, flush=True)
-        if notice := tiny_recipe_notice(config, args.config):
-            print(f"sluice: note: {notice}", file=sys.stderr, flush=True)
+        # Told once the config is known to be good (a refused input's error stays alone).
+        tiny_notice = tiny_recipe_notice(config, args.config)
         if args.dry_run:
             dry_run(config, args.cluster)
+            if tiny_notice:
+                print(f"sluice: note: {tiny_notice}", file=sys.stderr, flush=True)
             return 0
         if args.cluster and not args.dry_run:
             raise UserError("--cluster only plans a dry run; add --dry-run, or drop --cluster")
         from actors.loop import SHUTDOWN_TIMEOUT_S, Driver
         from actors.stopping import StopRequest, job_stop_wait_notice
 
+        if tiny_notice:
+            print(f"sluice: note: {tiny_notice}", file=sys.stderr, flush=True)
         if notice := job_stop_wait_notice(config.timeouts, SHUTDOWN_TIMEOUT_S):
             print(f"sluice: warning: {notice}", file=sys.stderr, flush=True)
         stop = StopRequest()
