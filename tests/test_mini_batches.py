@@ -193,3 +193,29 @@ def test_a_mini_batch_with_no_loss_token_takes_no_step():
 def test_mini_batch_settings_that_cannot_hold_are_refused(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, {"rollout.batch_size": "256", **overrides})
+
+
+def test_epochs_run_the_frozen_reference_once_per_micro_batch_with_the_same_result(monkeypatch):
+    """With a KL term and 2 epochs each micro-batch trains twice; the reference's log-probs
+    cannot change, so it runs once per micro-batch, and the weights are those of running it
+    at every step, bit for bit."""
+    batches = [rollout_batch(7, 12)]
+    overrides = {
+        **RECOMPUTE,
+        "algorithm.kl_coef": "0.1",
+        "train.global_batch_size": "6",
+        "train.epochs": "2",
+    }
+    results, forwards = {}, {}
+    for once in (True, False):
+        backend = TorchBackend(config(**overrides), torch.device("cpu"))
+        if not once:  # the reference at every micro step, as before
+            monkeypatch.setattr(backend, "_reference_log_probs", lambda parts, plans: None)
+        calls = []
+        backend.reference.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+        stats = backend.train(batches, response_tokens(batches))
+        results[once], forwards[once] = weights(backend), len(calls)
+        assert stats.optimizer_steps == 4
+    assert forwards[False] == 2 * forwards[True] > 0
+    for name, weight in results[True].items():
+        assert torch.equal(weight, results[False][name]), name

@@ -56,6 +56,10 @@ class MicroBatch:
     """[B, T-1] (the loss's layout) the policy's log-probs of each target before the rollout
     step's first optimizer step, set when a step takes several (train.global_batch_size,
     train.epochs) and the loss reads them; None: the forward's own, detached, are."""
+    ref_log_probs: torch.Tensor | None = None
+    """[B, T-1] the frozen reference's log-probs of each target (KL term), set when the
+    rollout step trains on each micro-batch more than once (train.epochs > 1), so the
+    reference runs once per micro-batch; None: computed at the micro-batch's step."""
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(

@@ -145,13 +145,15 @@ class TorchBackend(TrainingBackend):
         parts = [select_rows(rows, mini.rows) for mini in minis]
         plans = [self._plan(part) for part in parts]
         old = self._old_log_probs(parts, plans) if len(minis) * t.epochs > 1 else None
+        ref = self._reference_log_probs(parts, plans) if t.epochs > 1 else None
         stats = TrainStats(samples=len(rows), micro_batches=sum(map(len, plans)))
         grad_norms = []
         for _ in range(t.epochs):
             for j, mini in enumerate(minis):
                 olds = old[j] if old is not None else None
+                refs = ref[j] if ref is not None else None
                 grad_norms.append(
-                    self._optimizer_step(parts[j], plans[j], mini.normalizer, stats, olds)
+                    self._optimizer_step(parts[j], plans[j], mini.normalizer, stats, olds, refs)
                 )
         stats.lr = self.lr_schedule.last_lr
         stats.compute_seconds = time.perf_counter() - start
@@ -164,9 +166,10 @@ class TorchBackend(TrainingBackend):
         normalizer: float,
         stats: TrainStats,
         old: list[torch.Tensor] | None,
+        ref: list[torch.Tensor] | None = None,
     ) -> float:
-        """One optimizer step over the micro-batches of `plan`, with their old log-probs if
-        given; returns the gradient norm."""
+        """One optimizer step over the micro-batches of `plan`, with their old (and
+        reference) log-probs if given; returns the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
         if not plan:
             self._empty_backward()
@@ -178,6 +181,8 @@ class TorchBackend(TrainingBackend):
             mb = self._micro_batch(rows, indices)
             if old is not None:
                 mb.old_log_probs = old[k]
+            if ref is not None:
+                mb.ref_log_probs = ref[k]
             with sync:
                 self._micro_step(mb, normalizer, stats)
         return self._clip_and_step()
@@ -196,6 +201,19 @@ class TorchBackend(TrainingBackend):
             for part, plan in zip(parts, plans, strict=True)
         ]
 
+    @torch.no_grad()
+    def _reference_log_probs(
+        self, parts: list[Rows], plans: list[list[list[int]]]
+    ) -> list[list[torch.Tensor]] | None:
+        """The frozen reference's log-probs of every micro-batch, once: with several epochs
+        each micro-batch trains more than once, and the reference's answer cannot change."""
+        if self.reference is None:
+            return None
+        return [
+            [self._token_log_probs(self.reference, self._micro_batch(part, i)) for i in plan]
+            for part, plan in zip(parts, plans, strict=True)
+        ]
+
     def _micro_step(self, mb: MicroBatch, normalizer: float, stats: TrainStats) -> None:
         a = self.config.algorithm
         mode = a.loss_aggregation
@@ -205,8 +223,10 @@ class TorchBackend(TrainingBackend):
         entropy = aggregate(entropy, mb.loss_mask, mode, normalizer)
         loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
         if self.reference is not None:
-            with torch.no_grad():
-                ref_log_probs = self._token_log_probs(self.reference, mb)
+            ref_log_probs = mb.ref_log_probs
+            if ref_log_probs is None:
+                with torch.no_grad():
+                    ref_log_probs = self._token_log_probs(self.reference, mb)
             kl = aggregate(
                 kl_penalty(log_probs, ref_log_probs, a.kl_type), mb.loss_mask, mode, normalizer
             )
