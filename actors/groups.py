@@ -500,9 +500,13 @@ class RolloutGroup:
         self._next_group_id = value
 
     def evaluate(self, prompts: list[PromptRecord], settings: EvalConfig) -> list[EvalCounts]:
+        return self.collect(self.start_evaluate(prompts, settings))
+
+    def start_evaluate(self, prompts: list[PromptRecord], settings: EvalConfig) -> list[EngineCall]:
+        """The evaluation's calls, one share per live engine; `collect` gives their counts."""
         engines = self._live_or_rejoined()
         shares = zip(engines, split_evenly(prompts, len(engines)), strict=True)
-        return self.collect([self._call(e, "evaluate", (s, settings)) for e, s in shares if s])
+        return [self._call(e, "evaluate", (s, settings)) for e, s in shares if s]
 
     def weight_versions(self) -> list[int]:
         return deadline.get([a.weight_version.remote() for a in self.actors])

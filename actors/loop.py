@@ -25,7 +25,7 @@ from ray.exceptions import RayError
 from tqdm import tqdm
 
 from actors import deadline
-from actors.groups import RolloutGroup, TrainGroup
+from actors.groups import EngineCall, RolloutGroup, TrainGroup
 from actors.preflight import LOOP_STATE_FILE, check_hardware, check_run, local_use_gpus
 from actors.rollout_queue import RolloutQueue
 from actors.runtime import connect_ray
@@ -82,6 +82,10 @@ class Driver:
             )
         start_from = inputs.start_from
         self.eval_sets = inputs.eval_sets
+        self.evaluation: tuple[int, dict[str, list[EngineCall]], bool] | None = None
+        """An evaluation started and not yet collected (eval.overlap_training): the step
+        after which it started, each set's engine calls, and whether to print its line."""
+        self.last_eval: dict[str, float] | None = None
         if notice := config.eval.replaced_default(config.data):
             print(f"note: {notice}", flush=True)
         self.prompts = PromptStream(inputs.train, config.seed, config.data.shuffle)
@@ -184,6 +188,7 @@ class Driver:
                 train_stats = self.trainers.train(shares, normalizer, advantage_norm)
             train_done = time.perf_counter()
             self.version += 1
+            self.collect_evaluation()  # it scores the weights it started on: before the update
             with self._phase("rollout", step):  # what runs ahead finishes or aborts first
                 self.rollouts.before_weight_update()
             ahead_done = time.perf_counter()
@@ -378,7 +383,7 @@ class Driver:
             self._set_loop_state(json.loads(state_file.read_text()))
             self.rollouts.load(directory, next_step=self.steps_done + 1)
 
-    def evaluate(self) -> dict[str, float] | None:
+    def evaluate(self, announce: bool = False) -> dict[str, float] | None:
         """Each held-out set's metrics (rl/evaluation.py), plus the first set's avg@k and mean
         reward as eval/accuracy and eval/reward_mean (None when the run has no set).
 
@@ -387,27 +392,54 @@ class Driver:
         restarted after the sync (rollout.partial abort). Each set is one `evaluate` call per
         engine, and the next step waits for every set: the loop is held for the evaluation's
         own generation time (k x prompts samples at eval's length), bounded by
-        timeouts.rollout_s like a step's generation."""
+        timeouts.rollout_s like a step's generation. With eval.overlap_training the run's
+        evaluations between steps only start here (`start_evaluation`) and are collected
+        before the next weight update (`collect_evaluation`), the next step training
+        meanwhile."""
+        self.start_evaluation(announce)
+        return self.collect_evaluation()
+
+    def start_evaluation(self, announce: bool = True) -> None:
+        """Hand every held-out set to the engines, without waiting (`collect_evaluation`);
+        `announce`: print its accuracy line when collected (the run's evaluations after a
+        step; not the one before the first)."""
         if not self.eval_sets:
+            return
+        self.collect_evaluation()  # one left from a step that updated no weights
+        calls = {
+            name: self.engines.start_evaluate(prompts, self.config.eval)
+            for name, prompts in self.eval_sets.items()
+        }
+        self.evaluation = (self.steps_done, calls, announce)
+
+    def collect_evaluation(self) -> dict[str, float] | None:
+        """The started evaluation's metrics, written at the step after which it started
+        (None when none was started); `last_eval` keeps them."""
+        if self.evaluation is None:
             return None
+        step, calls, announce = self.evaluation
         k = self.config.eval.samples_per_prompt
         metrics: dict[str, float] = {}
-        with self._phase("rollout", self.steps_done):  # evaluation is generation too
-            for name, prompts in self.eval_sets.items():
-                counts = sum(self.engines.evaluate(prompts, self.config.eval), EvalCounts())
+        with self._phase("rollout", step):  # evaluation is generation too
+            for name, shares in calls.items():
+                counts = sum(self.engines.collect(shares), EvalCounts())
                 metrics |= set_metrics(name, k, counts)
+        self.evaluation = None
         first = next(iter(self.eval_sets))
         metrics["eval/accuracy"] = metrics[f"eval/{first}/avg@{k}"]
         metrics["eval/reward_mean"] = metrics[f"eval/{first}/reward_mean"]
-        self.metrics.write(self.steps_done, metrics)
+        self.metrics.write(step, metrics)
         self.ray_metrics.record(metrics)
+        if announce:
+            accuracy = metrics["eval/accuracy"]
+            tqdm.write(f"eval after step {step}: accuracy {accuracy:.3f}", file=sys.stdout)
+        self.last_eval = metrics
         return metrics
 
     def run(self) -> dict:
         """Run the remaining steps with evaluations; save the model; write summary.json."""
         c = self.config
         first = None if self.stopping else self.evaluate()  # a signal during start-up
-        last = first
         bar = tqdm(
             total=c.num_steps,
             initial=self.steps_done,
@@ -429,14 +461,17 @@ class Driver:
             every = c.logging.eval_every
             if self.stopping:
                 continue  # no evaluation either: stop as soon as the step is done
-            if self.steps_done == c.num_steps or (every and self.steps_done % every == 0):
-                last = self.evaluate()
-                if last:
-                    tqdm.write(
-                        f"eval after step {self.steps_done}: accuracy {last['eval/accuracy']:.3f}",
-                        file=sys.stdout,
-                    )
+            if self.steps_done == c.num_steps:
+                self.evaluate(announce=True)  # the run's result: waited for
+            elif every and self.steps_done % every == 0:
+                self.start_evaluation()
+                if not c.eval.overlap_training:
+                    self.collect_evaluation()
+        # Only a stop leaves one started (the last step's is waited for): not waited for, the
+        # run stops after its step as it would without it.
+        self.evaluation = None
         bar.close()
+        last = self.last_eval
         saved = _saved_at(c.checkpoint.save, self.steps_done) if c.checkpoint.save else True
         if not saved and self.steps_done:
             path = self.save()

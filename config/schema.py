@@ -710,6 +710,16 @@ class EvalConfig:
     top_p: float | None = None
     """Nucleus sampling of evaluation; None = rollout.top_p. Unused when greedy."""
 
+    overlap_training: bool = False
+    """Let an evaluation between steps run on the engines while the next step trains,
+    instead of holding the loop: its results are collected before the next weight update
+    (so it scores the weights it started on) and logged at its own step, before the next
+    step's line. It saves up to one step's training time per evaluation when the engines have
+    GPUs of their own; it delays the generation queued behind it on each engine (with
+    algorithm.max_staleness 1, the one running ahead). Refused with placement.colocate (the
+    engines give their memory to the trainers). The first evaluation, before step 1, and the
+    last, after the final step, always wait."""
+
     def greedy(self) -> bool:
         """Argmax decoding: temperature 0, or left unset with one sample per prompt."""
         if self.temperature is None:
@@ -993,6 +1003,12 @@ class SluiceConfig:
                 f"rollout.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0"
             )
         _check_reward_scoring(r)
+        if self.eval.overlap_training and self.placement.colocate:
+            raise UserError(
+                "eval.overlap_training runs evaluations while the trainers step, and colocated "
+                "engines give the trainers their GPU memory then: set eval.overlap_training "
+                "false, or placement.colocate false"
+            )
         if r.partial == "abort" and not a.max_staleness:
             raise UserError(
                 "rollout.partial=abort cancels generations running ahead of training at a "

@@ -88,6 +88,10 @@ def test_slime_eval_array_without_temperature_samples_at_the_rollout_temperature
             "4 identical greedy answers",
         ),
         (["--eval-prompt-data", "a/b", "x.jsonl"], "a name without '/'"),
+        (
+            ["--eval.overlap_training", "true", "--placement.colocate", "true"],
+            "eval.overlap_training runs evaluations while the trainers step",
+        ),
     ],
 )
 def test_bad_eval_settings_are_refused_by_name(capsys, argv, message):

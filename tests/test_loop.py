@@ -200,3 +200,22 @@ def test_named_eval_sets_report_avg_and_pass_at_k_separately(driver):
     assert metrics["eval/accuracy"] == metrics["eval/first/avg@4"]
     written = json.loads((driver.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert written["eval/second/pass@4"] == metrics["eval/second/pass@4"]
+
+
+def test_an_overlapped_evaluation_scores_the_weights_it_started_on(driver):
+    """eval.overlap_training: the evaluation started after a step runs while the next step
+    trains and is collected before that step's weight update, so it scores (greedily, hence
+    exactly) what a waited-for evaluation of the same weights gives, and its line comes before
+    the next step's in metrics.jsonl."""
+    before = driver.steps_done
+    waited = driver.evaluate()
+    driver.start_evaluation()
+    assert driver.evaluation is not None and driver.evaluation[0] == before
+    driver.step()
+    assert driver.evaluation is None
+    assert driver.last_eval == waited
+    lines = [json.loads(line) for line in (driver.output_dir / "metrics.jsonl").open()]
+    evaluated = [i for i, line in enumerate(lines) if "eval/accuracy" in line]
+    stepped = [i for i, line in enumerate(lines) if line.get("step") == before + 1]
+    assert lines[evaluated[-1]]["step"] == before
+    assert evaluated[-1] < stepped[0]
