@@ -219,3 +219,32 @@ def test_an_overlapped_evaluation_scores_the_weights_it_started_on(driver):
     stepped = [i for i, line in enumerate(lines) if line.get("step") == before + 1]
     assert lines[evaluated[-1]]["step"] == before
     assert evaluated[-1] < stepped[0]
+
+
+def test_a_run_with_overlapped_evaluations_logs_each_after_its_step(driver, monkeypatch):
+    """`Driver.run` with eval.overlap_training and an evaluation after every step: each one is
+    logged at its step, before the next step's line, and the last (after the final step) is
+    the summary's. Last in this module: it runs the driver to its end."""
+    first = driver.steps_done
+    driver.config.num_steps = first + 2
+    driver.config.logging.eval_every = 1
+    driver.config.logging.save_final_model = False
+    driver.config.eval.overlap_training = True
+    pending_at_step, step = [], driver.step
+
+    def watched_step():
+        pending_at_step.append(driver.evaluation is not None)
+        return step()
+
+    monkeypatch.setattr(driver, "step", watched_step)
+    summary = driver.run()
+    assert pending_at_step == [False, True]  # the second step began with the evaluation out
+    assert summary["steps"] == first + 2
+    lines = [json.loads(line) for line in (driver.output_dir / "metrics.jsonl").open()]
+    order = [(line["step"], "eval/accuracy" in line) for line in lines if line["step"] > first]
+    assert [step for step, is_eval in order if is_eval] == [first + 1, first + 2]
+    # the overlapped one (after the first step) before the second step's training line
+    assert order.index((first + 1, True)) < order.index((first + 2, False))
+    last = next(line for line in lines[::-1] if "eval/accuracy" in line)
+    assert last["step"] == first + 2
+    assert summary["last_eval_accuracy"] == last["eval/accuracy"]
