@@ -126,11 +126,10 @@ MATH_ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shared_fs(tmp_path_factory) -> Path:
-    """A temp stand-in for the cluster's shared file system, holding what the recipes name."""
-    root = tmp_path_factory.mktemp("shared")
-    models = root / "models"
+def write_reference_files(models: Path, data: Path) -> None:
+    """What the reference job reads, in `models` and `data`: Qwen3-30B-A3B's config.json, the
+    FP8 checkpoint's, the torch_dist conversion's marker, and dapo-math-17k / AIME 2024 prompt
+    files of MATH_ROWS (tests/test_slime_script.py lays them out as slime's /root)."""
     qwen3_30b_a3b_config().save_pretrained(models / "Qwen3-30B-A3B")
     fp8 = models / "Qwen3-30B-A3B-FP8"
     qwen3_30b_a3b_config().save_pretrained(fp8)
@@ -142,16 +141,23 @@ def shared_fs(tmp_path_factory) -> Path:
     converted = models / "Qwen3-30B-A3B_torch_dist"
     converted.mkdir()
     (converted / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    qwen3_8b_config().save_pretrained(models / "Qwen3-8B")  # recipes/your-model.yaml
-    for name in (
-        "dapo-math-17k/dapo-math-17k.jsonl",
-        "aime-2024/aime-2024.jsonl",
-        "train.jsonl",
-        "test.jsonl",
-    ):
-        path = root / "data" / name
+    write_math_rows(data, "dapo-math-17k/dapo-math-17k.jsonl", "aime-2024/aime-2024.jsonl")
+
+
+def write_math_rows(data: Path, *names: str) -> None:
+    for name in names:
+        path = data / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in MATH_ROWS))
+
+
+@pytest.fixture(scope="module")
+def shared_fs(tmp_path_factory) -> Path:
+    """A temp stand-in for the cluster's shared file system, holding what the recipes name."""
+    root = tmp_path_factory.mktemp("shared")
+    write_reference_files(root / "models", root / "data")
+    qwen3_8b_config().save_pretrained(root / "models" / "Qwen3-8B")  # recipes/your-model.yaml
+    write_math_rows(root / "data", "train.jsonl", "test.jsonl")
     return root
 
 

@@ -17,7 +17,6 @@ The dry runs call the driver's `main` in this process (no Ray: `--cluster` plans
 synthetic cluster), a few seconds each.
 """
 
-import json
 import shlex
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import yaml
 import driver
 from config.seed_flags import NOT_ALIASED, SEED_FLAGS
 from config.slime_script import DERIVED, MODEL_FLAGS, RESTATED
-from models.reference import qwen3_30b_a3b_config
+from tests.test_cluster_recipes import write_reference_files
 
 REPO = Path(__file__).resolve().parent.parent
 R8 = REPO / "recipes" / "qwen3-30b-a3b-8gpu.yaml"
@@ -151,25 +150,7 @@ def flags_of(text: str) -> list[str]:
 def root(tmp_path_factory) -> Path:
     """The script's /root: the model's config.json (and the FP8 one's), prompts, conversion."""
     root = tmp_path_factory.mktemp("root")
-    qwen3_30b_a3b_config().save_pretrained(root / "Qwen3-30B-A3B")
-    fp8 = root / "Qwen3-30B-A3B-FP8"
-    qwen3_30b_a3b_config().save_pretrained(fp8)
-    config = json.loads((fp8 / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-    }
-    (fp8 / "config.json").write_text(json.dumps(config))
-    converted = root / "Qwen3-30B-A3B_torch_dist"
-    converted.mkdir()
-    (converted / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    rows = [{"prompt": "What is 7 * 6?", "label": "42"}, {"prompt": "1 + 1?", "label": "2"}]
-    for name in ("dapo-math-17k/dapo-math-17k.jsonl", "aime-2024/aime-2024.jsonl"):
-        path = root / name
-        path.parent.mkdir(parents=True)
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_reference_files(root, root)
     return root
 
 
