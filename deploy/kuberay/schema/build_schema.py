@@ -72,25 +72,23 @@ DELETION_POLICY = obj(
     required=("policy",),
 )
 
+
+def resource(kind: str) -> dict[str, Any]:
+    """A ray.io/v1 object of `kind`, whose spec is the definition `<kind>Spec`."""
+    return obj(
+        {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": ref(META + "ObjectMeta"),
+            "spec": ref(f"{kind}Spec"),
+        },
+        required=("apiVersion", "kind", "metadata", "spec"),
+    )
+
+
 KUBERAY_DEFS: dict[str, Any] = {
-    "RayCluster": obj(
-        {
-            "apiVersion": {"const": "ray.io/v1"},
-            "kind": {"const": "RayCluster"},
-            "metadata": ref(META + "ObjectMeta"),
-            "spec": ref("RayClusterSpec"),
-        },
-        required=("apiVersion", "kind", "metadata", "spec"),
-    ),
-    "RayJob": obj(
-        {
-            "apiVersion": {"const": "ray.io/v1"},
-            "kind": {"const": "RayJob"},
-            "metadata": ref(META + "ObjectMeta"),
-            "spec": ref("RayJobSpec"),
-        },
-        required=("apiVersion", "kind", "metadata", "spec"),
-    ),
+    "RayCluster": resource("RayCluster"),
+    "RayJob": resource("RayJob"),
     "RayClusterSpec": obj(
         {
             "suspend": BOOL,
