@@ -24,7 +24,8 @@ One torchrun world measures, in this order:
    seconds, and the largest difference between the two's log-probs.
 
 Layout parts: tpN, ppN, epN, dpN (a check of the data-parallel size), sp (sequence
-parallelism), cpuadam (CPU Adam), local (megatron-core's local spec), pack
+parallelism), cpuadam (CPU Adam), overlap (with cpuadam: its host step overlapped with the
+next forward, `train.overlap_cpu_adam_with_forward`), local (megatron-core's local spec), pack
 (`train.pack_sequences`: rows packed without padding), rcfull / rcfullN (full activation
 recompute, uniform, N layers a chunk, 1 by default: slime's `--recompute-granularity full
 --recompute-method uniform --recompute-num-layers 1`), rcblockN (full, block, the first N
@@ -111,7 +112,7 @@ from weights.runs import TensorRun
 SEED = 7
 GIB = 1 << 30
 LAYOUT_PARTS = (
-    "tpN, ppN, epN, dpN (a check: N = world / (tp x pp)), sp, cpuadam, local, pack, "
+    "tpN, ppN, epN, dpN (a check: N = world / (tp x pp)), sp, cpuadam, overlap, local, pack, "
     "rcfull[N], rcblockN, rcsel"
 )
 LENGTH_SIGMA = 1.0
@@ -324,6 +325,8 @@ class Layout:
     name: str
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cpu_adam: bool = False
+    overlap: bool = False
+    """With cpu_adam: `train.overlap_cpu_adam_with_forward`."""
     layer_spec: str = "torch"
     """`local`: megatron-core's local spec (SequentialMLP, unfused attention), for comparison."""
     pack: bool = False
@@ -336,6 +339,7 @@ def parse_layout(name: str, world: int) -> Layout:
     """`tp2-sp`, `ep2`, `dp2-cpuadam`, `ep1-local`, `tp1-pack-rcfull`, ...; a wrong part or
     data-parallel size is an error."""
     p, cpu_adam, dp, layer_spec, pack = ParallelConfig(), False, None, "torch", False
+    overlap = False
     recompute = NO_RECOMPUTE
     sizes = {"tp": "tensor", "pp": "pipeline", "ep": "expert"}
     for part in name.split("-"):
@@ -349,6 +353,8 @@ def parse_layout(name: str, world: int) -> Layout:
             p.sequence = True
         elif part == "cpuadam":
             cpu_adam = True
+        elif part == "overlap":
+            overlap = True
         elif part == "local":
             layer_spec = "local"
         elif part == "pack":
@@ -365,7 +371,9 @@ def parse_layout(name: str, world: int) -> Layout:
         raise ValueError(
             f"layout {name!r}: dp{dp} x tp{p.tensor} x pp{p.pipeline} != world size {world}"
         )
-    return Layout(name, p, cpu_adam, layer_spec, pack, recompute)
+    if overlap and not cpu_adam:
+        raise ValueError(f"layout {name!r}: overlap is CPU Adam's; add cpuadam")
+    return Layout(name, p, cpu_adam, overlap, layer_spec, pack, recompute)
 
 
 def default_layouts(world: int) -> list[str]:
@@ -391,6 +399,7 @@ def sluice_config(layout: Layout, world: int, sizes: Sizes, on_gpu: bool) -> Slu
         t.optimizer_cpu_offload = True
         t.overlap_cpu_optimizer_d2h_h2d = True
         t.use_precision_aware_optimizer = True
+        t.overlap_cpu_adam_with_forward = layout.overlap
     return config
 
 

@@ -14,7 +14,8 @@
 # long: bench/bench_megatron.py on the topology model at 2 layers (issue 30, about 4 minutes):
 # 256 long-tailed rows (mean 2048, at most 8192 tokens) padded against packed and packed with
 # full / selective recompute, log-prob memory chunked against unchunked at one 8192-token row
-# and Qwen3's vocabulary; then Adam on the GPU against CPU Adam at 64 and 512 rows of 1024.
+# and Qwen3's vocabulary; then Adam on the GPU against CPU Adam, without and with its host step
+# overlapped with the next forward, at 64 and 512 rows of 1024.
 # Writes into $OUT: env.txt, tests.log, contract.log, bench.log, bench_sglang.json, long.log,
 # long/, cpuadam_64/ and cpuadam_512/ (megatron_bench.json each).
 set -uo pipefail
@@ -55,7 +56,7 @@ run_long() {
     --layouts tp1-ep1,tp1-ep1-pack,tp1-ep1-pack-rcfull,tp1-ep1-pack-rcsel --out "$OUT/long"
   for rows in 64 512; do
     step long "${CPUADAM_LIMIT:-120}" "${bench[@]}" --rows "$rows" --micro-tokens 32768 \
-      --layouts tp1-ep1,tp1-ep1-cpuadam --out "$OUT/cpuadam_$rows"
+      --layouts tp1-ep1,tp1-ep1-cpuadam,tp1-ep1-cpuadam-overlap --out "$OUT/cpuadam_$rows"
   done
 }
 

@@ -359,6 +359,12 @@ class TrainConfig:
     """Megatron: let the optimizer hold its fp32 master weights and moments itself
     (`--use-precision-aware-optimizer`)."""
 
+    overlap_cpu_adam_with_forward: bool = False
+    """Megatron, with CPU Adam: run the host optimizer step on a worker thread while the next
+    forward runs, each layer waiting only for its own parameters (the same update, bit for
+    bit; docs/megatron.md). Needs optimizer_cpu_offload, overlap_cpu_optimizer_d2h_h2d,
+    use_distributed_optimizer and use_precision_aware_optimizer."""
+
     cpu_adam_on_multiple_nodes: bool = False
     """Keep CPU Adam when the trainers span several nodes; by default it is turned off there
     with a notice (the distributed optimizer already shards the optimizer state)."""

@@ -28,6 +28,7 @@ CPU_ADAM_FLAGS = (
     "optimizer_cpu_offload",
     "overlap_cpu_optimizer_d2h_h2d",
     "use_precision_aware_optimizer",
+    "overlap_cpu_adam_with_forward",
 )
 
 

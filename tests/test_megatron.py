@@ -27,6 +27,9 @@ from training.megatron.routing_replay import check_replayable
 ROOT = Path(__file__).resolve().parent.parent
 SHIM_SITE = ROOT / "tests" / "megatron" / "site"
 TWO_RANK_LAYOUTS = ["dp2", "tp2-sp", "ep2", "pp2", "tp2-sp-etp2", "dp2-bf16", "dp2-bf16-cpuadam"]
+OVERLAP_LAYOUTS = ["ep2-bf16-cpuadam", "ep2-bf16-cpuadam-overlap"]
+"""CPU Adam without and with its host step overlapped with the next forward: experts stepped
+whole (expert data-parallel size 1), the rest sharded over two ranks and all-gathered."""
 LOCAL_SPEC_LAYOUTS = ["tp1", "tp2-sp", "ep2"]
 """Also run with megatron-core's local layer spec (`-local`), to compare with ours."""
 ROUTING_REPLAY_LAYOUTS = ["tp2-sp-r3", "ep2-r3", "pp2-r3"]
@@ -58,6 +61,7 @@ def layouts(tmp_path_factory) -> tuple[dict, Path]:
     results = run_layouts(out / "one.json", 1, ["tp1", "tp1-local", "tp1-r3", *ONE_RANK_EXTRAS])
     two = TWO_RANK_LAYOUTS + [f"{name}-local" for name in LOCAL_SPEC_LAYOUTS[1:]]
     two += [*ROUTING_REPLAY_LAYOUTS, PACKED_LAYOUT, f"{PACKED_LAYOUT}-pack", ENTROPY_LAYOUT]
+    two += OVERLAP_LAYOUTS
     results |= run_layouts(out / "two.json", 2, two)
     return results, out
 
@@ -186,6 +190,22 @@ def test_cpu_adam_matches_the_device_optimizer(layouts):
     assert results["dp2-bf16-cpuadam"]["losses"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.megatron
+def test_cpu_adam_overlapped_with_the_next_forward_is_the_same_update(layouts):
+    """train.overlap_cpu_adam_with_forward: the next step's first layer runs before the host
+    step of the last layer's parameters is done (its gate, a named point, is opened by that
+    forward), and every loss, gradient norm and weight equals CPU Adam's without overlap."""
+    results, out = layouts
+    serial, overlapped = results["ep2-bf16-cpuadam"], results["ep2-bf16-cpuadam-overlap"]
+    assert overlapped["host_steps_opened_by_forward"] == [True, True]
+    assert overlapped["losses"] == serial["losses"]
+    assert overlapped["grad_norms"] == serial["grad_norms"]
+    before, after = _weights(out, "ep2-bf16-cpuadam"), _weights(out, "ep2-bf16-cpuadam-overlap")
+    start = {n: t.to(torch.bfloat16) for n, t in _weights(out, "tp1").items()}
+    assert any(not torch.equal(before[n], start[n]) for n in before), "weights must have moved"
+    assert all(torch.equal(after[name], w) for name, w in before.items())
+
+
 # Start-up checks: each names the numbers.
 
 
@@ -215,6 +235,16 @@ def test_cpu_adam_in_fp32_with_the_distributed_optimizer_is_refused():
     train.optimizer_cpu_offload = True
     with pytest.raises(UserError, match="train in bfloat16"):
         check_megatron_config(train, "float32", model_shape(tiny_config()))
+    check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
+
+
+def test_cpu_adam_overlap_without_its_cpu_adam_settings_is_refused_by_name():
+    train = _train(2)
+    train.optimizer_cpu_offload = train.overlap_cpu_adam_with_forward = True
+    missing = "train.overlap_cpu_optimizer_d2h_h2d=true, train.use_precision_aware_optimizer=true"
+    with pytest.raises(UserError, match=f"overlap_cpu_adam_with_forward needs {missing}"):
+        check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
+    train.overlap_cpu_optimizer_d2h_h2d = train.use_precision_aware_optimizer = True
     check_megatron_config(train, "bfloat16", model_shape(tiny_config()))
 
 

@@ -72,6 +72,7 @@ def check_backend_config(config: SluiceConfig, model_readable: bool = True) -> N
             "train.optimizer_cpu_offload": t.optimizer_cpu_offload,
             "train.overlap_cpu_optimizer_d2h_h2d": t.overlap_cpu_optimizer_d2h_h2d,
             "train.use_precision_aware_optimizer": t.use_precision_aware_optimizer,
+            "train.overlap_cpu_adam_with_forward": t.overlap_cpu_adam_with_forward,
         }
         given = [k for k, v in megatron_only.items() if v]
         if given:

@@ -19,6 +19,7 @@ Paying megatron-core's import once for many layouts keeps the suite fast.
 import contextlib
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,8 @@ def layout_config(name: str, world: int) -> SluiceConfig:
             config.train.optimizer_cpu_offload = True
             config.train.overlap_cpu_optimizer_d2h_h2d = True
             config.train.use_precision_aware_optimizer = True
+        elif part == "overlap":  # CPU Adam's host step overlapped with the next forward
+            config.train.overlap_cpu_adam_with_forward = True
         elif part == "bf16":
             config.model.dtype = "bfloat16"
         elif part == "kl":
@@ -163,6 +166,7 @@ def run_layout(name: str, batches, out: str) -> dict:
         dist.all_gather_object(gathered_diffs, result.get(key))
         result[key] = max(d for d in gathered_diffs if d is not None)
     forwards = count_forwards(backend.model)
+    opened = gate_host_steps(backend, gated_steps=STEPS - 1) if backend.host_adam else None
     keys = ("loss", "grad_norm", "optimizer_steps", "clip_fraction", "entropy", "policy_loss")
     recorded = {key: [] for key in keys}
     for _ in range(STEPS):
@@ -179,6 +183,8 @@ def run_layout(name: str, batches, out: str) -> dict:
     result["entropies"] = recorded["entropy"]
     result["policy_losses"] = recorded["policy_loss"]
     result["forwards"] = forwards  # of the training steps: recompute runs some twice
+    if opened is not None:
+        result["host_steps_opened_by_forward"] = [opened[n] for n in sorted(opened)]
     weights = {n: t.clone() for n, t in backend.named_weights()}
     if dist.get_rank() == 0:
         torch.save(weights, weights_path(out, name))
@@ -205,6 +211,32 @@ def count_forwards(model) -> dict[str, int]:
             attention = module.self_attention.core_attention
             attention.register_forward_pre_hook(counter("core_attention"), with_kwargs=True)
     return counts
+
+
+def gate_host_steps(backend, gated_steps: int) -> dict[int, bool]:
+    """Holds the last parameter's host step of optimizer steps 1..gated_steps until the
+    next forward has entered the first transformer layer (a named point: that layer's
+    pre-hook, after the overlap's own). Without the overlap that forward would wait for the
+    whole host step, and the gate times out instead. Returns, per step, whether the forward
+    opened it."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    overlap = backend.host_adam
+    gates = {n: threading.Event() for n in range(1, gated_steps + 1)}
+    opened: dict[int, bool] = {}
+
+    def hold_last(step: int, position: int, count: int) -> None:
+        if position == count - 1 and step in gates:
+            opened[step] = gates[step].wait(timeout=60)
+
+    def open_gate(module, args) -> None:
+        if overlap.in_flight in gates:
+            gates[overlap.in_flight].set()
+
+    overlap.on_host_step = hold_last
+    first = next(m for m in backend.model.modules() if isinstance(m, TransformerLayer))
+    first.register_forward_pre_hook(open_gate)
+    return opened
 
 
 def initial_export_matches(name: str) -> bool:

@@ -52,6 +52,7 @@ from training.batch import (
 from training.loss import LossSettings, policy_term
 from training.lr_schedule import LrSchedule, ScheduleState
 from training.megatron.hf_weights import export_hf_weights, hf_weight_specs, load_hf_weights
+from training.megatron.host_adam_overlap import HostAdamOverlap
 from training.megatron.model import build_gpt_model, init_model_parallel
 from training.megatron.model_config import load_hf_config, model_shape, recompute_settings
 from training.megatron.parallel import check_megatron_config
@@ -85,6 +86,9 @@ class MegatronBackend(TrainingBackend):
             )
         self.model = _wrap_ddp(model, config)
         self.optimizer = _build_optimizer(self.model, config)
+        self.host_adam = None  # CPU Adam's host step, when it overlaps the next forward
+        if config.train.overlap_cpu_adam_with_forward:
+            self.host_adam = HostAdamOverlap(self.optimizer, self.model, device)
         self.lr_schedule = ScheduleState(LrSchedule.of(config))
         _connect_schedule(model.config, self.model, self.optimizer)
         self.reference = None
@@ -165,8 +169,16 @@ class MegatronBackend(TrainingBackend):
         loss_fn = partial(self._loss, normalizer=normalizer, scale=scale, stats=stats)
         self._schedule(self.model, micro_batches, loss_fn, reference, forward_only=False)
         stats.lr = self.lr_schedule.next_lr(self.optimizer.param_groups)
-        _, grad_norm, _ = self.optimizer.step()
+        if self.host_adam is not None:  # the host step finishes in the next forward
+            _, grad_norm, _ = self.host_adam.step(self.optimizer)
+        else:
+            _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm or 0.0)
+
+    def _finish_host_step(self) -> None:
+        """Before anything but a forward reads the weights or the optimizer state."""
+        if self.host_adam is not None:
+            self.host_adam.finish()
 
     def _loss(self, mb, reference, output, *, normalizer, scale, stats):
         a = self.config.algorithm
@@ -318,6 +330,7 @@ class MegatronBackend(TrainingBackend):
 
     def weight_stream(self) -> Iterator[StreamItem]:
         """A collective: every rank must iterate it to the end (shards are gathered)."""
+        self._finish_host_step()
         module = self.model.module
         return export_hf_weights(module, self.shape, module.config)
 
@@ -346,11 +359,13 @@ class MegatronBackend(TrainingBackend):
     def save_checkpoint(self, directory: str) -> None:
         from training.megatron.checkpoint import save_torch_dist
 
+        self._finish_host_step()
         save_torch_dist(Path(directory), self.model, self.optimizer, self.lr_schedule.state_dict())
 
     def load_checkpoint(self, directory: str, with_optimizer: bool) -> None:
         from training.megatron.checkpoint import load_torch_dist
 
+        self._finish_host_step()
         optimizer = self.optimizer if with_optimizer else None
         saved_schedule = load_torch_dist(Path(directory), self.model, optimizer)
         if with_optimizer:

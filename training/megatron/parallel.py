@@ -90,6 +90,20 @@ def optimizer_problems(train: TrainConfig, dtype: str) -> list[str]:
         problems.append(
             "train.overlap_cpu_optimizer_d2h_h2d only applies with train.optimizer_cpu_offload"
         )
+    overlap_needs = {
+        "optimizer_cpu_offload": train.optimizer_cpu_offload,
+        "overlap_cpu_optimizer_d2h_h2d": train.overlap_cpu_optimizer_d2h_h2d,
+        "use_distributed_optimizer": train.use_distributed_optimizer,
+        "use_precision_aware_optimizer": train.use_precision_aware_optimizer,
+    }
+    missing = [f"train.{name}=true" for name, on in overlap_needs.items() if not on]
+    if train.overlap_cpu_adam_with_forward and missing:
+        # It defers megatron-core's per-parameter host optimizers over the distributed
+        # optimizer's bf16 shards (training/megatron/host_adam_overlap.py).
+        problems.append(
+            f"train.overlap_cpu_adam_with_forward needs {', '.join(missing)} (CPU Adam as the "
+            f"reference recipe runs it); set them, or turn the overlap off"
+        )
     if train.optimizer_cpu_offload and dtype == "float32" and train.use_distributed_optimizer:
         # megatron-core's distributed optimizer shards fp32 parameters as autograd views,
         # which its CPU-offload optimizer cannot hold; bf16 parameters are sharded detached.
