@@ -88,7 +88,7 @@ class MegatronBackend(TrainingBackend):
         self.optimizer = _build_optimizer(self.model, config)
         self.host_adam = None  # CPU Adam's host step, when it overlaps the next forward
         if config.train.overlap_cpu_adam_with_forward:
-            self.host_adam = HostAdamOverlap(self.optimizer, self.model, device)
+            self.host_adam = HostAdamOverlap(self.optimizer, self.model)
         self.lr_schedule = ScheduleState(LrSchedule.of(config))
         _connect_schedule(model.config, self.model, self.optimizer)
         self.reference = None

@@ -50,7 +50,7 @@ class _Step:
 class HostAdamOverlap:
     """Defers megatron-core CPU Adam's host step into the next forward (see the module)."""
 
-    def __init__(self, optimizer, ddp_model, device: torch.device):
+    def __init__(self, optimizer, ddp_model):
         from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -59,7 +59,8 @@ class HostAdamOverlap:
             for part in getattr(optimizer, "chained_optimizers", [optimizer])
             if isinstance(getattr(part, "optimizer", None), HybridDeviceOptimizer)
         ]
-        self.device = device
+        # The worker thread starts on device 0; the copies must run on this rank's.
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.on_host_step: HostStepHook | None = None  # for tests: a named point per step
         self.steps_taken = 0
         self._pending: _Step | None = None
@@ -164,8 +165,8 @@ class HostAdamOverlap:
         self._worker.start()
 
     def _run(self, step: _Step) -> None:
-        if self._h2d is not None:
-            torch.cuda.set_device(self.device)
+        if self._cuda_device is not None:
+            torch.cuda.set_device(self._cuda_device)
         try:
             for position, (hdo, optimizer) in enumerate(step.cpu_optimizers):
                 if self.on_host_step is not None:
