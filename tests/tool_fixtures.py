@@ -1,0 +1,41 @@
+"""Tools for tests/test_tools.py, each misbehaving in one way (imported by the tool workers)."""
+
+import os
+import signal
+import time
+
+
+def echo(text: str) -> str:
+    return text
+
+
+def add(a: int, b: int) -> dict:
+    """A value that is not a str: the model sees it as JSON."""
+    return {"sum": a + b}
+
+
+def sleep(seconds: float) -> str:
+    """A tool that hangs (past the pool's timeout)."""
+    time.sleep(seconds)
+    return "woke up"
+
+
+def die() -> str:
+    """A tool whose process is killed in the call (the OOM killer, a segfault in C code)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "unreachable"
+
+
+def allocate(megabytes: int) -> str:
+    """A tool that allocates (and touches) `megabytes` of memory."""
+    block = bytearray(megabytes * 2**20)
+    return f"allocated {len(block)} bytes"
+
+
+def fail(message: str) -> str:
+    raise ValueError(message)
+
+
+def worker_parent() -> int:
+    """The pid of the process that started this worker: its tool actor."""
+    return os.getppid()
