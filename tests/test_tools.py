@@ -32,6 +32,7 @@ TOOLS = {
     "allocate": "tests.tool_fixtures:allocate",
     "fail": "tests.tool_fixtures:fail",
     "worker_parent": "tests.tool_fixtures:worker_parent",
+    "heavy_modules": "tests.tool_fixtures:heavy_modules",
     "python": "rl.tools:python",
     "search": "examples.tools.http_tool:search",
 }
@@ -100,6 +101,7 @@ def test_a_call_returns_the_tools_value_as_text(pool):
     result = call(pool, "add", a=2, b=3)
     assert (result.output, result.error) == ('{"sum": 5}', None)
     assert result.seconds > 0
+    assert call(pool, "heavy_modules").output == "[]"  # the worker is plain Python
 
 
 def test_a_call_past_the_timeout_costs_that_call_only(pool):

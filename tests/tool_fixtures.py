@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import time
 
 
@@ -39,3 +40,8 @@ def fail(message: str) -> str:
 def worker_parent() -> int:
     """The pid of the process that started this worker: its tool actor."""
     return os.getppid()
+
+
+def heavy_modules() -> list:
+    """Which of Ray and torch this worker process has imported (it should have neither)."""
+    return sorted(name for name in ("ray", "torch") if name in sys.modules)
