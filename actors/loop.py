@@ -569,7 +569,7 @@ def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
                      for r in results)  # fmt: skip
     correct = sum(r.stats.scored_correct if r.stats.scored else r.stats.correct for r in results)
     response_tokens = sum(r.stats.response_tokens for r in results)
-    return {
+    return episode_metrics(results) | {
         "rollout/samples": samples,
         "rollout/groups": sum(r.stats.groups for r in results),
         "rollout/filtered_groups": sum(r.stats.filtered_groups for r in results),
@@ -586,3 +586,26 @@ def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
             (v for r in results for v in r.stats.weight_versions), default=-1
         ),
     }
+
+
+def episode_metrics(results: list) -> dict[str, float]:
+    """Multi-turn episodes' figures (none without rollout.environment): per episode, turns,
+    tool calls and errors, observation tokens; tool latency per call; limit ends by name."""
+    episodes = sum(getattr(r.stats, "episodes", 0) for r in results)
+    if not episodes:
+        return {}
+    calls = sum(r.stats.tool_calls for r in results)
+    metrics = {
+        "rollout/episodes": episodes,
+        "rollout/turns_per_episode": sum(r.stats.turns for r in results) / episodes,
+        "rollout/tool_calls_per_episode": calls / episodes,
+        "rollout/tool_errors": sum(r.stats.tool_errors for r in results),
+        "rollout/tool_seconds_mean": sum(r.stats.tool_seconds for r in results) / max(calls, 1),
+        "rollout/observation_tokens_per_episode": sum(r.stats.observation_tokens for r in results)
+        / episodes,
+    }
+    for r in results:
+        for reason, count in r.stats.episode_ends.items():
+            key = f"rollout/episode_ends/{reason}"
+            metrics[key] = metrics.get(key, 0) + count
+    return metrics

@@ -16,12 +16,12 @@ from pathlib import Path
 from config.errors import UserError
 from config.schema import (
     BUILTIN_MODEL,
-    BUILTIN_TASK,
     DataConfig,
     SluiceConfig,
     config_json_readable,
 )
 from data.prompts import PromptRecord
+from data.sources import BUILTIN_TASK_MODULES
 from models.model_dir import check_checkpoint_dir
 
 LOOP_STATE_FILE = "sluice_state.json"
@@ -210,7 +210,7 @@ def _data_to_read(config: SluiceConfig) -> DataConfig:
 def _data_paths(config: SluiceConfig) -> list[str]:
     data = _data_to_read(config)
     paths = [data.prompt_data, data.eval_data, *config.eval.prompt_data.values()]
-    return [p for p in paths if p and p != BUILTIN_TASK]
+    return [p for p in paths if p and p not in BUILTIN_TASK_MODULES]
 
 
 def _check_chat_template(model: str, inputs: RunInputs) -> None:

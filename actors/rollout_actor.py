@@ -79,6 +79,27 @@ class RolloutStats:
     """Samples scored 0.0 because their reward call outlasted rollout.reward_timeout_s."""
     reward_crashes: int = 0
     """Samples scored 0.0 because their reward worker process died while scoring them."""
+    episodes: int = 0
+    """Multi-turn episodes (rollout.environment); the counts below are theirs."""
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_seconds: float = 0.0
+    observation_tokens: int = 0
+    """Tokens the environments added between model turns (loss mask 0)."""
+    episode_ends: dict[str, int] = field(default_factory=dict)
+    """Episodes ended by a limit, by the limit's name (`max_turns`, `max_tokens`, ...)."""
+
+    def add_episode(self, outcome) -> None:
+        counts = outcome.counts
+        self.episodes += 1
+        self.turns += counts.turns
+        self.tool_calls += counts.tool_calls
+        self.tool_errors += counts.tool_errors
+        self.tool_seconds += counts.tool_seconds
+        self.observation_tokens += counts.observation_tokens
+        if outcome.end_reason is not None:
+            self.episode_ends[outcome.end_reason] = self.episode_ends.get(outcome.end_reason, 0) + 1
 
 
 @dataclass
@@ -111,7 +132,15 @@ class RolloutActor:
         self.tokenizer = load_tokenizer(config.model)
         self.engine = create_engine(config, self.device, engine_index, site)
         r = config.rollout
-        self.rewards = RewardScorer(r.reward, r.reward_workers, r.reward_timeout_s)
+        self.episodes = self.rewards = None  # multi-turn episodes score themselves
+        if r.environment is not None:
+            # A named point mid-episode (every turn after the first engine call), for drills.
+            def before_turn():
+                fault_points.reached("rollout", engine_index, "episode_turn")
+
+            self.episodes = _episode_runner(r, self.engine, self.tokenizer, before_turn)
+        else:
+            self.rewards = RewardScorer(r.reward, r.reward_workers, r.reward_timeout_s)
         # `ray.cancel` on a running call only raises a flag (the actor keeps its state); the
         # engine polls it between decoding steps, the rewards while the actor waits for them.
         context = ray.get_runtime_context()
@@ -149,12 +178,21 @@ class RolloutActor:
             r.max_new_tokens, r.temperature, r.top_p, r.top_k, seed=sampling_seed
         )
         repeated = [ids for ids in self._encode(groups) for _ in range(r.samples_per_prompt)]
-        scores = self._scores(groups, r.samples_per_prompt)
         start = time.perf_counter()
-        completions = self._generate(repeated, params, scores)
-        stats = RolloutStats(generate_seconds=time.perf_counter() - start)
-        self._check_not_cancelled()
-        rewards = self._rewards(scores, completions, stats)
+        if self.episodes is not None:
+            records = [g for g in groups for _ in range(r.samples_per_prompt)]
+            outcomes = self.episodes.run(records, repeated, params)
+            stats = RolloutStats(generate_seconds=time.perf_counter() - start)
+            for outcome in outcomes:
+                stats.add_episode(outcome)
+            completions = [outcome.completion for outcome in outcomes]
+            rewards = [outcome.reward for outcome in outcomes]
+        else:
+            scores = self._scores(groups, r.samples_per_prompt)
+            completions = self._generate(repeated, params, scores)
+            stats = RolloutStats(generate_seconds=time.perf_counter() - start)
+            self._check_not_cancelled()
+            rewards = self._rewards(scores, completions, stats)
         self._check_not_cancelled()
         a = self.config.algorithm
         advantages = (
@@ -249,7 +287,8 @@ class RolloutActor:
             "prompt_ids": [prompts[i] for i in rows],
             "response_ids": [completions[i].token_ids for i in rows],
             "rollout_log_probs": [completions[i].log_probs for i in rows],
-            "loss_mask": [[1] * len(completions[i].token_ids) for i in rows],
+            "loss_mask": [_loss_mask(completions[i]) for i in rows],
+            "turn_starts": [completions[i].turn_starts or [0] for i in rows],
             "reward": [rewards[i] for i in rows],
             "advantage": [advantages[i] for i in rows],
             "group_id": [group_id_start + i // n for i in rows],
@@ -261,6 +300,7 @@ class RolloutActor:
             columns["routed_experts"] = [completions[i].routed_experts for i in rows]
         prompt_tokens = sum(len(prompts[i]) for i in rows)
         response_tokens = sum(len(completions[i].token_ids) for i in rows)
+        loss_tokens = sum(sum(columns["loss_mask"][j]) for j in range(len(rows)))
         stats.samples += len(rows)
         stats.reward_sum += sum(rewards[i] for i in rows)
         stats.correct += sum(rewards[i] >= CORRECT_REWARD for i in rows)
@@ -274,7 +314,7 @@ class RolloutActor:
             ref=ray.put(build_rollout_batch(columns)),
             num_samples=len(rows),
             num_tokens=prompt_tokens + response_tokens,
-            num_loss_tokens=response_tokens,
+            num_loss_tokens=loss_tokens,
         )
 
     def _weight_versions(self, completions: list[Completion]) -> list[int]:
@@ -289,9 +329,15 @@ class RolloutActor:
         self._check_current_weights()
         k = settings.samples_per_prompt
         repeated = [ids for ids in self._encode(prompts) for _ in range(k)]
-        scores = self._scores(prompts, k)
-        completions = self._generate(repeated, self._eval_params(settings), scores)
-        rewards = self._rewards(scores, completions)
+        if self.episodes is not None:
+            records = [p for p in prompts for _ in range(k)]
+            outcomes = self.episodes.run(records, repeated, self._eval_params(settings))
+            completions = [outcome.completion for outcome in outcomes]
+            rewards = [outcome.reward for outcome in outcomes]
+        else:
+            scores = self._scores(prompts, k)
+            completions = self._generate(repeated, self._eval_params(settings), scores)
+            rewards = self._rewards(scores, completions)
         lengths = [len(completion.token_ids) for completion in completions]
         return EvalCounts.of(rewards, lengths, k, CORRECT_REWARD)
 
@@ -368,5 +414,34 @@ class RolloutActor:
         return {n: p.detach().cpu().clone() for n, p in checkpoint_tensors(self.engine.model)}
 
     def shutdown(self) -> None:
-        self.rewards.close()
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.episodes is not None:
+            self.episodes.close()
         self.engine.shutdown()
+
+
+def _loss_mask(completion: Completion) -> list[int]:
+    """A multi-turn episode's mask (its observation tokens 0), else every token counts."""
+    if completion.loss_mask is not None:
+        return list(completion.loss_mask)
+    return [1] * len(completion.token_ids)
+
+
+def _episode_runner(r, engine, tokenizer, before_turn):
+    """The runner of rollout.environment's episodes, with its tools' pool."""
+    from rl.environments import Limits
+    from rl.episodes import EpisodeRunner
+
+    tools = None
+    if r.tools:
+        from rl.tools import ToolPool
+
+        tools = ToolPool(
+            r.tools,
+            workers=r.tool_workers,
+            timeout_s=r.tool_timeout_s,
+            memory_mb=r.tool_memory_mb,
+        )
+    limits = Limits(r.max_turns, r.max_episode_tokens, r.max_tool_calls, r.max_new_tokens)
+    return EpisodeRunner(r.environment, engine, tokenizer, limits, tools, before_turn)

@@ -70,6 +70,7 @@ def build_batch(
             -rng.random(tokens, dtype=np.float32), rows, response_len, pa.float32()
         ),
         "loss_mask": list_column(np.ones(tokens, dtype=np.int8), rows, response_len, pa.int8()),
+        "turn_starts": list_column(np.zeros(rows, dtype=np.int32), rows, 1, pa.int32()),
         "reward": pa.array(rng.random(rows, dtype=np.float32)),
         "advantage": pa.array(rng.standard_normal(rows, dtype=np.float32)),
         "group_id": pa.array(np.arange(rows, dtype=np.int64) // 8),

@@ -15,6 +15,8 @@ from config.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
 BUILTIN_TASK = "builtin:digits"
+BUILTIN_TOOL_TASK = "builtin:lookup"
+"""The built-in multi-turn task (tasks/lookup.py): its answer only a tool knows."""
 
 
 def config_json_readable(model: str) -> bool:
@@ -56,7 +58,9 @@ class DataConfig:
     """Prompts for training and evaluation."""
 
     prompt_data: str = BUILTIN_TASK
-    """Training prompts: a .jsonl or .parquet file, or `builtin:digits` (the synthetic task)."""
+    """Training prompts: a .jsonl or .parquet file, `builtin:digits` (the synthetic task), or
+    `builtin:lookup` (the synthetic tool task, with rollout.environment
+    tasks.lookup:LookupEnvironment)."""
 
     eval_data: str | None = None
     """Held-out prompts (same format); None takes them from the built-in task's held-out split."""
@@ -185,6 +189,38 @@ class RolloutConfig:
     """Seconds one sample's reward call may take in a reward worker; past that the worker is
     killed and replaced and the sample scores 0.0, as when the worker process dies. Both are
     counted per step (rollout/reward_timeouts, rollout/reward_crashes)."""
+
+    environment: str | None = None
+    """Multi-turn episodes: an environment class as `module:Class` (docs/agents.md), e.g.
+    `tasks.lookup:LookupEnvironment`; each sample is then one episode of model turns,
+    observations and tool calls, and the environment returns its reward (rollout.reward is
+    not used). None: one response per prompt, scored by rollout.reward."""
+
+    tools: dict[str, str] = field(default_factory=dict)
+    """The tools an environment may call: the name it calls them by -> `module:function`
+    (e.g. `{python: rl.tools:python}`); they run in a Ray actor per node (rl/tools.py)."""
+
+    max_turns: int = 8
+    """With an environment: model turns per episode; `episode.generate` returns an empty
+    reply past it."""
+
+    max_episode_tokens: int = 4096
+    """With an environment: prompt, model and observation tokens per episode (the context an
+    episode may fill); a turn's max_new_tokens shrinks to fit, observations are cut."""
+
+    max_tool_calls: int = 8
+    """With an environment: tool calls per episode; past it a call returns an error result
+    without running."""
+
+    tool_workers: int = 2
+    """Tool calls one node's tool actor runs at once, each in its own worker process."""
+
+    tool_timeout_s: float = 30.0
+    """Seconds one tool call may take; past it its worker is killed and replaced, and the
+    call returns an error result (counted in rollout/tool_errors)."""
+
+    tool_memory_mb: int = 2048
+    """Address-space limit of each tool worker process (MiB)."""
 
     groups_per_batch: int = 4
     """Prompt groups per Arrow record batch put into the object store (the unit the driver
@@ -1009,6 +1045,7 @@ class SluiceConfig:
                 f"rollout.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0"
             )
         _check_reward_scoring(r)
+        _check_environment(r)
         if self.eval.overlap_training and self.placement.colocate:
             raise UserError(
                 "eval.overlap_training runs evaluations while the trainers step, and colocated "
@@ -1057,6 +1094,27 @@ def _check_floats_finite(section: object, prefix: str = "") -> None:
             _check_floats_finite(value, f"{prefix}{f.name}.")
         elif isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{prefix}{f.name}={value} must be a finite number")
+
+
+def _check_environment(r: RolloutConfig) -> None:
+    if r.environment is None:
+        if r.tools:
+            raise UserError(
+                f"rollout.tools={sorted(r.tools)} needs rollout.environment (only a multi-turn "
+                f"environment calls tools); set one, or remove rollout.tools"
+            )
+        return
+    if r.reward != RolloutConfig.reward:
+        raise UserError(
+            f"rollout.reward={r.reward!r} is not used with rollout.environment="
+            f"{r.environment!r}: the environment's run() returns each episode's reward; "
+            f"remove rollout.reward, or call your reward function from the environment"
+        )
+    for name in ("max_turns", "max_episode_tokens", "max_tool_calls", "tool_workers"):
+        _positive(r, name, "rollout.")
+    for name in ("tool_timeout_s", "tool_memory_mb"):
+        if getattr(r, name) <= 0:
+            raise UserError(f"rollout.{name}={getattr(r, name)} must be > 0")
 
 
 def _check_reward_scoring(r: RolloutConfig) -> None:

@@ -4,14 +4,15 @@ One row per sample. RolloutActors build record batches of whole prompt groups, p
 Ray object store and hand back only `RolloutBatchRef`s; trainers `ray.get` them, which maps the
 Arrow buffers straight out of shared memory (no copy, no unpickling of rows).
 
-Version 2 columns:
+Version 3 columns:
 
 | column | type | meaning |
 | --- | --- | --- |
 | prompt_ids | list<int32> | prompt token ids (chat template applied) |
 | response_ids | list<int32> | sampled token ids, EOS included when the engine stopped on it |
 | rollout_log_probs | list<float32> | engine log-prob of each response token (tempered) |
-| loss_mask | list<int8> | 1 where a response token counts in the loss |
+| loss_mask | list<int8> | 1 where a response token counts in the loss (0: observation tokens) |
+| turn_starts | list<int32> | where each model turn begins in response_ids (`[0]`: one turn) |
 | reward | float32 | scalar reward of the sample |
 | advantage | float32 | group-normalized advantage, the same for every token |
 | group_id | int64 | prompt group (unique within a step) |
@@ -20,9 +21,14 @@ Version 2 columns:
 | finish_reason | string | `stop` (EOS) or `length` (max_new_tokens reached) |
 | routed_experts | list<uint8> (list<uint16> past 256 experts) | routing replay: see below |
 
+In a multi-turn episode (`rollout.environment`, docs/agents.md) `response_ids` is everything
+after the prompt up to the model's last token: model turns and observations in the order the
+engine read them, never re-tokenized; `weight_version` is the oldest of its turns'.
+
 `routed_experts` is null unless routing replay is on; then it holds the engine's expert ids of
 every input position, MoE layer and top-k slot, flattened from [prompt + response - 1, layers,
-top_k] (`models.routing`).
+top_k] (`models.routing`); in a multi-turn episode each model token's experts are those of the
+turn that sampled it.
 
 Bump `SCHEMA_VERSION` on any change; readers reject batches of another version.
 """
@@ -34,7 +40,7 @@ import pyarrow as pa
 import ray
 import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = b"sluice.rollout_schema_version"
 
 ROLLOUT_SCHEMA = pa.schema(
@@ -43,6 +49,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("rollout_log_probs", pa.list_(pa.float32()), nullable=False),
         pa.field("loss_mask", pa.list_(pa.int8()), nullable=False),
+        pa.field("turn_starts", pa.list_(pa.int32()), nullable=False),
         pa.field("reward", pa.float32(), nullable=False),
         pa.field("advantage", pa.float32(), nullable=False),
         pa.field("group_id", pa.int64(), nullable=False),
@@ -71,8 +78,11 @@ def build_rollout_batch(columns: dict[str, list]) -> pa.RecordBatch:
     """A record batch of `ROLLOUT_SCHEMA` from per-row Python values, one list per column.
 
     `routed_experts`, if given, is one integer numpy array per row (any shape: it is stored
-    flattened), all of one dtype, uint8 or uint16; absent or all None, the column is null."""
+    flattened), all of one dtype, uint8 or uint16; absent or all None, the column is null.
+    `turn_starts` absent: every row is one model turn (`[0]`)."""
     routed = columns.get("routed_experts")
+    if "turn_starts" not in columns:
+        columns = {**columns, "turn_starts": [[0]] * len(columns["prompt_ids"])}
     schema, arrays = ROLLOUT_SCHEMA, []
     for field in ROLLOUT_SCHEMA:
         if field.name != "routed_experts":

@@ -1,7 +1,16 @@
 """Where a run's prompts come from: the built-in task or the user's files."""
 
-from config.schema import BUILTIN_TASK, DataConfig, EvalConfig
+import importlib
+
+from config.schema import BUILTIN_TASK, BUILTIN_TOOL_TASK, DataConfig, EvalConfig
 from data.prompts import PromptRecord, check_chat_settings, load_prompts
+
+BUILTIN_TASK_MODULES = {BUILTIN_TASK: "tasks.digits", BUILTIN_TOOL_TASK: "tasks.lookup"}
+"""Each built-in task's module: its `make_prompts(seed) -> (train, held_out)`."""
+
+
+def builtin_prompts(name: str, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    return importlib.import_module(BUILTIN_TASK_MODULES[name]).make_prompts(seed)
 
 
 def load_train_and_eval(
@@ -9,16 +18,12 @@ def load_train_and_eval(
 ) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """(training prompts, held-out prompts); held-out is empty when none are configured."""
     builtin_eval: list[PromptRecord] = []
-    if config.prompt_data == BUILTIN_TASK:
-        from tasks.digits import make_prompts
-
-        train, builtin_eval = make_prompts(seed)
+    if config.prompt_data in BUILTIN_TASK_MODULES:
+        train, builtin_eval = builtin_prompts(config.prompt_data, seed)
     else:
         train = load_prompts(config.prompt_data, config.input_key, config.label_key)
-    if config.eval_data == BUILTIN_TASK:
-        from tasks.digits import make_prompts
-
-        held_out = make_prompts(seed)[1]
+    if config.eval_data in BUILTIN_TASK_MODULES:
+        held_out = builtin_prompts(config.eval_data, seed)[1]
     elif config.eval_data is not None:
         held_out = load_prompts(config.eval_data, config.input_key, config.label_key)
     else:

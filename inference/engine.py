@@ -58,6 +58,12 @@ class Completion:
     """The weight version that generated it, where the server that answered says (SGLang's
     `meta_info.weight_version`: the client balances requests over every engine's server); None:
     the generating engine's own version (the transformers engine)."""
+    loss_mask: list[int] | None = None
+    """A multi-turn episode's (`rl/episodes.py`): 1 for the model's tokens, 0 for the
+    observation tokens between its turns (their log-probs are 0.0). None: every token is the
+    model's."""
+    turn_starts: list[int] | None = None
+    """A multi-turn episode's: where each model turn begins in token_ids. None: one turn."""
 
 
 WEIGHT_MEMORY = ("weights",)

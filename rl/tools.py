@@ -1,5 +1,5 @@
-"""Running a model's tool calls: in worker processes of one Ray actor per node, each call
-bounded in time and memory, and the built-in Python tool.
+"""Running a model's tool calls: in worker processes of a Ray actor on the caller's node, each
+call bounded in time and memory, and the built-in Python tool.
 
 The contract of a tool (named in a `tools` mapping, name the model uses -> path)::
 
@@ -33,19 +33,22 @@ What each call gives (`ToolResult`; the episode sees `output`, never an exceptio
 A hang or a crash costs that call only: the next call gets a working worker.
 
 Where it runs and what waits for what: each rollout actor owns a `ToolPool`. The pool sends
-each call to the node's `ToolActor`, a named Ray actor (`<namespace_key>-tools-<node>-w<workers>
--m<memory_mb>`: pools asking for other worker counts or memory caps get their own) placed on
-the caller's node (soft node affinity), found or created by name, so the rollout actors of one
-node share its workers. It is not detached: it lives as long as the rollout actor that created
-it (its owner) and the job. `ToolPool.call` is a coroutine: the rollout actor's event loop
+each call to the node's `ToolActor`, a named Ray actor
+(`<namespace_key>-tools-<node>-w<workers>-m<memory_mb>-g<actors lost>`: pools asking for other
+worker counts or memory caps get their own) placed on the caller's node (soft node affinity),
+found or created by name, so the rollout actors of one node share its workers. It is not
+detached: it lives as long as the rollout actor that created it (its owner) and the job.
+Sluice's rollout actors each use their own key (`sluice-rollout<index>`), so each has its own
+tool actor: one that dies (and is restarted by Ray) takes its tool workers with it, and costs
+no other rollout actor's calls. `ToolPool.call` is a coroutine: the rollout actor's event loop
 runs other episodes while it waits. In the actor, a call waits (in the actor's event loop, no
 thread held) for an idle worker, then a thread of the actor's own executor (one per worker)
 hands it over and waits for the answer or the timeout; calls beyond `workers` queue there in
 arrival order, so a call's `seconds` (the caller's wall time) includes its wait for a worker.
-Cancelling the caller's coroutine (an aborted episode) does not stop the call in the worker:
-it runs to its end or its timeout, then the worker takes the next. A worker exits when its
-actor's process ends, even in the middle of a call (a thread in it reads the request pipe and
-kills its session on EOF).
+Cancelling the caller's coroutine (an aborted episode) does not stop the call in the worker: it
+runs to its end or its timeout, then the worker takes the next. A worker exits when its actor's
+process ends, even in the middle of a call (a thread in it reads the request pipe and kills its
+session on EOF).
 """
 
 import asyncio
@@ -383,6 +386,9 @@ class ToolPool:
         self.workers = workers
         self.memory_mb = memory_mb
         self.namespace_key = namespace_key
+        self._generation = 0
+        """Tool actors this pool has lost: the next one's name is new, since a dead actor's
+        name is released only some time after its death (get_if_exists would return it)."""
         self._actor = self._find_or_create_actor()
 
     async def call(self, name: str, arguments: dict) -> ToolResult:
@@ -413,6 +419,7 @@ class ToolPool:
         try:
             return await self._actor.call.remote(self.tools[name], arguments, self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            self._generation += 1
             self._actor = self._find_or_create_actor()  # a new one for the next call
             return "crash", f"crashed: its tool actor was lost ({type(error).__name__})"
 
@@ -421,7 +428,10 @@ class ToolPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         node = ray.get_runtime_context().get_node_id()
-        name = f"{self.namespace_key}-tools-{node}-w{self.workers}-m{self.memory_mb}"
+        name = (
+            f"{self.namespace_key}-tools-{node}-w{self.workers}-m{self.memory_mb}"
+            f"-g{self._generation}"
+        )
         options = {
             "name": name,
             "get_if_exists": True,

@@ -27,6 +27,14 @@ def die() -> str:
     return "unreachable"
 
 
+def kill_tool_actor() -> str:
+    """A tool that kills its tool actor (the worker's parent) in the call, as a lost node
+    would: the call is answered by the actor's death, whenever Ray notices it."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(60)  # the actor's end ends this worker too (it reads the pipe's EOF)
+    return "unreachable"
+
+
 def allocate(megabytes: int) -> str:
     """A tool that allocates (and touches) `megabytes` of memory."""
     block = bytearray(megabytes * 2**20)
