@@ -590,7 +590,8 @@ def rollout_metrics(results: list, seconds: float) -> dict[str, float]:
 
 def episode_metrics(results: list) -> dict[str, float]:
     """Multi-turn episodes' figures (none without rollout.environment): per episode, turns,
-    tool calls and errors, observation tokens; tool latency per call; limit ends by name."""
+    tool calls and errors, observation and model tokens; tool latency per call; limit ends by
+    name."""
     episodes = sum(getattr(r.stats, "episodes", 0) for r in results)
     if not episodes:
         return {}
@@ -603,6 +604,7 @@ def episode_metrics(results: list) -> dict[str, float]:
         "rollout/tool_seconds_mean": sum(r.stats.tool_seconds for r in results) / max(calls, 1),
         "rollout/observation_tokens_per_episode": sum(r.stats.observation_tokens for r in results)
         / episodes,
+        "rollout/model_tokens_per_episode": sum(r.stats.model_tokens for r in results) / episodes,
     }
     for r in results:
         for reason, count in r.stats.episode_ends.items():

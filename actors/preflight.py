@@ -1,12 +1,13 @@
 """Everything about a run that can be known before Ray starts, checked in one pass.
 
-`check_run` reads every input the run names (reward function, model and checkpoint folders,
-data files, the output folder) and checks the config against the backends; `check_hardware`
-checks what the backends need from the machines (Megatron and NCCL weight sync need GPUs).
-The driver runs both before it starts a local Ray cluster, then `check_hardware` again against
-the shape of the cluster it joined. `driver.py --dry-run` runs the same pass in planning mode:
-a model, data or checkpoint path that does not exist here (a cluster's shared file system is
-often not mounted where one plans) is reported as read at launch instead of refused.
+`check_run` reads every input the run names (reward function, or environment or agent, and
+tools; model and checkpoint folders, data files, the output folder) and checks the config
+against the backends; `check_hardware` checks what the backends need from the machines
+(Megatron and NCCL weight sync need GPUs). The driver runs both before it starts a local Ray
+cluster, then `check_hardware` again against the shape of the cluster it joined. `driver.py
+--dry-run` runs the same pass in planning mode: a model, data or checkpoint path that does not
+exist here (a cluster's shared file system is often not mounted where one plans) is reported as
+read at launch instead of refused.
 """
 
 import os
@@ -59,7 +60,6 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
     """Check the config and every input it names; `UserError` on the first problem."""
     from inference import check_engine_config
     from models.fp8_checkpoint import check_rollout_checkpoint
-    from rl.rewards import load_reward_fn
     from training import check_backend_config
     from training.loss import LossSettings
 
@@ -87,7 +87,7 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
         )
     check_backend_config(config, model_readable=model_here)
     check_engine_config(config)
-    load_reward_fn(config.rollout.reward)  # imports the user's module here, as actors will
+    _load_user_code(config)
     if model != BUILTIN_MODEL and model_here:
         check_checkpoint_dir(model)
     inputs.fp8 = check_rollout_checkpoint(config) if model_here else None
@@ -116,6 +116,29 @@ def check_run(config: SluiceConfig, planning: bool = False) -> RunInputs:
             _check_chat_template(model, inputs)
     _check_folders(config, inputs, planning)
     return inputs
+
+
+def _load_user_code(config: SluiceConfig) -> None:
+    """Import the user's modules here, as the rollout actors will: a bad path or name fails
+    before any actor starts, with the key that names it."""
+    r = config.rollout
+    if r.agent is not None:
+        from rl.agent_endpoint import load_agent
+
+        load_agent(r.agent)
+    elif r.environment is not None:
+        from rl.environments import load_environment
+
+        load_environment(r.environment)
+    else:
+        from rl.rewards import load_reward_fn
+
+        load_reward_fn(r.reward)
+    if r.tools:
+        from rl.tools import load_tool_fn
+
+        for name, path in r.tools.items():
+            load_tool_fn(name, path)
 
 
 def _check_folders(config: SluiceConfig, inputs: RunInputs, planning: bool) -> None:

@@ -87,6 +87,8 @@ class RolloutStats:
     tool_seconds: float = 0.0
     observation_tokens: int = 0
     """Tokens the environments added between model turns (loss mask 0)."""
+    model_tokens: int = 0
+    """The episodes' trained tokens (the model's own, loss mask 1)."""
     episode_ends: dict[str, int] = field(default_factory=dict)
     """Episodes ended by a limit, by the limit's name (`max_turns`, `max_tokens`, ...)."""
 
@@ -98,6 +100,7 @@ class RolloutStats:
         self.tool_errors += counts.tool_errors
         self.tool_seconds += counts.tool_seconds
         self.observation_tokens += counts.observation_tokens
+        self.model_tokens += sum(outcome.completion.loss_mask)
         if outcome.end_reason is not None:
             self.episode_ends[outcome.end_reason] = self.episode_ends.get(outcome.end_reason, 0) + 1
 
@@ -133,12 +136,14 @@ class RolloutActor:
         self.engine = create_engine(config, self.device, engine_index, site)
         r = config.rollout
         self.episodes = self.rewards = None  # multi-turn episodes score themselves
-        if r.environment is not None:
+        if r.environment is not None or r.agent is not None:
             # A named point mid-episode (every turn after the first engine call), for drills.
             def before_turn():
                 fault_points.reached("rollout", engine_index, "episode_turn")
 
-            self.episodes = _episode_runner(r, self.engine, self.tokenizer, before_turn)
+            self.episodes = _episode_runner(
+                r, self.engine, self.tokenizer, before_turn, engine_index, config.data
+            )
         else:
             self.rewards = RewardScorer(r.reward, r.reward_workers, r.reward_timeout_s)
         # `ray.cancel` on a running call only raises a flag (the actor keeps its state); the
@@ -182,6 +187,7 @@ class RolloutActor:
         if self.episodes is not None:
             records = [g for g in groups for _ in range(r.samples_per_prompt)]
             outcomes = self.episodes.run(records, repeated, params)
+            repeated = [outcome.prompt_ids for outcome in outcomes]  # (an agent's own prompt)
             stats = RolloutStats(generate_seconds=time.perf_counter() - start)
             for outcome in outcomes:
                 stats.add_episode(outcome)
@@ -428,8 +434,9 @@ def _loss_mask(completion: Completion) -> list[int]:
     return [1] * len(completion.token_ids)
 
 
-def _episode_runner(r, engine, tokenizer, before_turn):
-    """The runner of rollout.environment's episodes, with its tools' pool."""
+def _episode_runner(r, engine, tokenizer, before_turn, engine_index, data):
+    """The runner of rollout.environment's (or rollout.agent's) episodes, with its tools'
+    pool."""
     from rl.environments import Limits
     from rl.episodes import EpisodeRunner
 
@@ -442,6 +449,22 @@ def _episode_runner(r, engine, tokenizer, before_turn):
             workers=r.tool_workers,
             timeout_s=r.tool_timeout_s,
             memory_mb=r.tool_memory_mb,
+            # its own tool actor: one that dies with this actor costs no other's calls
+            namespace_key=f"sluice-rollout{engine_index}",
         )
     limits = Limits(r.max_turns, r.max_episode_tokens, r.max_tool_calls, r.max_new_tokens)
-    return EpisodeRunner(r.environment, engine, tokenizer, limits, tools, before_turn)
+    path, environment = r.environment, None
+    if r.agent is not None:
+        from rl.agent_endpoint import AgentEnvironment
+
+        path, environment = r.agent, AgentEnvironment(r.agent, data.chat_template_kwargs)
+    return EpisodeRunner(
+        path,
+        engine,
+        tokenizer,
+        limits,
+        tools,
+        before_turn,
+        environment,
+        chat_template_kwargs=data.chat_template_kwargs,
+    )

@@ -196,9 +196,17 @@ class RolloutConfig:
     observations and tool calls, and the environment returns its reward (rollout.reward is
     not used). None: one response per prompt, scored by rollout.reward."""
 
+    agent: str | None = None
+    """Multi-turn episodes from agent code that talks to an OpenAI-style chat API: a function
+    as `module:function` (docs/agents.md), `agent(base_url, record) -> float`, run once per
+    episode against an OpenAI-compatible endpoint at `base_url` whose chat completions are the
+    episode's model turns; it returns the episode's reward (rollout.reward is not used). Set
+    instead of rollout.environment (the endpoint is the environment)."""
+
     tools: dict[str, str] = field(default_factory=dict)
     """The tools an environment may call: the name it calls them by -> `module:function`
-    (e.g. `{python: rl.tools:python}`); they run in a Ray actor per node (rl/tools.py)."""
+    (e.g. `{python: rl.tools:python}`); they run in worker processes of a Ray actor beside each
+    rollout actor (rl/tools.py)."""
 
     max_turns: int = 8
     """With an environment: model turns per episode; `episode.generate` returns an empty
@@ -213,7 +221,7 @@ class RolloutConfig:
     without running."""
 
     tool_workers: int = 2
-    """Tool calls one node's tool actor runs at once, each in its own worker process."""
+    """Tool calls one rollout actor's tool actor runs at once, each in its own worker process."""
 
     tool_timeout_s: float = 30.0
     """Seconds one tool call may take; past it its worker is killed and replaced, and the
@@ -1097,7 +1105,9 @@ def _check_floats_finite(section: object, prefix: str = "") -> None:
 
 
 def _check_environment(r: RolloutConfig) -> None:
-    if r.environment is None:
+    if r.agent is not None:
+        _check_agent(r)
+    if r.environment is None and r.agent is None:
         if r.tools:
             raise UserError(
                 f"rollout.tools={sorted(r.tools)} needs rollout.environment (only a multi-turn "
@@ -1105,16 +1115,37 @@ def _check_environment(r: RolloutConfig) -> None:
             )
         return
     if r.reward != RolloutConfig.reward:
+        key, episodes = ("agent", "agent") if r.agent else ("environment", "environment's run()")
         raise UserError(
-            f"rollout.reward={r.reward!r} is not used with rollout.environment="
-            f"{r.environment!r}: the environment's run() returns each episode's reward; "
-            f"remove rollout.reward, or call your reward function from the environment"
+            f"rollout.reward={r.reward!r} is not used with rollout.{key}="
+            f"{getattr(r, key)!r}: the {episodes} returns each episode's reward; "
+            f"remove rollout.reward, or call your reward function from the {key}"
         )
     for name in ("max_turns", "max_episode_tokens", "max_tool_calls", "tool_workers"):
         _positive(r, name, "rollout.")
     for name in ("tool_timeout_s", "tool_memory_mb"):
         if getattr(r, name) <= 0:
             raise UserError(f"rollout.{name}={getattr(r, name)} must be > 0")
+
+
+def _check_agent(r: RolloutConfig) -> None:
+    if r.environment is not None:
+        raise UserError(
+            f"rollout.agent={r.agent!r} and rollout.environment={r.environment!r} are both set: "
+            f"an agent's episodes run in the agent endpoint, their own environment; remove "
+            f"one of the two"
+        )
+    module, _, name = r.agent.partition(":")
+    if not module or not name:
+        raise UserError(
+            f"rollout.agent={r.agent!r} must be written as module:function, e.g. "
+            f"examples.agents.echo_agent:agent"
+        )
+    if r.tools:
+        raise UserError(
+            f"rollout.tools={sorted(r.tools)} are called by an environment (episode.call_tool), "
+            f"never by rollout.agent, which runs its own tools: remove rollout.tools"
+        )
 
 
 def _check_reward_scoring(r: RolloutConfig) -> None:

@@ -211,6 +211,11 @@ NOT_ALIASED: dict[str, str] = {
     "--num-epoch": "slime's --num-epoch counts passes over the prompt data; Sluice counts RL "
     "steps (--num-rollout, num_steps), and its train.epochs repeats each rollout batch's "
     "optimizer steps (verl's ppo_epochs): set num_steps instead",
+    "--custom-generate-function-path": "slime's --custom-generate-function-path names an "
+    "`async def generate(args, sample, sampling_params)` that drives slime's router itself; a "
+    "Sluice episode is an environment class whose `async def run(self, episode)` is handed the "
+    "engine turn by turn (docs/agents.md): move the function's turn loop into one and give "
+    "--rollout.environment module:Class (or point agent code at the endpoint, rollout.agent)",
     "--wandb-key": "slime's --wandb-key would keep the API key in config.json, W&B's run "
     "config and the job's logs: set WANDB_API_KEY in the job's environment (ray job submit "
     '--runtime-env-json \'{"env_vars": {"WANDB_API_KEY": ...}}\') or run `wandb login`',

@@ -17,8 +17,10 @@ rollout actor, with no arguments) with one coroutine::
   re-tokenized: each turn is generated on the trajectory's own tokens, and the trainer gets
   those same tokens.
 - `observe(text)` encodes only the new text (no special tokens added); `observe_message(role,
-  content)` renders one chat message with the tokenizer's own template, as the difference
-  between a fixed conversation with and without it, never by re-rendering the history.
+  content)` renders one chat message with the tokenizer's own template (and
+  data.chat_template_kwargs), as the difference between a fixed conversation with and without
+  it, never by re-rendering the history; after a turn the model ended, what the template
+  writes after an end-of-turn token comes first (Qwen's newline after `<|im_end|>`).
 - Limits (`rollout.max_turns`, `rollout.max_episode_tokens`, `rollout.max_tool_calls`): once
   one is reached, `generate` returns an empty reply at once, `call_tool` returns an error
   result without calling, `observe` keeps only what fits, and `episode.end_reason` names the
@@ -104,6 +106,7 @@ class Episode:
         generate_fn: GenerateFn,
         tools: Any | None,
         elsewhere_fn: Callable[[], AbstractAsyncContextManager] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         self.record = record
         self.prompt_ids = list(prompt_ids)
@@ -113,6 +116,8 @@ class Episode:
         self._tools = tools
         """The tool pool (`rl.tools.ToolPool`: `await tools.call(name, arguments)`), or None."""
         self._elsewhere = elsewhere_fn
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        """data.chat_template_kwargs: what the prompt was rendered with, so are messages."""
         self.response_ids: list[int] = []
         self.loss_mask: list[int] = []
         self.log_probs: list[float] = []
@@ -167,20 +172,16 @@ class Episode:
     def observe_message(self, role: str, content: str) -> list[int]:
         """Append one chat message (a tool result, a user turn) rendered by the tokenizer's
         own template, with the generation prompt of the model's next turn."""
-        anchor = [{"role": "user", "content": "."}]
-        message = {"role": role, "content": content}
-        render = self.tokenizer.apply_chat_template
-        before = render(anchor, tokenize=True, add_generation_prompt=False, return_dict=False)
-        after = render(
-            [*anchor, message], tokenize=True, add_generation_prompt=True, return_dict=False
+        return self.observe_messages([{"role": role, "content": content}])
+
+    def observe_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Append chat messages rendered together (see `render_added_messages`)."""
+        ended = self.last_turn is not None and self.last_turn.finish_reason == "stop"
+        stop = self.response_ids[-1] if ended and self.loss_mask[-1] == 1 else None
+        added = render_added_messages(
+            self.tokenizer, messages, self.chat_template_kwargs, after_stop_token=stop
         )
-        if after[: len(before)] != before:
-            raise UserError(
-                f"the tokenizer's chat template renders a conversation differently once a "
-                f"{role!r} message is added, so one message cannot be rendered on its own; "
-                f"render it yourself and pass the tokens to episode.observe_tokens"
-            )
-        return self.observe_tokens(after[len(before) :])
+        return self.observe_tokens(added)
 
     def observe_tokens(self, token_ids: list[int]) -> list[int]:
         """Append observation tokens as they are (those past max_episode_tokens are cut)."""
@@ -226,7 +227,6 @@ class Episode:
             end -= 1
         return self.response_ids[:end], self.loss_mask[:end], self.log_probs[:end]
 
-
     def routed_experts(self):
         """Under routing replay, the experts of every position of the trained sequence [prompt
         + response - 1, layers, top_k], each model token's from the turn that sampled it.
@@ -247,6 +247,54 @@ class Episode:
         """The oldest weights any of its turns was sampled with (what staleness counts)."""
         versions = [turn.weight_version for _, turn in self.turns]
         return None if None in versions or not versions else min(versions)
+
+
+def render_added_messages(
+    tokenizer,
+    messages: list[dict[str, str]],
+    template_kwargs: dict[str, Any],
+    after_stop_token: int | None = None,
+) -> list[int]:
+    """The tokens chat `messages` add to a conversation, with the generation prompt of the
+    model's next turn: the difference the tokenizer's own template makes when they are added
+    to a fixed one-message conversation. The history is never re-rendered, so a template that
+    rewrites earlier turns (dropping their reasoning) cannot change the trajectory.
+
+    `after_stop_token`: the trajectory ends with the model's turn, closed by this token. The
+    template writes after a message's end-of-turn token what the turn did not generate (Qwen's
+    newline after `<|im_end|>`): that comes first, so the trajectory reads as the template
+    would have rendered the whole conversation."""
+
+    def render(conversation: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        try:
+            return tokenizer.apply_chat_template(
+                conversation,
+                tokenize=True,
+                add_generation_prompt=generation_prompt,
+                return_dict=False,
+                **template_kwargs,
+            )
+        except Exception as error:  # no template, or one that refuses these roles or order
+            roles = ", ".join(repr(m.get("role")) for m in messages)
+            raise UserError(
+                f"the tokenizer's chat template cannot render {roles} message(s) after a user "
+                f"message: {error}"
+            ) from error
+
+    anchor = [{"role": "user", "content": "."}]
+    before, after = render(anchor, False), render([*anchor, *messages], True)
+    if after[: len(before)] != before:
+        roles = ", ".join(repr(m.get("role")) for m in messages)
+        raise UserError(
+            f"the tokenizer's chat template renders a conversation differently once {roles} "
+            f"message(s) are added, so they cannot be rendered on their own; render them "
+            f"yourself and pass the tokens to episode.observe_tokens"
+        )
+    added = after[len(before) :]
+    if after_stop_token is not None and after_stop_token in before:
+        end = len(before) - 1 - before[::-1].index(after_stop_token)
+        added = before[end + 1 :] + added
+    return added
 
 
 class Environment(Protocol):

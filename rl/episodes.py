@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from config.errors import UserError
 from data.prompts import PromptRecord
 from inference.engine import Completion, GenerationAborted, InferenceEngine, SamplingParams
-from rl.environments import Episode, EpisodeCounts, Limits, Turn, load_environment
+from rl.environments import Environment, Episode, EpisodeCounts, Limits, Turn, load_environment
 
 
 @dataclass
@@ -37,6 +37,9 @@ class EpisodeOutcome:
     reward: float
     counts: EpisodeCounts
     end_reason: str | None
+    prompt_ids: list[int]
+    """The prompt its turns were generated on: the one it was given, unless the environment
+    replaced it before the first turn (the agent endpoint: the agent's first request)."""
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _Batcher:
     queued: list[_Request] = field(default_factory=list)
     running: bool = False
     calls: int = 0
+    seeded_calls: int = 0
     before_turn: Callable[[], None] | None = None
     """Called before every engine call but the first (mid-episode): the fault drills' point."""
 
@@ -97,14 +101,13 @@ class _Batcher:
         out: list[Completion | None] = [None] * len(batch)
         for length in sorted({r.max_new_tokens for r in batch}):
             indices = [i for i, r in enumerate(batch) if r.max_new_tokens == length]
-            seed = None if self.params.seed is None else self.params.seed + self.calls
             params = SamplingParams(
                 length,
                 self.params.temperature,
                 self.params.top_p,
                 self.params.top_k,
                 self.params.greedy,
-                seed,
+                self._next_seed(),
             )
             prompts = [batch[i].token_ids for i in indices]
             self._check_not_stopped()
@@ -112,6 +115,16 @@ class _Batcher:
                 out[i] = completion
         self._check_not_stopped()  # a stopped engine returns cut turns: none is kept
         return out
+
+    def _next_seed(self) -> int | None:
+        """A seed of its own for every engine call, below 2**31 like the step's: SGLang seeds
+        prompt i of a call `request_seed(seed, i)`, so two calls of one round (two turn
+        lengths) sharing a seed gave two episodes' turns one sampling seed, and a step seed
+        near 2**31 plus the call count overflowed SGLang's int64 `sampling_seed` (HTTP 400)."""
+        if self.params.seed is None:
+            return None
+        self.seeded_calls += 1
+        return (self.params.seed + self.seeded_calls) % 2**31
 
     def _check_not_stopped(self) -> None:
         """Between turns, the cancel flag the engine polls while decoding (partial: abort):
@@ -136,10 +149,15 @@ class EpisodeRunner:
         limits: Limits,
         tools,
         before_turn: Callable[[], None] | None = None,
+        environment: Environment | None = None,
+        chat_template_kwargs: dict | None = None,
     ):
+        """`environment`: one already built (rollout.agent's, `rl/agent_endpoint.py`), which
+        `path` names in errors; else the class `path` names is built."""
         self.path = path
         self.before_turn = before_turn
-        self.environment = load_environment(path)
+        self.environment = environment if environment is not None else load_environment(path)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
@@ -176,6 +194,7 @@ class EpisodeRunner:
                 batcher.generate,
                 self.tools,
                 elsewhere,
+                self.chat_template_kwargs,
             )
             for record, ids in zip(records, prompt_ids, strict=True)
         ]
@@ -194,7 +213,13 @@ class EpisodeRunner:
                 batcher.episode_ended()
             return self._outcome(episode, reward)
 
-        return list(await asyncio.gather(*(one(e) for e in episodes)))
+        # An environment that is an async context manager (the agent endpoint, serving HTTP)
+        # is entered around the batch's episodes, in their event loop.
+        scope = self.environment
+        if not isinstance(scope, contextlib.AbstractAsyncContextManager):
+            scope = contextlib.nullcontext()
+        async with scope:
+            return list(await asyncio.gather(*(one(e) for e in episodes)))
 
     def _outcome(self, episode: Episode, reward) -> EpisodeOutcome:
         if isinstance(reward, bool):
@@ -220,4 +245,6 @@ class EpisodeRunner:
             loss_mask=mask,
             turn_starts=list(episode.turn_starts),
         )
-        return EpisodeOutcome(completion, float(reward), episode.counts, episode.end_reason)
+        return EpisodeOutcome(
+            completion, float(reward), episode.counts, episode.end_reason, episode.prompt_ids
+        )

@@ -92,6 +92,7 @@ def sample_row(prompt, response, log_probs, mask, advantage, group=0, index=0) -
         "response_ids": response,
         "rollout_log_probs": log_probs,
         "loss_mask": mask,
+        "turn_starts": [0],
         "reward": 1.0 if advantage > 0 else 0.0,
         "advantage": advantage,
         "group_id": group,

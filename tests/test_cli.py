@@ -117,6 +117,11 @@ def write_inputs(data: Path) -> dict[str, list[str]]:
         "unknown_flag": [*small, "--train.lrr", "1"],
         "unknown_recipe_key": ["--config", str(data / "typo.yaml"), *small],
         "reward_does_not_import": [*small, "--rollout.reward", "nosuchmodule:fn"],
+        "environment_does_not_import": [*small, "--rollout.environment", "nosuchenv:Env"],
+        "tool_does_not_import": [
+            *(*small, "--rollout.environment", "tasks.lookup:LookupEnvironment"),
+            *("--rollout.tools", "{lookup: nosuchtool:fn}"),
+        ],
         "batch_not_divisible": [*small, "--rollout.batch_size", "250"],
         "flag_without_value": [*small, "--num_steps"],
         "abbreviated_flag": ["--dry-run", "--num_step", "5"],
@@ -189,6 +194,8 @@ def quick(data) -> dict[str, Result]:
         ("unknown_flag", ["unknown config key '--train.lrr'", "did you mean --train.lr"]),
         ("unknown_recipe_key", ["typo.yaml: unknown config key 'train.lrr'", "mean train.lr"]),
         ("reward_does_not_import", ["nosuchmodule:fn", "cannot import module 'nosuchmodule'"]),
+        ("environment_does_not_import", ["rollout.environment='nosuchenv:Env'", "'nosuchenv'"]),
+        ("tool_does_not_import", ["tool 'lookup'", "cannot import module 'nosuchtool'"]),
         (
             "batch_not_divisible",
             ["rollout.batch_size=250 is not divisible by rollout.samples_per_prompt=8", "248"],

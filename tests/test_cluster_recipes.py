@@ -43,7 +43,10 @@ from models.fp8_checkpoint import rollout_fp8_format
 from models.reference import qwen3_8b_config, qwen3_30b_a3b_config
 from placement.cluster import read_cluster_shape, synthetic_cluster
 from placement.planner import plan_layout
+from rl.environments import load_environment
 from rl.rewards import load_reward_fn
+from rl.tools import load_tool_fn
+from tasks import python_math
 from tests.sglang_args import resolved as sglang_resolve
 from tests.sglang_args import resolved_fields
 from tools.conversion import read_hf_config
@@ -60,6 +63,8 @@ R24 = REPO / "recipes" / "qwen3-30b-a3b-24gpu.yaml"
 R_FP8 = REPO / "recipes" / "qwen3-30b-a3b-fp8-rollout.yaml"
 R24_ASYNC = REPO / "recipes" / "qwen3-30b-a3b-24gpu-async.yaml"
 """Disaggregated and one-step-off: checked by its own dry-run test."""
+R_TOOL = REPO / "recipes" / "qwen3-30b-a3b-python-tool.yaml"
+"""The 8-GPU recipe's job as Python-tool episodes (tasks/python_math.py)."""
 CLUSTER_RECIPES = [R8, R8_DP, R24, R_FP8]
 GPUS_PER_NODE = 8
 NODE = {"num_gpus": GPUS_PER_NODE, "num_cpus": GPUS_PER_NODE}
@@ -158,6 +163,9 @@ def shared_fs(tmp_path_factory) -> Path:
     write_reference_files(root / "models", root / "data")
     qwen3_8b_config().save_pretrained(root / "models" / "Qwen3-8B")  # recipes/your-model.yaml
     write_math_rows(root / "data", "train.jsonl", "test.jsonl")
+    for name in ("dapo-math-17k/dapo-math-17k", "aime-2024/aime-2024"):  # R_TOOL's prompts
+        rows = root / "data" / name
+        python_math.main(f"{rows}.jsonl", f"{rows}-python-tool.jsonl")
     return root
 
 
@@ -222,6 +230,10 @@ def test_every_recipe_loads_and_passes_the_start_up_checks(recipe, shared_fs):
     train, held_out = load_train_and_eval(config.data, config.seed)
     assert train and (held_out or config.data.eval_data is None)
     assert reward(prompt=train[0].text, response="\\boxed{0}", label=train[0].label) in (0, 1)
+    if config.rollout.environment:  # what each rollout actor loads at its start
+        load_environment(config.rollout.environment)
+        for name, path in config.rollout.tools.items():
+            load_tool_fn(name, path)
     if config.checkpoint.load:
         assert checkpoint_to_load(config.checkpoint.load) == Path(config.checkpoint.load)
 
@@ -491,6 +503,23 @@ def differences(a: Any, b: Any, prefix: str = "") -> set[str]:
                 "model.hf_checkpoint",
                 "algorithm.old_log_probs",
                 "checkpoint.load",
+                "checkpoint.save",
+                "logging.output_dir",
+            },
+        ),
+        (
+            R_TOOL,
+            {
+                "data.prompt_data",
+                "data.eval_data",
+                "rollout.reward",
+                "rollout.environment",
+                "rollout.tools.python",
+                "rollout.max_tool_calls",
+                "rollout.max_episode_tokens",
+                "rollout.tool_workers",
+                "rollout.tool_timeout_s",
+                "rollout.tool_memory_mb",
                 "checkpoint.save",
                 "logging.output_dir",
             },

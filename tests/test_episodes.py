@@ -6,6 +6,8 @@ log-probs, the limits end episodes with their reason, and bad environments fail 
 The tools here run in-process (an object with the pool's `call`): tests/test_tools.py tests the
 Ray tool actor, tests/test_tool_task.py the whole loop through it."""
 
+import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -14,9 +16,9 @@ import torch
 from config import UserError
 from config.schema import SluiceConfig
 from inference import create_engine
-from inference.engine import SamplingParams
+from inference.engine import GenerationAborted, SamplingParams
 from models.loading import load_tokenizer
-from rl.environments import Episode, Limits
+from rl.environments import Episode, Limits, Turn
 from rl.episodes import EpisodeRunner
 from tasks.lookup import LookupEnvironment, lookup, make_prompts, table
 
@@ -148,7 +150,7 @@ def test_the_lookup_environment_rewards_the_tool_path(parts):
     for outcome in outcomes:
         tokens = parts[0].convert_ids_to_tokens(outcome.completion.token_ids)
         assert (tokens[0] in ("<eos>", "<pad>", "<bos>")) == bool(outcome.counts.tool_calls)
-        assert outcome.reward in ((0.0, 1.0) if outcome.counts.tool_calls else (0.0, 0.4))
+        assert outcome.reward in ((0.0, 1.0) if outcome.counts.tool_calls else (0.0,))
 
 
 class Chatty:
@@ -257,3 +259,105 @@ def test_the_environment_class_is_found_by_path():
         load_environment("tasks.lookup")
     with pytest.raises(UserError, match="cannot import module 'no_such_module'"):
         load_environment("no_such_module:Env")
+
+
+class WaitsElsewhereForTheOthers:
+    """Episode 0 awaits something that is not the engine (inside `episode.elsewhere()`) until
+    every other episode has had its second turn; the others take two turns."""
+
+    def __init__(self):
+        self.all_done, self.others_done = asyncio.Event(), 0
+
+    async def run(self, episode: Episode) -> float:
+        if episode.record.source.endswith("#0"):
+            async with episode.elsewhere():
+                await asyncio.wait_for(self.all_done.wait(), timeout=60)
+            await episode.generate()
+            return 0.0
+        await episode.generate()
+        episode.observe("1 =")
+        await episode.generate()
+        self.others_done += 1
+        if self.others_done == 3:
+            self.all_done.set()
+        return 0.0
+
+
+def test_an_episode_waiting_elsewhere_does_not_hold_the_others_turns(parts):
+    limits = Limits(max_turns=2, max_tokens=32, max_tool_calls=0, max_new_tokens=2)
+    records = make_prompts(0)[0][:4]
+    records = [dataclasses.replace(r, source=f"x#{i}") for i, r in enumerate(records)]
+    outcomes, recording, _ = run(
+        parts, "tests.test_episodes:WaitsElsewhereForTheOthers", records, limits
+    )
+    # The others' two turns went to the engine while episode 0 waited; then its one turn.
+    assert [len(inputs) for inputs, _ in recording.calls] == [3, 3, 1]
+    assert [o.counts.turns for o in outcomes] == [1, 2, 2, 2]
+
+
+def test_a_run_cancelled_between_turns_stops_there_and_keeps_nothing(parts):
+    """rollout.partial: abort cancels the actor's call; the engine's flag is checked before
+    each turn, so no episode goes on (or is returned) with a cut turn."""
+    tokenizer, engine = parts
+    cancelled = []
+    recording = RecordingEngine(engine)
+    recording.should_stop = lambda: bool(cancelled)
+    limits = Limits(max_turns=4, max_tokens=32, max_tool_calls=2, max_new_tokens=3)
+    runner = EpisodeRunner(
+        "tests.test_episodes:AlwaysCall",
+        recording,
+        tokenizer,
+        limits,
+        InProcessTools(),
+        before_turn=lambda: cancelled.append(True),  # the cancel lands after the first turn
+    )
+    records = make_prompts(0)[0][:4]
+    ids = [tokenizer.encode(r.text) for r in records]
+    with pytest.raises(GenerationAborted):
+        runner.run(records, ids, SamplingParams(3, 1.0, seed=1))
+    assert len(recording.calls) == 1  # the first turns only
+
+
+class ChatTurns:
+    """Three model turns with a tool message and a user message between them."""
+
+    async def run(self, episode: Episode) -> float:
+        await episode.generate()
+        episode.observe_message("tool", "7 =")
+        await episode.generate()
+        episode.observe_messages([{"role": "user", "content": "and?"}])
+        await episode.generate()
+        return 0.0
+
+
+def test_a_chat_built_message_by_message_reads_as_the_template_renders_it_whole():
+    """ChatML (Qwen's): each message rendered on its own, after the model's `<|im_end|>` the
+    newline its turn did not generate; the trajectory is the whole conversation's rendering."""
+    from tests.chat_tokenizer import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
+    replies = iter(["I ask.", "It is 7.", "Done."])
+
+    async def model(token_ids, max_new_tokens):
+        ids = [*tokenizer.encode(next(replies), add_special_tokens=False), tokenizer.eos_token_id]
+        return Turn(ids, [-1.0] * len(ids), "stop")
+
+    question = [{"role": "user", "content": "What is 3 + 4?"}]
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
+    limits = Limits(max_turns=3, max_tokens=4096, max_tool_calls=0, max_new_tokens=64)
+    episode = Episode(make_prompts(0)[0][0], prompt, tokenizer, limits, model, None)
+    asyncio.run(ChatTurns().run(episode))
+    whole = [
+        *question,
+        {"role": "assistant", "content": "I ask."},
+        {"role": "tool", "content": "7 ="},
+        {"role": "assistant", "content": "It is 7."},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    rendered = tokenizer.apply_chat_template(whole, return_dict=False)
+    assert episode.token_ids == rendered[: len(episode.token_ids)]
+    assert tokenizer.decode(rendered[len(episode.token_ids) :]) == "\n"  # after the last turn
+    assert tokenizer.decode(episode.response_ids[: episode.turn_starts[1]]).startswith(
+        "I ask.<|im_end|>\n<|im_start|>tool\n"
+    )
