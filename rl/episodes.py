@@ -1,4 +1,5 @@
-"""Running many multi-turn episodes on one engine (`rollout.environment`).
+"""Running many multi-turn episodes on one engine (`rollout.environment`, or `rollout.agent`
+through `rl/agent_endpoint.py`).
 
 Each episode is a coroutine (`Environment.run`, see `rl/environments.py`) on one asyncio loop
 in the rollout actor's thread. Their turns are batched: `generate` queues the episode's
@@ -8,8 +9,11 @@ itself runs in a worker thread, so tool calls finish while it decodes; one engin
 a time. The engine gets each episode's exact token sequence: prompt, model and observation
 tokens, never text.
 
-Rewards are checked like reward functions' (a finite number); an exception from an episode
-stops the run with an error naming the environment.
+Each engine call gets a sampling seed of its own, derived from the step's. The cancel flag the
+engine polls while decoding (`rollout.partial: abort`) is also checked before and after each
+engine call: a cancelled run raises `GenerationAborted` between turns, and no episode goes on
+with a cut turn. Rewards are checked like reward functions' (a finite number); an exception
+from an episode stops the run with an error naming the environment.
 """
 
 import asyncio

@@ -33,6 +33,7 @@ SLOWEST_FIRST = [
     "test_loop.py",
     "test_megatron_loop.py",
     "test_faults.py",
+    "test_tool_task.py",
     "test_megatron_checkpoint.py",
     "test_algorithms.py",
     "test_stop_signals.py",

@@ -57,6 +57,9 @@ def test_the_tool_task_is_learned_through_a_rollout_actor_killed_mid_episode(fau
     assert all(m["rollout/samples"] == m["train/samples"] == 256 for m in steps)
     assert all(m["rollout/episodes"] == 256 for m in steps)
     assert [m["fault/reissued_groups"] for m in steps if m["step"] in (4, 5)] == [0, 16]
+    # The trainer scores the model's tokens of both turns as the engine sampled them: the
+    # observations between the turns sit where the engine read them (same weights each step).
+    assert all(m["mismatch/logprob_abs_diff_mean"] < 1e-5 for m in steps)
     last = steps[-1]
     assert last["rollout/tool_calls_per_episode"] >= 0.9  # it learned to call the tool
     assert last["rollout/turns_per_episode"] >= 1.9  # and to answer after it
