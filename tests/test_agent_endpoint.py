@@ -247,7 +247,8 @@ def test_episodes_interleave_on_the_engine_and_an_agent_at_work_holds_no_one(par
     turns = 2 * EPISODES
     sizes = [len(inputs) for inputs, _ in recording.calls]
     assert sum(sizes) == turns
-    assert len(sizes) < turns and max(sizes) > 1  # turns of several episodes per engine call
+    # How many turns share an engine call depends on when the agents' requests arrive (an
+    # agent at work is not waited for), so that is not asserted; the order below is certain.
     # The waiting episode's second turn came last, alone: everyone else had ended.
     waiter = outcomes[0].completion
     before_its_last_turn = waiter.token_ids[: waiter.turn_starts[1]]
