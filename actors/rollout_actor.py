@@ -20,6 +20,7 @@ current ones, so it refuses to generate (`EngineNeedsWeights`) until a weight up
 reached it; the driver sends its work to the live engines meanwhile (`RolloutGroup.collect`).
 """
 
+import os
 import sys
 import time
 import warnings
@@ -449,8 +450,9 @@ def _episode_runner(r, engine, tokenizer, before_turn, engine_index, data):
             workers=r.tool_workers,
             timeout_s=r.tool_timeout_s,
             memory_mb=r.tool_memory_mb,
-            # its own tool actor: one that dies with this actor costs no other's calls
-            namespace_key=f"sluice-rollout{engine_index}",
+            # Its own tool actor: one that dies with this actor costs no other's calls, and a
+            # restarted incarnation (a new pid) never finds its predecessor's dying one by name.
+            namespace_key=f"sluice-rollout{engine_index}-pid{os.getpid()}",
         )
     limits = Limits(r.max_turns, r.max_episode_tokens, r.max_tool_calls, r.max_new_tokens)
     path, environment = r.environment, None

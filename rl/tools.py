@@ -36,13 +36,13 @@ Where it runs and what waits for what: each rollout actor owns a `ToolPool`. The
 each call to the node's `ToolActor`, a named Ray actor
 (`<namespace_key>-tools-<node>-w<workers>-m<memory_mb>-g<actors lost>`: pools asking for other
 worker counts or memory caps get their own) placed on the caller's node (soft node affinity),
-found or created by name, so the rollout actors of one node share its workers. It is not
+found or created by name, so the pools of one key on one node share its workers. It is not
 detached: it lives as long as the rollout actor that created it (its owner) and the job.
-Sluice's rollout actors each use their own key (`sluice-rollout<index>`), so each has its own
-tool actor: one that dies (and is restarted by Ray) takes its tool workers with it, and costs
-no other rollout actor's calls. `ToolPool.call` is a coroutine: the rollout actor's event loop
-runs other episodes while it waits. In the actor, a call waits (in the actor's event loop, no
-thread held) for an idle worker, then a thread of the actor's own executor (one per worker)
+Sluice's rollout actors each use their own key (`sluice-rollout<index>-pid<pid>`), so each has
+its own tool actor: one that dies (and is restarted by Ray) takes its tool workers with it, and
+costs no other rollout actor's calls. `ToolPool.call` is a coroutine: the rollout actor's event
+loop runs other episodes while it waits. In the actor, a call waits (in the actor's event loop,
+no thread held) for an idle worker, then a thread of the actor's own executor (one per worker)
 hands it over and waits for the answer or the timeout; calls beyond `workers` queue there in
 arrival order, so a call's `seconds` (the caller's wall time) includes its wait for a worker.
 Cancelling the caller's coroutine (an aborted episode) does not stop the call in the worker: it
